@@ -1,0 +1,241 @@
+"""``fedprog data check DIR``: run every validation on a dataset and print a per-cohort summary table."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from sksurv.nonparametric import kaplan_meier_estimator
+
+from fedprog.data.bags import bag_shape
+from fedprog.data.cohort import CENSOR, SITE, TIME, Cohort, load_cohorts
+from fedprog.data.errors import BagError, CohortError
+from fedprog.data.groups import GeneGroups, load_groups
+from fedprog.data.layout import MANIFEST, DatasetLayout
+
+log = logging.getLogger(__name__)
+
+EXIT_INVALID = 2
+TOTAL = "total"
+
+
+@dataclass
+class CohortSummary:
+    """Summary numbers of one cohort (or of all cohorts: ``cohort == "total"``); NaN where undefined."""
+
+    cohort: str
+    cases: int
+    events: int
+    censoring_rate: float
+    median_followup: float  # months, reverse Kaplan-Meier median (NaN if the curve never reaches 0.5)
+    sites: int
+    genes: int
+    groups: int
+    bags: int
+    patches_min: float
+    patches_median: float
+    patches_max: float
+    feature_dim: int
+    dropped: int
+
+
+@dataclass
+class DatasetSummary:
+    """Result of :func:`check_dataset`: one row per cohort plus the total."""
+
+    name: str
+    root: Path
+    cohorts: list[CohortSummary]
+    total: CohortSummary
+    notes: list[str] = field(default_factory=list)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Rows per cohort and the total, indexed by cohort."""
+        return pd.DataFrame([asdict(r) for r in [*self.cohorts, self.total]]).set_index("cohort")
+
+    def format(self) -> str:
+        """A plain-text table for the terminal."""
+        frame = self.to_frame()
+        frame["censoring_rate"] = frame["censoring_rate"].map(lambda v: f"{v:.1%}")
+        frame["median_followup"] = frame["median_followup"].map(
+            lambda v: "n/a" if np.isnan(v) else f"{v:.1f}"
+        )
+        for col in ("patches_min", "patches_median", "patches_max"):
+            frame[col] = frame[col].map(lambda v: "-" if np.isnan(v) else f"{v:g}")
+        frame = frame.rename(
+            columns={
+                "censoring_rate": "censored",
+                "median_followup": "follow-up (mo)",
+                "patches_min": "patches min",
+                "patches_median": "median",
+                "patches_max": "max",
+                "feature_dim": "dim",
+            }
+        )
+        lines = [f"dataset {self.name} ({self.root})", frame.to_string()]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def median_followup(times: np.ndarray, censorship: np.ndarray) -> float:
+    """Median follow-up by reverse Kaplan-Meier (censoring as the event), months; NaN (logged) if undefined.
+
+    Parameters
+    ----------
+    times : np.ndarray, float, shape = (n,)
+    censorship : np.ndarray, 0/1, shape = (n,), 1 = censored
+    """
+    censored = np.asarray(censorship) == 1
+    if not censored.any():
+        log.info("median follow-up undefined: no censored case")
+        return float("nan")
+    grid, surv = kaplan_meier_estimator(censored, np.asarray(times, dtype=np.float64))
+    below = np.flatnonzero(surv <= 0.5)
+    if not len(below):
+        log.info("median follow-up undefined: the reverse Kaplan-Meier curve stays above 0.5")
+        return float("nan")
+    return float(grid[below[0]])
+
+
+def _bag_stats(cohort: Cohort, dim: int | None, min_patches: int) -> tuple[list[int], int, int | None]:
+    """Read every bag's shape; return (patches per case, number of bag files, feature dim)."""
+    per_case, n_files = [], 0
+    for case, paths in cohort.bag_paths.items():
+        total = 0
+        for path in paths:
+            n, d = bag_shape(path, case_id=case, cohort=cohort.name)
+            if dim is None:
+                dim = d
+            elif d != dim:
+                raise BagError(
+                    f"bag file {path} (case {case}, cohort {cohort.name}): feature dimension {d} differs "
+                    f"from the dataset's {dim}"
+                )
+            if n < min_patches:
+                raise BagError(
+                    f"bag file {path} (case {case}, cohort {cohort.name}): {n} patches < min_patches "
+                    f"{min_patches}"
+                )
+            total += n
+            n_files += 1
+        per_case.append(total)
+    return per_case, n_files, dim
+
+
+def _row(
+    name: str,
+    labels: pd.DataFrame,
+    *,
+    genes: int,
+    groups: int,
+    patches: list[int],
+    bags: int,
+    dim: int,
+    dropped: int,
+) -> CohortSummary:
+    times = labels[TIME].to_numpy(dtype=np.float64)
+    cens = labels[CENSOR].to_numpy()
+    p = np.asarray(patches, dtype=np.float64)
+    return CohortSummary(
+        cohort=name,
+        cases=len(labels),
+        events=int((cens == 0).sum()),
+        censoring_rate=float(cens.mean()),
+        median_followup=median_followup(times, cens),
+        sites=int(labels[[SITE, "cohort"]].drop_duplicates().shape[0]),
+        genes=genes,
+        groups=groups,
+        bags=bags,
+        patches_min=float(p.min()) if len(p) else float("nan"),
+        patches_median=float(np.median(p)) if len(p) else float("nan"),
+        patches_max=float(p.max()) if len(p) else float("nan"),
+        feature_dim=dim,
+        dropped=dropped,
+    )
+
+
+def check_dataset(layout: DatasetLayout) -> DatasetSummary:
+    """Load and validate every cohort (labels, tables, genes, groups, every bag) and summarize.
+
+    Raises
+    ------
+    CohortError
+        The first problem found, naming its file, column, case or site.
+    """
+    cohorts = load_cohorts(layout)
+    notes = []
+    groups: GeneGroups | None = None
+    genes = next(iter(cohorts.values())).genes
+    if layout.groups is not None and layout.expression is not None:
+        groups = load_groups(layout).restrict(genes)
+    dim: int | None = None
+    rows, all_patches, all_bags = [], [], 0
+    for name, cohort in cohorts.items():
+        patches, n_bags, dim = _bag_stats(cohort, dim, layout.min_patches)
+        all_patches += patches
+        all_bags += n_bags
+        width = dim or 0
+        if layout.strong_kind == "tabular":
+            width = cohort.tables[str(layout.strong)].shape[1]
+        rows.append(
+            _row(
+                name,
+                cohort.labels,
+                genes=len(cohort.genes),
+                groups=len(groups or []),
+                patches=patches,
+                bags=n_bags,
+                dim=width,
+                dropped=len(cohort.dropped),
+            )
+        )
+        if len(cohort.dropped):
+            reasons = cohort.dropped["reason"].str.replace(r"\(.*", "", regex=True).value_counts()
+            notes.append(
+                f"{name}: dropped {len(cohort.dropped)} case(s): "
+                + ", ".join(f"{r.strip()} x{n}" for r, n in reasons.items())
+            )
+    labels = pd.concat([c.labels[[TIME, CENSOR, SITE, "cohort"]] for c in cohorts.values()])
+    total = _row(
+        TOTAL,
+        labels,
+        genes=len(genes),
+        groups=len(groups or []),
+        patches=all_patches,
+        bags=all_bags,
+        dim=rows[0].feature_dim,
+        dropped=sum(r.dropped for r in rows),
+    )
+    if groups is not None:
+        notes.append(
+            f"groups: {len(groups)} of {layout.groups.path} keep >= {groups.min_genes} gene(s); "
+            f"{len(groups.gene_order)} of {len(genes)} genes are in a group"
+        )
+    return DatasetSummary(layout.name, layout.root, rows, total, notes)
+
+
+def layout_from_config(cfg: DictConfig) -> DatasetLayout:
+    """The layout of ``cfg.data``; if ``<data.root>/fedprog.yaml`` exists, that manifest alone gives it."""
+    data = cfg.get("data")
+    if data is None or data.get("root") is None:
+        raise CohortError("no dataset given: pass DIR (fedprog data check DIR) or data.root=DIR")
+    root = Path(str(data.root))
+    if (root / MANIFEST).is_file():
+        return DatasetLayout.load(root)
+    return DatasetLayout.load(OmegaConf.to_container(data, resolve=True))  # type: ignore[arg-type]
+
+
+def main(cfg: DictConfig) -> int:
+    """``fedprog data check DIR``: print the summary table (exit 0) or one error line (exit 2)."""
+    try:
+        summary = check_dataset(layout_from_config(cfg))
+    except CohortError as exc:
+        print(f"fedprog data check: error: {' | '.join(str(exc).splitlines())}", file=sys.stderr)
+        return EXIT_INVALID
+    print(summary.format())
+    return 0

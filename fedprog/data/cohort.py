@@ -1,0 +1,472 @@
+"""Load one cohort: labels, modality tables joined on case_id, bag paths; every dropped case is reported."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedprog.data.bags import find_bag
+from fedprog.data.errors import (
+    CohortError,
+    DuplicateCaseError,
+    GeneMismatchError,
+    InvalidValueError,
+    LayoutError,
+    MissingColumnError,
+    MissingFeaturesError,
+    preview,
+)
+from fedprog.data.layout import DatasetLayout, TablePart, TableSpec
+
+log = logging.getLogger(__name__)
+
+CASE = "case_id"
+TIME = "survival_months"
+CENSOR = "censorship"
+SLIDE = "slide_id"
+SITE = "site"
+COHORT = "cohort"
+TSS = "tss"
+# Barcode ``<project>-<TSS>-<participant>``: the TSS is characters 6-7 (TCGA-2F-A9KO -> 2F).
+_BARCODE = re.compile(r"^[^-]+-([A-Za-z0-9]{2})(?:-|$)")
+_DROPPED_COLUMNS = [CASE, "reason"]
+
+
+@dataclass
+class Cohort:
+    """One cancer cohort as loaded from disk (bags are NOT read here).
+
+    Attributes
+    ----------
+    name : str
+        Cohort (folder) name.
+    labels : DataFrame
+        Indexed by case_id (one row per case): survival_months (float > 0), censorship (int 0/1,
+        1 = censored), site (str), cohort (str), plus the labels file's other columns.
+    tables : dict of str to DataFrame
+        Modality tables indexed by case_id, rows aligned to ``labels.index``.
+    bag_paths : dict of str to list of Path
+        Bag files per case (one per slide), empty when the layout has no WSI.
+    dropped : DataFrame
+        Columns case_id, reason: labelled cases removed while loading.
+    layout : DatasetLayout
+        The layout the cohort was read with.
+    """
+
+    name: str
+    labels: pd.DataFrame
+    tables: dict[str, pd.DataFrame]
+    bag_paths: dict[str, list[Path]]
+    dropped: pd.DataFrame
+    layout: DatasetLayout
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def case_ids(self) -> list[str]:
+        """Case ids in label order."""
+        return list(self.labels.index)
+
+    @property
+    def genes(self) -> list[str]:
+        """Columns of the expression table (empty without one)."""
+        expr = self.layout.expression
+        return [] if expr is None or expr not in self.tables else list(self.tables[expr].columns)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def read_table_file(path: Path) -> pd.DataFrame:
+    """Read a CSV, CSV.gz or Parquet file; a missing/unreadable file is a :class:`CohortError` naming it."""
+    if not path.is_file():
+        raise MissingFeaturesError(f"file {path} not found")
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, low_memory=False)
+    except ImportError as exc:
+        raise CohortError(f"file {path}: cannot read Parquet ({exc}); install pyarrow or use CSV") from exc
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise CohortError(f"file {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    unnamed = [c for c in frame.columns if str(c).startswith("Unnamed:") or str(c) == ""]
+    return frame.drop(columns=unnamed)
+
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise MissingColumnError(
+            f"file {path}: missing column(s) {missing} (found: {preview(frame.columns, 8)})"
+        )
+
+
+def _case_ids(frame: pd.DataFrame, path: Path) -> pd.Series:
+    ids = frame[CASE]
+    blank = ids.isna() | (ids.astype(str).str.strip() == "")
+    if blank.any():
+        rows = [int(i) + 2 for i in np.flatnonzero(blank.to_numpy())]  # +2: header line, 1-based
+        raise InvalidValueError(f"file {path}, column {CASE}: empty case id on line(s) {preview(rows)}")
+    return ids.astype(str).str.strip()
+
+
+def numeric_columns(
+    frame: pd.DataFrame, columns: Sequence[str], path: Path, *, allow_nan: bool = False
+) -> pd.DataFrame:
+    """Return ``frame[columns]`` as float64, raising :class:`InvalidValueError` naming file, column and case.
+
+    ``frame`` is indexed by case_id. Non-numeric entries and infinities are always errors; NaN is an error
+    unless ``allow_nan``.
+    """
+    out = frame.loc[:, list(columns)]
+    bad_dtype = [c for c in out.columns if not pd.api.types.is_numeric_dtype(out[c])]
+    if bad_dtype:
+        converted = out[bad_dtype].apply(pd.to_numeric, errors="coerce")
+        for col in bad_dtype:
+            junk = converted[col].isna() & out[col].notna()
+            if junk.any():
+                cases = list(out.index[junk.to_numpy()])
+                values = list(out.loc[junk, col].astype(str))
+                raise InvalidValueError(
+                    f"file {path}, column {col}: non-numeric value(s) {preview(values, 3)} "
+                    f"for case(s) {preview(cases)}"
+                )
+        out = out.copy()
+        out[bad_dtype] = converted
+    values = out.to_numpy(dtype=np.float64)
+    checks = [("infinite", np.isinf(values))]
+    if not allow_nan:
+        checks.append(("NaN (missing)", np.isnan(values)))
+    for what, mask in checks:
+        if mask.any():
+            rows, cols = np.nonzero(mask)
+            col_names = list(dict.fromkeys(out.columns[cols]))
+            cases = list(dict.fromkeys(out.index[rows]))
+            raise InvalidValueError(
+                f"file {path}: {what} value(s) in column(s) {preview(col_names, 3)} "
+                f"for case(s) {preview(cases)}"
+            )
+    return out.astype(np.float64)
+
+
+def read_labels(
+    path: Path, cohort: str, site_column: str | None
+) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Read and validate a labels table.
+
+    Returns
+    -------
+    labels : DataFrame
+        One row per case, indexed by case_id: survival_months, censorship (int), site, cohort + other columns.
+    slides : dict of str to list of str
+        Slide ids per case (empty when the file has no ``slide_id`` column).
+    """
+    frame = read_table_file(path)
+    _require_columns(frame, [CASE, TIME, CENSOR], path)
+    frame[CASE] = _case_ids(frame, path)
+    slides: dict[str, list[str]] = {}
+    if SLIDE in frame.columns:
+        frame[SLIDE] = frame[SLIDE].astype(str).str.strip()
+        dup = frame.duplicated([CASE, SLIDE])
+        if dup.any():
+            pairs = [f"({c}, {s})" for c, s in frame.loc[dup, [CASE, SLIDE]].itertuples(index=False)]
+            raise DuplicateCaseError(
+                f"file {path}: duplicate (case_id, slide_id) pair(s) {preview(pairs, 3)}"
+            )
+        for case, slide in frame[[CASE, SLIDE]].itertuples(index=False):
+            slides.setdefault(case, []).append(slide)
+    else:
+        dup = frame[CASE].duplicated()
+        if dup.any():
+            raise DuplicateCaseError(
+                f"file {path}, column {CASE}: duplicate case id(s) {preview(frame.loc[dup, CASE].unique())} "
+                f"(several rows per case need a {SLIDE} column)"
+            )
+    indexed = frame.set_index(CASE, drop=False)
+    numbers = numeric_columns(indexed, [TIME, CENSOR], path)
+    times, cens = numbers[TIME], numbers[CENSOR]
+    bad_time = times <= 0
+    if bad_time.any():
+        raise InvalidValueError(
+            f"file {path}, column {TIME}: zero or negative time(s) {preview(times[bad_time].tolist(), 3)} "
+            f"for case(s) {preview(times.index[bad_time].unique())}"
+        )
+    bad_cens = ~cens.isin([0.0, 1.0])
+    if bad_cens.any():
+        raise InvalidValueError(
+            f"file {path}, column {CENSOR}: value(s) {preview(cens[bad_cens].unique().tolist(), 3)} "
+            "not in {0, 1} "
+            f"(1 = censored, 0 = event) for case(s) {preview(cens.index[bad_cens].unique())}"
+        )
+    frame[TIME] = times.to_numpy()
+    frame[CENSOR] = cens.to_numpy().astype(np.int64)
+    if SLIDE in frame.columns:
+        conflict = frame.groupby(CASE)[[TIME, CENSOR]].nunique().max(axis=1) > 1
+        if conflict.any():
+            raise InvalidValueError(
+                f"file {path}: slide rows of case(s) {preview(conflict.index[conflict])} disagree on "
+                f"{TIME}/{CENSOR}"
+            )
+        frame = frame.drop(columns=[SLIDE]).drop_duplicates(CASE)
+    frame[SITE] = _sites(frame, path, cohort, site_column)
+    frame[COHORT] = cohort
+    labels = frame.set_index(CASE)
+    labels.index.name = CASE
+    return labels, slides
+
+
+def tss_code(case_id: str) -> str | None:
+    """Tissue source site of a barcode (characters 6-7): ``tss_code("TCGA-2F-A9KO") == "2F"``, else None."""
+    match = _BARCODE.match(case_id)
+    return match.group(1) if match else None
+
+
+def _sites(frame: pd.DataFrame, path: Path, cohort: str, site_column: str | None) -> pd.Series:
+    if site_column and site_column in frame.columns:
+        sites = frame[site_column]
+        if sites.isna().any():
+            cases = frame.loc[sites.isna(), CASE]
+            raise InvalidValueError(
+                f"file {path}, column {site_column}: missing site for case(s) {preview(cases)}"
+            )
+        return sites.astype(str).str.strip()
+    if site_column == TSS:
+        codes = frame[CASE].map(tss_code)
+        if codes.isna().any():
+            raise InvalidValueError(
+                f"file {path}, column {CASE}: cannot read a tissue source site (barcode characters 6-7, "
+                f"e.g. TCGA-2F-A9KO -> 2F) from case id(s) {preview(frame.loc[codes.isna(), CASE])}"
+            )
+        return codes.astype(str)
+    if site_column and site_column != SITE:
+        raise MissingColumnError(f"file {path}: site_column {site_column!r} is not a column")
+    log.info("%s: no %r column; every case of cohort %s is one site %r", path, site_column, cohort, cohort)
+    return pd.Series(cohort, index=frame.index, dtype=str)
+
+
+def read_table(
+    layout: DatasetLayout, cohort: str, spec: TableSpec
+) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Read one modality table (its parts merged on case_id).
+
+    Returns
+    -------
+    table : DataFrame
+        Indexed by case_id; numeric columns float64, categorical columns str (NaN kept where allowed).
+    dropped : list of (case_id, reason)
+        Cases removed by a part's ``missing: drop`` policy.
+    """
+    merged: pd.DataFrame | None = None
+    dropped: list[tuple[str, str]] = []
+    for part in spec.parts:
+        frame, part_dropped = _read_part(layout.cohort_file(cohort, part.path), part)
+        dropped.extend(part_dropped)
+        if merged is None:
+            merged = frame
+            continue
+        clash = set(merged.columns) & set(frame.columns)
+        if clash:
+            raise LayoutError(
+                f"table {spec.name!r}: column(s) {sorted(clash)} appear in two parts ({part.path})"
+            )
+        merged = merged.join(frame, how="outer")
+    assert merged is not None  # a TableSpec always has a part
+    return merged, dropped
+
+
+def _read_part(path: Path, part: TablePart) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    frame = read_table_file(path)
+    _require_columns(frame, [CASE], path)
+    frame[CASE] = _case_ids(frame, path)
+    columns = list(part.columns) if part.columns is not None else [c for c in frame.columns if c != CASE]
+    _require_columns(frame, columns, path)
+    frame = frame[[CASE, *columns]]
+    dup = frame[CASE].duplicated(keep=False)
+    if dup.any():
+        conflicting = frame[dup].drop_duplicates()[CASE].duplicated()
+        culprits = frame[dup].drop_duplicates().loc[conflicting, CASE].unique()
+        if part.duplicates == "error" or len(culprits):
+            which = culprits if len(culprits) else frame.loc[dup, CASE].unique()
+            detail = (
+                "with differing values" if len(culprits) else "(set duplicates: identical to collapse them)"
+            )
+            raise DuplicateCaseError(
+                f"file {path}, column {CASE}: duplicate case id(s) {preview(which)} {detail}"
+            )
+        log.info("%s: collapsed %d identical duplicate row(s)", path, int(frame[CASE].duplicated().sum()))
+        frame = frame.drop_duplicates(CASE)
+    frame = frame.set_index(CASE)
+    categorical = [c for c in columns if c in part.categorical]
+    numeric = [c for c in columns if c not in part.categorical]
+    allow_nan = part.missing != "error"
+    out = numeric_columns(frame, numeric, path, allow_nan=allow_nan) if numeric else frame[[]].copy()
+    for col in categorical:
+        cats = frame[col]
+        if cats.isna().any() and part.missing == "error":
+            raise InvalidValueError(
+                f"file {path}, column {col}: missing category for case(s) {preview(cats.index[cats.isna()])}"
+            )
+        out[col] = cats.where(cats.isna(), cats.astype(str))
+    out = out[columns]
+    dropped: list[tuple[str, str]] = []
+    if part.missing == "drop":
+        nan_rows = out.isna().any(axis=1)
+        for case in out.index[nan_rows]:
+            cols = list(out.columns[out.loc[case].isna().to_numpy()])
+            dropped.append((case, f"missing value in {path.name} column(s) {preview(cols, 3)}"))
+        out = out[~nan_rows]
+    return out, dropped
+
+
+# ---------------------------------------------------------------------------------------------------- cohort
+def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | None = None) -> Cohort:
+    """Load one cohort: validated labels, the modality tables joined on case_id, and bag paths.
+
+    Parameters
+    ----------
+    layout : DatasetLayout
+        The dataset layout.
+    cohort : str
+        Cohort (folder) name; must be one of ``layout.cohorts``.
+    tables : sequence of str, optional
+        Tables to read (default: ``layout.used_tables``, the expression and a tabular strong modality).
+
+    Returns
+    -------
+    Cohort
+        Cases lacking a table row or a bag file are dropped (``layout.on_missing == "drop"``, reported in
+        ``Cohort.dropped`` and logged) or raise :class:`MissingFeaturesError` (``"error"``).
+    """
+    if layout.format == "fed_tcga_brca":
+        from fedprog.data.flamby import load_flamby_cohort
+
+        return load_flamby_cohort(layout, cohort)
+    if cohort not in layout.cohorts:
+        raise CohortError(
+            f"cohort {cohort!r} is not in the layout's cohorts {list(layout.cohorts)} ({layout.root})"
+        )
+    if not layout.root.is_dir():
+        raise CohortError(
+            f"dataset folder {layout.root} not found (data.root of layout {layout.name!r}; "
+            "the generated default is written by `fedprog synth out=DIR`)"
+        )
+    folder = layout.cohort_dir(cohort)
+    if not folder.is_dir():
+        raise CohortError(f"cohort {cohort!r}: folder {folder} not found")
+    labels, slides = read_labels(layout.cohort_file(cohort, layout.labels), cohort, layout.site_column)
+    reasons: dict[str, str] = {}
+    names = list(layout.used_tables if tables is None else tables)
+    loaded: dict[str, pd.DataFrame] = {}
+    for name in names:
+        if name not in layout.tables:
+            raise CohortError(
+                f"cohort {cohort!r}: table {name!r} is not in the layout (tables: {sorted(layout.tables)})"
+            )
+        spec = layout.tables[name]
+        table, part_dropped = read_table(layout, cohort, spec)
+        for case, reason in part_dropped:
+            if case in labels.index:
+                reasons.setdefault(case, reason)
+        files = "+".join(p.path for p in spec.parts)
+        for case in labels.index.difference(table.index):
+            reasons.setdefault(case, f"no row in table {name!r} ({files})")
+        extra = table.index.difference(labels.index)
+        if len(extra):
+            log.info(
+                "cohort %s: %d row(s) of table %r have no labels and are ignored", cohort, len(extra), name
+            )
+        loaded[name] = table
+    bag_paths: dict[str, list[Path]] = {}
+    if layout.strong_kind == "wsi":
+        features_dir = layout.cohort_file(cohort, str(layout.features))
+        if not features_dir.is_dir():
+            raise MissingFeaturesError(f"cohort {cohort!r}: features folder {features_dir} not found")
+        for case in labels.index:
+            paths = []
+            for stem in slides.get(case, [case]):
+                path = find_bag(features_dir, stem)
+                if path is None:
+                    reasons.setdefault(case, f"missing bag file {features_dir.name}/{stem}.pt|.h5")
+                    break
+                paths.append(path)
+            else:
+                bag_paths[case] = paths
+    dropped = pd.DataFrame(sorted(reasons.items()), columns=_DROPPED_COLUMNS)
+    if len(dropped):
+        listing = "; ".join(f"{c}: {r}" for c, r in list(reasons.items())[:5])
+        if layout.on_missing == "error":
+            raise MissingFeaturesError(
+                f"cohort {cohort!r}: {len(dropped)} labelled case(s) lack features (on_missing=error): "
+                f"{listing}"
+            )
+        log.warning("cohort %s: dropped %d of %d case(s): %s", cohort, len(dropped), len(labels), listing)
+    keep = labels.index.difference(pd.Index(list(reasons)), sort=False)
+    if len(keep) == 0:
+        raise MissingFeaturesError(
+            f"cohort {cohort!r}: no case left after dropping {len(dropped)} (e.g. {listing})"
+        )
+    labels = labels.loc[keep]
+    aligned = {name: table.loc[keep] for name, table in loaded.items()}
+    bag_paths = {case: bag_paths[case] for case in keep if case in bag_paths}
+    return Cohort(cohort, labels, aligned, bag_paths, dropped, layout)
+
+
+def load_cohorts(
+    layout: DatasetLayout, cohorts: Sequence[str] | None = None, *, gene_policy: str | None = None
+) -> dict[str, Cohort]:
+    """Load several cohorts and harmonize their expression genes (see :func:`harmonize_genes`)."""
+    loaded = {name: load_cohort(layout, name) for name in (cohorts or layout.cohorts)}
+    if layout.expression is not None:
+        harmonize_genes(loaded, gene_policy or layout.gene_policy)
+    return loaded
+
+
+def harmonize_genes(cohorts: Mapping[str, Cohort], policy: str = "intersection") -> list[str]:
+    """Give every cohort the same expression genes, in the first cohort's column order.
+
+    Parameters
+    ----------
+    cohorts : mapping of str to Cohort
+        Modified in place (their expression tables are restricted to the shared genes).
+    policy : {"intersection", "strict"}
+        ``strict`` raises :class:`GeneMismatchError` when the gene sets differ; ``intersection`` keeps the
+        shared genes and logs the overlap and a few missing genes per cohort.
+
+    Returns
+    -------
+    list of str
+        The shared genes.
+    """
+    if not cohorts:
+        return []
+    first = next(iter(cohorts.values()))
+    expr = first.layout.expression
+    if expr is None:
+        return []
+    gene_sets = {name: c.genes for name, c in cohorts.items()}
+    shared_set = set.intersection(*(set(g) for g in gene_sets.values()))
+    shared = [g for g in gene_sets[first.name] if g in shared_set]
+    union = set.union(*(set(g) for g in gene_sets.values()))
+    if len(shared) == len(union):
+        return shared
+    report = "; ".join(
+        f"{name} lacks {len(union) - len(genes)} (e.g. {preview(sorted(union - set(genes)), 3)})"
+        for name, genes in gene_sets.items()
+        if len(genes) < len(union)
+    )
+    message = f"expression genes differ between cohorts: {len(shared)} shared of {len(union)}; {report}"
+    if policy == "strict":
+        raise GeneMismatchError(message + " (gene_policy=strict)")
+    if not shared:
+        raise GeneMismatchError(message + ": no gene is shared")
+    log.warning("%s; keeping the %d shared genes (gene_policy=intersection)", message, len(shared))
+    for cohort in cohorts.values():
+        cohort.tables[expr] = cohort.tables[expr][shared]
+    return shared

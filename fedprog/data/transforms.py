@@ -1,0 +1,394 @@
+"""Feature transforms fitted on training data only: expression (clip + standardize, rank) and tabular.
+
+Both are serializable (``state_dict``) so that a fitted transform travels with a model and is applied
+unchanged to held-out sites; ``ExpressionTransform.from_moments`` fits it from per-site aggregate statistics
+(federation).
+
+Expression methods
+------------------
+``clip_standardize`` (default)
+    x clipped to [-clip, clip] (``clip`` default 50: above the range of log2 expression, it removes the
+    |z| > 10^3 artefacts of cBioPortal z-scores; use ~10 for z-score matrices), then z = (x - mean_g) / std_g
+    with the per-gene mean/std (population, ddof=0) of the clipped TRAINING values, then z clipped to
+    [-z_clip, z_clip] (default 5). A gene whose training std is below ``min_std`` gets std 1 (logged).
+``rank``
+    Per-sample ranks over the genes (ties averaged) mapped to normal scores
+    ``Phi^-1((rank - 0.5) / n_genes)``; needs no fitting beyond fixing the gene list.
+``none``
+    Values passed through (only checked to be finite).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.special import ndtri
+from scipy.stats import rankdata
+
+from fedprog.data.errors import CohortError, GeneMismatchError, InvalidValueError, preview
+
+log = logging.getLogger(__name__)
+
+METHODS = ("clip_standardize", "rank", "none")
+DEFAULT_CLIP = 50.0
+DEFAULT_Z_CLIP = 5.0
+DEFAULT_MIN_STD = 1e-8
+MISSING_LEVEL = "<missing>"
+
+
+def _finite_matrix(df: pd.DataFrame, what: str) -> np.ndarray:
+    values = df.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        raise InvalidValueError(
+            f"{what}: NaN or infinite value(s) in column(s) "
+            f"{preview(list(dict.fromkeys(df.columns[cols])), 3)} "
+            f"for case(s) {preview(list(dict.fromkeys(df.index[rows])))}"
+        )
+    return values
+
+
+class ExpressionTransform:
+    """Per-gene transform of the expression table (see the module docstring for the methods).
+
+    Parameters
+    ----------
+    method : {"clip_standardize", "rank", "none"}
+    clip : float or None
+        Bound applied to raw values before the moments (None: no raw clipping).
+    z_clip : float or None
+        Bound applied to the standardized values (None: no clipping).
+    min_std : float
+        Genes with a smaller training std get std 1.
+    """
+
+    def __init__(
+        self,
+        method: str = "clip_standardize",
+        clip: float | None = DEFAULT_CLIP,
+        z_clip: float | None = DEFAULT_Z_CLIP,
+        min_std: float = DEFAULT_MIN_STD,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"ExpressionTransform: method={method!r} is not one of {list(METHODS)}")
+        self.method = method
+        self.clip = None if clip is None else float(clip)
+        self.z_clip = None if z_clip is None else float(z_clip)
+        self.min_std = float(min_std)
+        self.genes: list[str] | None = None
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+        self.count = 0
+
+    # ------------------------------------------------------------------ fitting
+    @property
+    def fitted(self) -> bool:
+        """Whether ``transform`` can run (``rank``/``none`` need no fit)."""
+        return self.method != "clip_standardize" or self.mean is not None
+
+    def _clipped(self, values: np.ndarray) -> np.ndarray:
+        return values if self.clip is None else np.clip(values, -self.clip, self.clip)
+
+    def moments(self, df: pd.DataFrame) -> dict[str, Any]:
+        """Aggregate statistics of (clipped) training values, summable across sites.
+
+        Parameters
+        ----------
+        df : DataFrame, shape = (n_cases, n_genes)
+            Expression indexed by case_id.
+
+        Returns
+        -------
+        dict
+            ``count`` (int), ``sum`` and ``sumsq`` (float64 arrays, shape = (n_genes,)), ``genes`` (list).
+        """
+        values = self._clipped(_finite_matrix(df, "expression (fit)"))
+        return {
+            "count": int(values.shape[0]),
+            "sum": values.sum(axis=0),
+            "sumsq": np.square(values).sum(axis=0),
+            "genes": [str(g) for g in df.columns],
+        }
+
+    def fit(self, df: pd.DataFrame) -> ExpressionTransform:
+        """Fit on TRAINING expression ``df`` (shape = (n_cases, n_genes)); returns self."""
+        self.genes = [str(g) for g in df.columns]
+        if self.method == "clip_standardize":
+            m = self.moments(df)
+            self._set_moments(m["count"], m["sum"], m["sumsq"])
+        return self
+
+    @classmethod
+    def from_moments(
+        cls,
+        count: int,
+        sum: Sequence[float] | np.ndarray,  # noqa: A002 - the statistic's name
+        sumsq: Sequence[float] | np.ndarray,
+        *,
+        genes: Sequence[str],
+        method: str = "clip_standardize",
+        clip: float | None = DEFAULT_CLIP,
+        z_clip: float | None = DEFAULT_Z_CLIP,
+        min_std: float = DEFAULT_MIN_STD,
+    ) -> ExpressionTransform:
+        """Build a fitted transform from summed :meth:`moments` of the training sites (same ``clip``!)."""
+        transform = cls(method=method, clip=clip, z_clip=z_clip, min_std=min_std)
+        transform.genes = [str(g) for g in genes]
+        transform._set_moments(
+            int(count), np.asarray(sum, dtype=np.float64), np.asarray(sumsq, dtype=np.float64)
+        )
+        return transform
+
+    def _set_moments(self, count: int, total: np.ndarray, total_sq: np.ndarray) -> None:
+        assert self.genes is not None
+        if total.shape != (len(self.genes),) or total_sq.shape != (len(self.genes),):
+            raise ValueError(
+                f"ExpressionTransform: moments of shape {total.shape}/{total_sq.shape} "
+                f"for {len(self.genes)} genes"
+            )
+        if count < 2:
+            raise CohortError(
+                f"ExpressionTransform: cannot standardize from {count} training case(s) (need >= 2)"
+            )
+        mean = total / count
+        var = np.maximum(total_sq / count - np.square(mean), 0.0)
+        std = np.sqrt(var)
+        flat = std < self.min_std
+        if flat.any():
+            log.warning(
+                "ExpressionTransform: %d gene(s) constant in the training data get std 1: %s",
+                int(flat.sum()),
+                preview(np.asarray(self.genes)[flat]),
+            )
+            std = np.where(flat, 1.0, std)
+        self.count, self.mean, self.std = count, mean, std
+
+    # ------------------------------------------------------------------ applying
+    def transform(self, df: pd.DataFrame) -> np.ndarray:
+        """Transform expression with the fitted state (never refits).
+
+        Parameters
+        ----------
+        df : DataFrame, shape = (n_cases, n_genes_in_table)
+            Must hold every fitted gene (extra columns are ignored).
+
+        Returns
+        -------
+        np.ndarray
+            float32, shape = (n_cases, n_genes), columns in ``self.genes`` order.
+        """
+        if not self.fitted:
+            raise RuntimeError(
+                "ExpressionTransform.transform called before fit / from_moments / load_state_dict"
+            )
+        genes = self.genes if self.genes is not None else [str(g) for g in df.columns]
+        missing = [g for g in genes if g not in df.columns]
+        if missing:
+            raise GeneMismatchError(
+                f"expression table lacks {len(missing)} of the transform's {len(genes)} genes: "
+                f"{preview(missing)}"
+            )
+        values = _finite_matrix(df[genes], "expression")
+        if self.method == "clip_standardize":
+            assert self.mean is not None and self.std is not None
+            values = (self._clipped(values) - self.mean) / self.std
+            if self.z_clip is not None:
+                values = np.clip(values, -self.z_clip, self.z_clip)
+        elif self.method == "rank":
+            ranks = rankdata(values, axis=1, method="average")
+            values = ndtri((ranks - 0.5) / values.shape[1])
+        return values.astype(np.float32)
+
+    # ------------------------------------------------------------------ serialization
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-compatible state (lists and scalars)."""
+        return {
+            "method": self.method,
+            "clip": self.clip,
+            "z_clip": self.z_clip,
+            "min_std": self.min_std,
+            "genes": self.genes,
+            "count": self.count,
+            "mean": None if self.mean is None else self.mean.tolist(),
+            "std": None if self.std is None else self.std.tolist(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> ExpressionTransform:
+        """Restore a :meth:`state_dict`; returns self."""
+        self.__init__(state["method"], state["clip"], state["z_clip"], state.get("min_std", DEFAULT_MIN_STD))  # type: ignore[misc]
+        self.genes = None if state["genes"] is None else list(state["genes"])
+        self.count = int(state.get("count", 0))
+        self.mean = None if state["mean"] is None else np.asarray(state["mean"], dtype=np.float64)
+        self.std = None if state["std"] is None else np.asarray(state["std"], dtype=np.float64)
+        return self
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> ExpressionTransform:
+        """A new transform from a :meth:`state_dict`."""
+        return cls().load_state_dict(state)
+
+    def __repr__(self) -> str:
+        n = "?" if self.genes is None else len(self.genes)
+        return (
+            f"ExpressionTransform(method={self.method!r}, clip={self.clip}, z_clip={self.z_clip}, genes={n})"
+        )
+
+
+class TabularTransform:
+    """Encode a tabular strong modality (clinical variables) into a float matrix, fitted on training data.
+
+    Numeric columns are standardized with the training mean/std (population; std < ``min_std`` -> 1) when
+    ``standardize`` (FLamby feeds raw features: ``standardize=False``). A numeric NaN is replaced by the
+    training mean, and a ``<column>__missing`` 0/1 indicator is appended for every numeric column with NaN in
+    the training data. Categorical columns are one-hot encoded over the training levels (NaN is the level
+    ``<missing>``); an unseen level encodes as all zeros (logged).
+
+    Parameters
+    ----------
+    categorical : sequence of str
+        Columns to one-hot encode.
+    standardize : bool
+        Standardize numeric columns.
+    """
+
+    def __init__(
+        self, categorical: Sequence[str] = (), standardize: bool = True, min_std: float = DEFAULT_MIN_STD
+    ) -> None:
+        self.categorical = [str(c) for c in categorical]
+        self.standardize = bool(standardize)
+        self.min_std = float(min_std)
+        self.columns: list[str] | None = None
+        self.numeric: list[str] = []
+        self.mean: dict[str, float] = {}
+        self.std: dict[str, float] = {}
+        self.indicators: list[str] = []
+        self.levels: dict[str, list[str]] = {}
+
+    def fit(self, df: pd.DataFrame) -> TabularTransform:
+        """Fit on TRAINING rows ``df`` (shape = (n_cases, n_columns)); returns self."""
+        self.columns = [str(c) for c in df.columns]
+        stray = [c for c in self.categorical if c not in df.columns]
+        if stray:
+            raise GeneMismatchError(f"TabularTransform: categorical column(s) {stray} not in the table")
+        self.numeric = [c for c in self.columns if c not in self.categorical]
+        for col in self.numeric:
+            values = pd.to_numeric(df[col], errors="raise").astype(np.float64)
+            if np.isinf(values).any():
+                raise InvalidValueError(f"TabularTransform: infinite value in column {col}")
+            if values.notna().sum() == 0:
+                raise InvalidValueError(f"TabularTransform: column {col} has no value in the training data")
+            std = float(values.std(ddof=0))
+            self.mean[col] = float(values.mean())
+            self.std[col] = std if std >= self.min_std else 1.0
+            if values.isna().any():
+                self.indicators.append(col)
+        for col in self.categorical:
+            self.levels[col] = sorted(set(self._levels(df[col])))
+        return self
+
+    @staticmethod
+    def _levels(series: pd.Series) -> pd.Series:
+        return series.astype(object).where(series.notna(), MISSING_LEVEL).astype(str)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Output feature names, in column order."""
+        names = list(self.numeric) + [f"{c}__missing" for c in self.indicators]
+        names += [f"{c}={level}" for c in self.categorical for level in self.levels[c]]
+        return names
+
+    @property
+    def n_features(self) -> int:
+        """Number of output features F."""
+        return len(self.feature_names)
+
+    def transform(self, df: pd.DataFrame) -> np.ndarray:
+        """Encode rows with the fitted state (never refits).
+
+        Returns
+        -------
+        np.ndarray
+            float32, shape = (n_cases, n_features).
+        """
+        if self.columns is None:
+            raise RuntimeError("TabularTransform.transform called before fit / load_state_dict")
+        missing = [c for c in self.columns if c not in df.columns]
+        if missing:
+            raise GeneMismatchError(f"tabular table lacks the fitted column(s) {missing}")
+        blocks = []
+        for col in self.numeric:
+            values = pd.to_numeric(df[col], errors="raise").to_numpy(dtype=np.float64)
+            nan = np.isnan(values)
+            if nan.any() and col not in self.indicators:
+                log.warning(
+                    "TabularTransform: %d NaN in column %s (none in training) imputed by the training mean",
+                    int(nan.sum()),
+                    col,
+                )
+            values = np.where(nan, self.mean[col], values)
+            if self.standardize:
+                values = (values - self.mean[col]) / self.std[col]
+            blocks.append(values)
+        for col in self.indicators:
+            blocks.append(pd.to_numeric(df[col]).isna().to_numpy(dtype=np.float64))
+        for col in self.categorical:
+            levels = self._levels(df[col])
+            unseen = ~levels.isin(self.levels[col])
+            if unseen.any():
+                log.warning(
+                    "TabularTransform: unseen level(s) %s of column %s encoded as zeros",
+                    preview(levels[unseen].unique(), 3),
+                    col,
+                )
+            for level in self.levels[col]:
+                blocks.append((levels == level).to_numpy(dtype=np.float64))
+        if not blocks:
+            return np.zeros((len(df), 0), dtype=np.float32)
+        return np.stack(blocks, axis=1).astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-compatible state."""
+        return {
+            "categorical": self.categorical,
+            "standardize": self.standardize,
+            "min_std": self.min_std,
+            "columns": self.columns,
+            "numeric": self.numeric,
+            "mean": self.mean,
+            "std": self.std,
+            "indicators": self.indicators,
+            "levels": self.levels,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> TabularTransform:
+        """Restore a :meth:`state_dict`; returns self."""
+        self.__init__(state["categorical"], state["standardize"], state.get("min_std", DEFAULT_MIN_STD))  # type: ignore[misc]
+        self.columns = None if state["columns"] is None else list(state["columns"])
+        self.numeric = list(state["numeric"])
+        self.mean = {k: float(v) for k, v in state["mean"].items()}
+        self.std = {k: float(v) for k, v in state["std"].items()}
+        self.indicators = list(state["indicators"])
+        self.levels = {k: list(v) for k, v in state["levels"].items()}
+        return self
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> TabularTransform:
+        """A new transform from a :meth:`state_dict`."""
+        return cls().load_state_dict(state)
+
+
+def expression_transform_for(layout: Any) -> ExpressionTransform:
+    """An unfitted :class:`ExpressionTransform` with the layout's ``transform`` keys (documented defaults)."""
+    return ExpressionTransform(**dict(layout.transform))
+
+
+def tabular_transform_for(layout: Any) -> TabularTransform | None:
+    """An unfitted :class:`TabularTransform` for a tabular strong modality (else None)."""
+    if layout.strong_kind != "tabular":
+        return None
+    return TabularTransform(categorical=layout.tables[layout.strong].categorical, **dict(layout.tabular))

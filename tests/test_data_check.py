@@ -1,0 +1,65 @@
+"""``fedprog data check``: summary table, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from data_factory import write_cohort
+from omegaconf import OmegaConf
+
+from fedprog.config import config_dir, load_config
+from fedprog.data import check_dataset
+from fedprog.data.check import main, median_followup
+
+
+def test_summary_numbers(tmp_path: Path) -> None:
+    write_cohort(tmp_path / "ds", "c0", n_cases=20)
+    layout = write_cohort(tmp_path / "ds", "c1", n_cases=12, seed=2)
+    summary = check_dataset(layout)
+    frame = summary.to_frame()
+    assert frame.loc["total", "cases"] == 32 and frame.loc["c1", "cases"] == 12
+    labels = pd.read_csv(layout.cohort_file("c0", "labels.csv")).drop_duplicates("case_id")
+    assert frame.loc["c0", "events"] == int((labels["censorship"] == 0).sum())
+    assert frame.loc["c0", "bags"] == len(pd.read_csv(layout.cohort_file("c0", "labels.csv")))
+    assert (
+        frame.loc["c0", "feature_dim"] == 8
+        and frame.loc["c0", "genes"] == 12
+        and frame.loc["c0", "sites"] == 3
+    )
+    assert frame.loc["total", "sites"] == 6
+    assert 3 <= frame.loc["total", "patches_min"] <= frame.loc["total", "patches_max"] <= 24
+    assert "c1" in summary.format()
+
+
+def test_median_followup_reverse_km() -> None:
+    # censoring is the event: reverse KM drops to 0.5 at the 2nd censored time of 4 when no event precedes it
+    assert median_followup([1.0, 2.0, 3.0, 4.0], [1, 1, 1, 1]) == 2.0
+    assert median_followup([1.0, 2.0], [0, 0]) != median_followup([1.0, 2.0], [0, 0])  # NaN: nothing censored
+
+
+def test_main_ok_and_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    layout = write_cohort(tmp_path / "ds")
+    cfg = OmegaConf.create({"data": {"root": str(layout.root), "cohorts": ["ignored"]}})
+    assert main(cfg) == 0  # the manifest alone gives the layout
+    assert "total" in capsys.readouterr().out
+    path = layout.cohort_file("c0", "labels.csv")
+    labels = pd.read_csv(path)
+    labels.loc[3, "survival_months"] = -1
+    labels.to_csv(path, index=False)
+    assert main(cfg) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err
+    assert "labels.csv, column survival_months: zero or negative" in lines[0] and "TCGA-A1-C00003" in lines[0]
+
+
+def test_main_through_hydra_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if not (config_dir() / "data" / "synth.yaml").is_file():
+        pytest.skip("configs/data/synth.yaml (the synth engineer's) is absent")
+    layout = write_cohort(tmp_path / "ds")
+    cfg = load_config("data_check", [f"data.root={layout.root}"])
+    assert main(cfg) == 0
+    assert main(load_config("data_check", [f"data.root={tmp_path / 'missing'}"])) == 2
+    assert "missing" in capsys.readouterr().err

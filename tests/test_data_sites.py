@@ -1,0 +1,77 @@
+"""Site partitions: per cohort, per site column, per TSS with merging of small sites, from a mapping file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from data_factory import write_cohort
+
+from fedprog.data import DatasetLayout, Site, SiteError, build_sites, load_cohort, tss_counts
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> DatasetLayout:
+    write_cohort(tmp_path / "ds", "c0", n_cases=20)
+    return write_cohort(tmp_path / "ds", "c1", n_cases=40, seed=1)
+
+
+def test_cohort_partition_with_heldout_cohort(layout: DatasetLayout) -> None:
+    sites = build_sites(layout, {"partition": "cohort"}, heldout=["c1"])
+    assert [(s.name, s.role, len(s.case_ids)) for s in sites] == [("c0", "train", 20), ("c1", "holdout", 40)]
+
+
+def test_site_partition_and_heldout_site(layout: DatasetLayout) -> None:
+    sites = build_sites(layout, {"partition": "site", "heldout": ["c0-C3"]})
+    assert [s.name for s in sites] == ["c0-A1", "c0-B2", "c0-C3", "c1-A1", "c1-B2", "c1-C3"]
+    assert [s.role for s in sites].count("holdout") == 1
+    assert sum(len(s.case_ids) for s in sites) == 60
+    ids = [c for s in sites for c in s.case_ids]
+    assert len(ids) == len(set(ids))
+
+
+def test_tss_partition_merging_rule(layout: DatasetLayout) -> None:
+    # c1: A1 20, B2 12, C3 8 cases. min_cases 10: C3 -> c1-other (8 < 10) -> joins the largest site c1-A1.
+    counts = tss_counts(load_cohort(layout, "c1"))
+    assert counts.to_dict() == {"A1": 20, "B2": 12, "C3": 8}
+    sites = {s.name: len(s.case_ids) for s in build_sites(layout, {"partition": "tss", "min_cases": 10})}
+    assert sites["c1-A1"] == 28 and "c1-other" not in sites
+    # min_cases 7: c0 B2 (6) and C3 (4) pool into c0-other (10 >= 7)
+    sites = {s.name: len(s.case_ids) for s in build_sites(layout, {"partition": "tss", "min_cases": 7})}
+    assert sites["c0-other"] == 10 and sites["c0-A1"] == 10 and sites["c1-C3"] == 8
+    # no TSS reaches min_cases: the cohort is one site <cohort>-other
+    sites = {s.name: len(s.case_ids) for s in build_sites(layout, {"partition": "tss", "min_cases": 100})}
+    assert sites == {"c0-other": 20, "c1-other": 40}
+
+
+def test_mapping_partition(layout: DatasetLayout, tmp_path: Path) -> None:
+    mapping = tmp_path / "centers.csv"
+    pd.DataFrame({"TSS Code": ["A1", "B2", "C3"], "Region": ["North", "South", "South"]}).to_csv(
+        mapping, index=False
+    )
+    cfg = {
+        "partition": "mapping",
+        "cohorts": ["c0"],
+        "mapping": {"path": str(mapping), "key": "tss", "key_column": "TSS Code", "site_column": "Region"},
+    }
+    sites = build_sites(layout, cfg, heldout=["South"])
+    assert [(s.name, s.role, len(s.case_ids)) for s in sites] == [
+        ("North", "train", 10),
+        ("South", "holdout", 10),
+    ]
+    pd.DataFrame({"TSS Code": ["A1"], "Region": ["North"]}).to_csv(mapping, index=False)
+    cfg["mapping"]["unmapped"] = "error"
+    with pytest.raises(SiteError, match=r"centers\.csv: 10 case\(s\) of cohort 'c0' unmapped: TCGA-B2"):
+        build_sites(layout, cfg)
+
+
+def test_errors_name_the_culprit(layout: DatasetLayout) -> None:
+    with pytest.raises(SiteError, match=r"heldout name\(s\) \['c9'\] are neither a site nor a cohort"):
+        build_sites(layout, {"partition": "cohort"}, heldout=["c9"])
+    with pytest.raises(SiteError, match=r"partition 'hospital'"):
+        build_sites(layout, {"partition": "hospital"})
+    with pytest.raises(SiteError, match=r"role 'test'"):
+        Site("s", "c0", "test", ("a",))
+    with pytest.raises(SiteError, match="mapping.path"):
+        build_sites(layout, {"partition": "mapping"})
