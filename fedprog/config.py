@@ -22,10 +22,23 @@ def config_dir() -> Path:
     raise FileNotFoundError(f"fedprog configs not found next to {package}")
 
 
+def sites_dir() -> Path:
+    """Return the ``sites/`` folder, whose ``federation/`` sub-folder is the Hydra group of site partitions."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "sites", package.parent / "sites"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"fedprog sites/ folder not found next to {package}")
+
+
 def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose the config ``configs/<name>.yaml`` with command-line style ``key=value`` overrides."""
+    """Compose ``configs/<name>.yaml`` with command-line style ``key=value`` overrides.
+
+    ``sites/`` is on the search path, so ``federation=<name>`` selects ``sites/federation/<name>.yaml``.
+    """
+    search_path = f"hydra.searchpath=[file://{sites_dir()}]"
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
-        cfg = compose(config_name=name, overrides=list(overrides))
+        cfg = compose(config_name=name, overrides=[search_path, *overrides])
     return cfg
 
 

@@ -1,0 +1,365 @@
+"""The one training and evaluation code path, shared by ``fedprog train`` and the Flower client."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
+
+from fedprog.data import Batch, SurvivalBins, SurvivalDataset, collate
+from fedprog.survival.losses import cox_ph_loss, nll_survival_loss, risk_from_logits, survival_from_logits
+from fedprog.survival.metrics import evaluate_predictions
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = {
+    "radam": lambda params, c: torch.optim.RAdam(
+        params, lr=c.lr, weight_decay=c.weight_decay, decoupled_weight_decay=True
+    ),
+    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),
+    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
+    "sgd": lambda params, c: torch.optim.SGD(
+        params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings (``configs/training/*.yaml``).
+
+    ``epochs`` passes over the data, or exactly ``local_steps`` optimizer steps when that is set (FLamby's
+    federated protocol). One optimizer step uses ``batch_size * grad_accum`` patients: batches of one bag with
+    gradient accumulation are the MCAT/SurvPath practice; padded batches (``batch_size > 1``) suit tabular
+    data and the Cox loss, whose risk sets live inside one batch.
+    """
+
+    epochs: int = 20
+    local_steps: int | None = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    optimizer: str = "radam"
+    lr: float = 5e-4
+    weight_decay: float = 1e-3
+    momentum: float = 0.0
+    scheduler: str = "cosine"
+    warmup_epochs: float = 1.0
+    loss: str = "nll"
+    alpha_surv: float = 0.5
+    balanced_sampling: bool = True
+    max_grad_norm: float | None = None
+    proximal_mu: float = 0.0
+    amp: bool = False
+    amp_dtype: str = "bfloat16"
+    select_on: str = "val_c_index"
+    eval_every: int = 1
+    eval_batch_size: int = 1
+    num_workers: int = 0
+    seed: int = 0
+    num_threads: int | None = None
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any], **overrides: Any) -> TrainConfig:
+        """Build from a (Hydra) mapping; unknown keys raise so that typos never pass silently."""
+        values = {**dict(cfg), **overrides}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"training config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent setting."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"training.optimizer={self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+        if self.loss not in {"nll", "cox"}:
+            raise ValueError(f"training.loss={self.loss!r}; choose 'nll' or 'cox'")
+        if self.scheduler not in {"cosine", "constant"}:
+            raise ValueError(f"training.scheduler={self.scheduler!r}; choose 'cosine' or 'constant'")
+        if self.loss == "cox" and self.batch_size < 2:
+            raise ValueError("training.loss='cox' needs training.batch_size >= 2 (risk sets live in a batch)")
+        if self.select_on not in {"last", "val_c_index", "val_loss"}:
+            raise ValueError(f"training.select_on={self.select_on!r}; choose last, val_c_index or val_loss")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("training.batch_size and training.grad_accum must be >= 1")
+
+
+@dataclass
+class TrainHistory:
+    """What one call of :func:`train` did: per-epoch losses and validation scores, the selected epoch."""
+
+    epoch_loss: list[float] = field(default_factory=list)
+    val_metrics: list[dict[str, float]] = field(default_factory=list)
+    n_steps: int = 0
+    n_examples_seen: int = 0
+    selected_epoch: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        """Mean training loss of the last epoch (NaN before any epoch)."""
+        return self.epoch_loss[-1] if self.epoch_loss else float("nan")
+
+
+@dataclass
+class EvalResult:
+    """Predictions and metrics of one evaluation. ``risk``/``survival`` are patient-level: keep them local."""
+
+    case_ids: list[str]
+    risk: np.ndarray  # (n,) higher = worse
+    survival: np.ndarray  # (n, n_bins) discrete survival curve at the bin ends, or (n, 0) for Cox
+    time: np.ndarray  # (n,) months
+    censorship: np.ndarray  # (n,) 1 = censored
+    metrics: dict[str, float]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so CPU runs repeat exactly."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map ``auto`` to CUDA when available, else CPU; validate explicit choices."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device, cfg: TrainConfig):
+    if not cfg.amp:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, cfg.amp_dtype))
+
+
+def _sampler(data: SurvivalDataset, cfg: TrainConfig, generator: torch.Generator) -> Sampler[int]:
+    """Class-balanced sampling over (bin, censorship) strata as MCAT/SurvPath, or a plain shuffle."""
+    if not cfg.balanced_sampling:
+        return RandomSampler(data, generator=generator)
+    strata = np.asarray(data.strata())
+    _, inverse, counts = np.unique(strata, axis=0, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse.reshape(-1)]
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(data), generator=generator)
+
+
+def _loader(
+    data: SurvivalDataset, batch_size: int, sampler: Sampler[int] | None, num_workers: int = 0
+) -> DataLoader:
+    return DataLoader(
+        data, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collate, num_workers=num_workers
+    )
+
+
+def survival_loss(outputs: torch.Tensor, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
+    """The configured survival loss of one batch (NLL on bins, or Cox partial likelihood)."""
+    if cfg.loss == "cox":
+        return cox_ph_loss(outputs.reshape(-1), batch.time, 1.0 - batch.censorship)
+    return nll_survival_loss(outputs, batch.bins, batch.censorship, alpha=cfg.alpha_surv)
+
+
+def _proximal_term(model: nn.Module, global_params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """FedProx: 0.5 * ||w - w_global||^2 over the trainable parameters."""
+    terms = [
+        (param - anchor).pow(2).sum()
+        for param, anchor in zip(model.parameters(), global_params, strict=True)
+        if param.requires_grad
+    ]
+    return 0.5 * torch.stack(terms).sum()
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int, steps_per_epoch: int):
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if cfg.scheduler == "cosine" else 0
+
+    def factor(step: int) -> float:
+        if cfg.scheduler == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batches(loader: DataLoader, data: SurvivalDataset) -> Iterator[Batch]:
+    """Endless batches; each pass over the data re-draws the patch subsets (``set_epoch``)."""
+    n_pass = 0
+    while True:
+        data.set_epoch(n_pass)
+        n_pass += 1
+        yield from loader
+
+
+def train(
+    model: nn.Module,
+    train_data: SurvivalDataset,
+    cfg: TrainConfig,
+    *,
+    val_data: SurvivalDataset | None = None,
+    global_params: Sequence[torch.Tensor] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    log_prefix: str = "",
+) -> TrainHistory:
+    """Train ``model`` in place on ``train_data``; return what happened.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model from :func:`fedprog.models.create_model`; ``model(batch)`` gives logits (n_bins) or log-risk (1).
+    train_data : SurvivalDataset
+        Training patients; bags are read lazily, ``max_patches`` of them sampled per patient.
+    cfg : TrainConfig
+        Optimizer, schedule, loss, batching, seed.
+    val_data : SurvivalDataset, optional
+        Validation split of the SOURCE data only; with ``cfg.select_on != "last"`` the best epoch is kept.
+    global_params : sequence of tensors, optional
+        The global model of this round; with ``cfg.proximal_mu > 0`` adds the FedProx proximal term.
+    device : str or torch.device
+        ``cpu``, ``cuda`` or ``auto``.
+    """
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model.to(device)
+    anchors = [p.detach().to(device).clone() for p in global_params] if global_params is not None else None
+    loader = _loader(train_data, cfg.batch_size, _sampler(train_data, cfg, generator), cfg.num_workers)
+    steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
+    total_steps = cfg.local_steps or steps_per_epoch * cfg.epochs
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    optimizer = OPTIMIZERS[cfg.optimizer]([p for p in model.parameters() if p.requires_grad], cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps, steps_per_epoch))
+
+    history = TrainHistory()
+    best_score, best_state = -math.inf, None
+    started = time.perf_counter()
+    train_data.train()
+    batches = _batches(loader, train_data)
+    for epoch in range(n_epochs):
+        model.train()
+        steps_this_epoch = min(steps_per_epoch, total_steps - history.n_steps)
+        losses = []
+        for _ in range(steps_this_epoch):
+            optimizer.zero_grad(set_to_none=True)
+            for _ in range(cfg.grad_accum):
+                batch = next(batches).to(device)
+                with _autocast(device, cfg):
+                    outputs = model(batch)
+                loss = survival_loss(outputs.float(), batch, cfg)
+                if anchors is not None and cfg.proximal_mu > 0:
+                    loss = loss + cfg.proximal_mu * _proximal_term(model, anchors)
+                (loss / cfg.grad_accum).backward()
+                losses.append(loss.item())
+                history.n_examples_seen += len(batch.case_ids)
+            if cfg.max_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            history.n_steps += 1
+        history.epoch_loss.append(float(np.mean(losses)) if losses else float("nan"))
+        message = f"{log_prefix}epoch {epoch + 1}/{n_epochs} loss {history.loss:.4f}"
+        if val_data is not None and cfg.select_on != "last" and (epoch + 1) % cfg.eval_every == 0:
+            metrics = evaluate(model, val_data, bins=train_data.bins, device=device).metrics
+            history.val_metrics.append(metrics)
+            score = metrics["c_index"] if cfg.select_on == "val_c_index" else -metrics["loss"]
+            message += f" val c-index {metrics['c_index']:.3f}"
+            if not math.isnan(score) and score > best_score:
+                best_score, history.selected_epoch = score, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if progress:
+            log.info(message)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        history.selected_epoch = n_epochs
+    history.seconds = time.perf_counter() - started
+    return history
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, data: SurvivalDataset, *, device: str | torch.device = "cpu", batch_size: int = 1
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Return (case_ids, outputs, risk, survival) for every patient of ``data`` (all patches, eval mode)."""
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    model.to(device).eval()
+    was_training = data.training
+    data.eval()
+    case_ids, outputs = [], []
+    try:
+        for batch in _loader(data, batch_size, sampler=None):
+            batch = batch.to(device)
+            outputs.append(model(batch).float().cpu())
+            case_ids.extend(batch.case_ids)
+    finally:
+        data.train(was_training)
+    logits = torch.cat(outputs) if outputs else torch.empty(0, 1)
+    if logits.shape[1] == 1:
+        risk, survival = logits.reshape(-1), torch.empty(len(logits), 0)
+    else:
+        risk, survival = risk_from_logits(logits), survival_from_logits(logits)
+    return case_ids, logits, risk.numpy(), survival.numpy()
+
+
+def evaluate(
+    model: nn.Module,
+    data: SurvivalDataset,
+    *,
+    bins: SurvivalBins,
+    device: str | torch.device = "cpu",
+    train_times: np.ndarray | None = None,
+    train_censorship: np.ndarray | None = None,
+    loss_cfg: TrainConfig | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` on every patient of ``data`` with the bins fitted on the training sites.
+
+    Metrics (``fedprog.survival.metrics.evaluate_predictions``): Harrell's C-index, Uno's IPCW C-index and the
+    integrated Brier score (these two need ``train_times``/``train_censorship`` as censoring reference), the
+    mean time-dependent AUC, the median-split log-rank p-value, and the mean loss. A metric that cannot be
+    computed is NaN with its reason logged.
+    """
+    cfg = loss_cfg or TrainConfig()
+    case_ids, logits, risk, survival = predict(model, data, device=device, batch_size=cfg.eval_batch_size)
+    time_ = np.asarray(data.times, dtype=float)
+    censorship = np.asarray(data.censorship, dtype=float)
+    metrics = evaluate_predictions(
+        time_,
+        censorship,
+        risk,
+        survival=survival if survival.shape[1] else None,
+        bin_edges=np.asarray(bins.edges) if survival.shape[1] else None,
+        train_time=train_times,
+        train_censorship=train_censorship,
+    )
+    metrics["loss"] = _mean_loss(logits, data, bins, cfg)
+    return EvalResult(case_ids, risk, survival, time_, censorship, metrics)
+
+
+def _mean_loss(logits: torch.Tensor, data: SurvivalDataset, bins: SurvivalBins, cfg: TrainConfig) -> float:
+    if len(logits) == 0:
+        return float("nan")
+    time_ = torch.tensor(np.asarray(data.times), dtype=torch.float32)
+    censorship = torch.tensor(np.asarray(data.censorship), dtype=torch.float32)
+    if logits.shape[1] == 1:
+        if (censorship < 1).sum() == 0:
+            return float("nan")
+        return float(cox_ph_loss(logits.reshape(-1), time_, 1.0 - censorship))
+    bin_index = torch.as_tensor(bins.transform(np.asarray(data.times)), dtype=torch.long)
+    return float(nll_survival_loss(logits, bin_index, censorship, alpha=cfg.alpha_surv))

@@ -1,0 +1,139 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from data_factory import write_cohort
+
+from fedprog.config import load_config
+from fedprog.data import load_cohorts
+from fedprog.engine import TrainConfig, evaluate, train
+from fedprog.pipeline import PooledDataset, Preprocessing, build_model, fit_preprocessing, make_dataset
+
+
+@pytest.fixture()
+def two_cohorts(tmp_path):
+    write_cohort(tmp_path, "c0", n_cases=24, seed=0)
+    layout = write_cohort(tmp_path, "c1", n_cases=16, seed=1)
+    cohorts = load_cohorts(layout)
+    prep = fit_preprocessing(layout, cohorts, {"c0": cohorts["c0"].case_ids}, n_bins=4)
+    return layout, cohorts, prep
+
+
+def small_model_cfg(name="survpath", **extra):
+    return load_config("train", [f"model={name}", "model.dim=16", *extra]).model
+
+
+def tiny_train_cfg(**overrides):
+    values = {"epochs": 3, "grad_accum": 4, "select_on": "last", "lr": 1e-2, "seed": 0}
+    return TrainConfig.from_cfg({**values, **overrides})
+
+
+def test_train_config_rejects_unknown_and_inconsistent_keys():
+    with pytest.raises(ValueError, match="unknown key.*'lrr'"):
+        TrainConfig.from_cfg({"lrr": 0.1})
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        TrainConfig.from_cfg({"loss": "cox", "batch_size": 1})
+    with pytest.raises(ValueError, match="optimizer='adagrad'"):
+        TrainConfig.from_cfg({"optimizer": "adagrad"})
+
+
+def test_default_training_config_is_valid():
+    TrainConfig.from_cfg(load_config("train").training)
+
+
+def test_training_lowers_the_loss_and_repeats_exactly(two_cohorts):
+    _, cohorts, prep = two_cohorts
+    data = make_dataset(cohorts["c0"], cohorts["c0"].case_ids, prep, max_patches=16)
+
+    def run():
+        torch.manual_seed(123)
+        model = build_model(small_model_cfg(), data, loss="nll")
+        history = train(model, data, tiny_train_cfg(epochs=8), progress=False)
+        return model, history
+
+    model_a, history_a = run()
+    model_b, history_b = run()
+    assert history_a.epoch_loss[-1] < history_a.epoch_loss[0]
+    assert history_a.epoch_loss == history_b.epoch_loss
+    for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_local_steps_count_optimizer_steps(two_cohorts):
+    _, cohorts, prep = two_cohorts
+    data = make_dataset(cohorts["c0"], cohorts["c0"].case_ids, prep)
+    model = build_model(small_model_cfg(), data, loss="nll")
+    history = train(model, data, tiny_train_cfg(local_steps=7, grad_accum=2), progress=False)
+    assert history.n_steps == 7
+    assert history.n_examples_seen == 14
+
+
+def test_proximal_term_keeps_weights_near_the_global_model(two_cohorts):
+    _, cohorts, prep = two_cohorts
+    data = make_dataset(cohorts["c0"], cohorts["c0"].case_ids, prep)
+    torch.manual_seed(0)
+    start = build_model(small_model_cfg(), data, loss="nll")
+    anchor = [p.detach().clone() for p in start.parameters()]
+
+    def drift(mu):
+        model = build_model(small_model_cfg(), data, loss="nll")
+        model.load_state_dict(start.state_dict())
+        train(
+            model,
+            data,
+            tiny_train_cfg(proximal_mu=mu, optimizer="sgd", lr=0.05),
+            global_params=anchor,
+            progress=False,
+        )
+        return sum((p.detach() - a).pow(2).sum().item() for p, a in zip(model.parameters(), anchor, strict=True))
+
+    assert drift(5.0) < 0.5 * drift(0.0)
+
+
+def test_evaluate_reports_metrics_for_every_case(two_cohorts):
+    _, cohorts, prep = two_cohorts
+    data = make_dataset(cohorts["c1"], cohorts["c1"].case_ids, prep)
+    model = build_model(small_model_cfg(), data, loss="nll")
+    result = evaluate(model, data, bins=prep.bins)
+    assert result.case_ids == data.case_ids
+    assert result.risk.shape == (len(data),)
+    assert result.survival.shape == (len(data), prep.bins.n_bins)
+    assert np.all(np.diff(result.survival, axis=1) <= 1e-6)  # survival curves never rise
+    assert 0.0 <= result.metrics["c_index"] <= 1.0
+    assert math.isfinite(result.metrics["loss"])
+    assert not data.training  # evaluation leaves the dataset in its previous (eval) mode
+
+
+def test_cox_loss_with_padded_batches_and_tabular_strong_modality(tmp_path):
+    layout = write_cohort(tmp_path, "c0", n_cases=24, with_bags=False)
+    layout = type(layout).load({**layout.to_dict(), "strong": "clinical", "features": None})
+    cohorts = load_cohorts(layout)
+    prep = fit_preprocessing(layout, cohorts, {"c0": cohorts["c0"].case_ids}, n_bins=2)
+    data = make_dataset(cohorts["c0"], cohorts["c0"].case_ids, prep)
+    model = build_model(small_model_cfg("late_fusion"), data, loss="cox")
+    cfg = tiny_train_cfg(loss="cox", batch_size=8, grad_accum=1, balanced_sampling=False)
+    history = train(model, data, cfg, progress=False)
+    assert math.isfinite(history.loss)
+    result = evaluate(model, data, bins=prep.bins, loss_cfg=cfg)
+    assert result.survival.shape == (len(data), 0)
+
+
+def test_preprocessing_round_trips_and_pools(two_cohorts):
+    _, cohorts, prep = two_cohorts
+    restored = Preprocessing.from_state_dict(prep.state_dict())
+    a = make_dataset(cohorts["c1"], cohorts["c1"].case_ids, prep)
+    b = make_dataset(cohorts["c1"], cohorts["c1"].case_ids, restored)
+    assert torch.equal(a[3].expression, b[3].expression)
+    pooled = PooledDataset([make_dataset(c, c.case_ids, prep) for c in cohorts.values()])
+    assert len(pooled) == 40
+    assert pooled[24].case_id == cohorts["c1"].case_ids[0]
+    assert pooled.strata().shape == (40,)
+    assert pooled.n_events == sum(int((c.labels["censorship"] == 0).sum()) for c in cohorts.values())
+
+
+def test_preprocessing_is_fitted_on_training_cases_only(two_cohorts):
+    _, cohorts, prep = two_cohorts
+    assert prep.expression.count == len(cohorts["c0"])  # the target cohort c1 contributed nothing
+    times = cohorts["c0"].labels["survival_months"]
+    assert prep.bins.edges[0] < times.min() and prep.bins.edges[-1] > times.max()
