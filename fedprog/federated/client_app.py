@@ -1,0 +1,402 @@
+"""The fedprog Flower ClientApp: one hospital answers queries, trains and evaluates through fedprog.engine.
+
+Only model weights and aggregate metrics ever leave the site. Messages carry the resolved run configuration
+(``fedprog.*`` keys of the ``config`` ConfigRecord), the fitted preprocessing (``fedprog-prep``, JSON) and,
+for training, the global weights. A site learns who it is from ``context.node_config``: ``site`` (plus
+optional ``data-root``, ``cohort``, ``role``, ``device``) in deployment, ``partition-id`` in simulation (index
+into the federation's site table). Datasets are cached per process (a warm Ray actor or a long-lived
+``flwr-clientapp``) by site and data signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fedprog import engine
+from fedprog.config import from_run_config, to_run_config
+from fedprog.data import DatasetLayout, Site, SurvivalDataset, build_sites
+from fedprog.data.dataset import expression_frame
+from fedprog.data.transforms import expression_transform_for
+from fedprog.federated.federation import (
+    SiteResolutionError,
+    derived_seed,
+    event_histogram,
+    km_aggregates,
+    resolve_site_name,
+    time_grid,
+)
+from fedprog.pipeline import Preprocessing, build_model, training_groups
+
+log = logging.getLogger(__name__)
+
+CFG_PREFIX = (
+    "fedprog."  # resolved-config keys inside a ConfigRecord (never "privacy.*": privacy mods read those)
+)
+PREP_KEY = "fedprog-prep"  # JSON of Preprocessing.state_dict()
+ACTION_KEY = "fedprog-action"  # query action: "describe" | "fit-stats"
+KM_GRID_KEY = "km-grid"  # evaluate: when present, the site adds aggregate KM curves of its risk groups
+
+#: Every metric key a reply may carry (tests check replies against this allow-list).
+TRAIN_METRICS = ("num-examples", "n-events", "train-loss", "n-steps", "seconds")
+EVAL_METRICS = (
+    "num-examples",
+    "n-events",
+    "c-index",
+    "c-index-ipcw",
+    "ibs",
+    "mean-auc",
+    "logrank-p",
+    "loss",
+    "km-grid",
+    "km-low",
+    "km-high",
+    "km-n-low",
+    "km-n-high",
+    "km-events-low",
+    "km-events-high",
+)
+DESCRIBE_METRICS = ("n-cases", "n-events", "n-train-cases", "strong-dim")
+FIT_METRICS = ("expr-count", "expr-sum", "expr-sumsq", "event-hist")
+
+
+class SiteRefusal(PermissionError):
+    """The site refuses a request that breaks the protocol (e.g. fitting statistics from a held-out site)."""
+
+
+def config_record(cfg: DictConfig, **extra: Any) -> ConfigRecord:
+    """The resolved config as a ConfigRecord (``fedprog.<dotted key>``) plus ``extra`` entries."""
+    flat = {CFG_PREFIX + key: value for key, value in to_run_config(cfg).items()}
+    return ConfigRecord({**flat, **extra})
+
+
+_CONFIGS: dict[str, DictConfig] = {}
+
+
+def config_from_record(record: Mapping[str, Any]) -> DictConfig:
+    """Rebuild the run config from a message's ConfigRecord (cached by content hash)."""
+    flat = {key[len(CFG_PREFIX) :]: value for key, value in record.items() if key.startswith(CFG_PREFIX)}
+    if not flat:
+        raise SiteRefusal("message carries no fedprog configuration (fedprog.* keys)")
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+    if digest not in _CONFIGS:
+        _CONFIGS[digest] = from_run_config(flat)
+    return _CONFIGS[digest]
+
+
+# ------------------------------------------------------------------------------------------ site resolution
+@dataclass
+class SiteHandle:
+    """A resolved site: its layout, loaded cohort and the device to use."""
+
+    site: Site
+    layout: DatasetLayout
+    cohort: Any
+    device: str
+
+
+_SITES: dict[tuple[str, ...], SiteHandle] = {}
+_DATA: dict[tuple[str, ...], tuple[SurvivalDataset | None, SurvivalDataset]] = {}
+
+
+def _data_cfg(cfg: DictConfig, node_config: Mapping[str, Any]) -> dict[str, Any]:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert isinstance(data, dict)
+    if "data-root" in node_config:  # deployment: the hospital's own copy of its data
+        data["root"] = str(node_config["data-root"])
+    return data
+
+
+def resolve_site(cfg: DictConfig, context: Context) -> SiteHandle:
+    """Which site this node is, with its cohort loaded (cached per process).
+
+    Raises
+    ------
+    SiteResolutionError
+        When the node config names no usable site.
+    """
+    node_config = dict(context.node_config)
+    data = _data_cfg(cfg, node_config)
+    fed = OmegaConf.to_container(cfg.federation, resolve=True) if "federation" in cfg else {}
+    heldout = cfg.get("heldout")
+    heldout_list = None if heldout is None else list(heldout)
+    key = (
+        json.dumps(data, sort_keys=True, default=str),
+        json.dumps(fed, sort_keys=True, default=str),
+        json.dumps(heldout_list),
+        json.dumps({k: str(v) for k, v in sorted(node_config.items())}),
+    )
+    if key in _SITES:
+        return _SITES[key]
+    layout = DatasetLayout.load(data)
+    if (
+        "site" in node_config and "cohort" in node_config
+    ):  # deployment: the node config is the source of truth
+        cohort_name = str(node_config["cohort"])
+        from fedprog.data import load_cohort
+
+        cohort = load_cohort(layout, cohort_name)
+        role = str(node_config.get("role", "train"))
+        site = Site(str(node_config["site"]), cohort_name, role, tuple(cohort.labels.index))
+    else:
+        sites = build_sites(layout, fed, heldout_list)
+        name = resolve_site_name(node_config, [s.name for s in sites])
+        matches = [s for s in sites if s.name == name]
+        if not matches:
+            raise SiteResolutionError(
+                f"site {name!r} (node config) is not in the federation {[s.name for s in sites]}"
+            )
+        site = matches[0]
+        if "role" in node_config:
+            site = Site(site.name, site.cohort, str(node_config["role"]), site.case_ids, site.test_ids)
+        cohort = site.load_cohort(layout)
+    device = str(node_config.get("device", cfg.training.get("device", "cpu") if "training" in cfg else "cpu"))
+    handle = SiteHandle(site, layout, cohort, device)
+    _SITES[key] = handle
+    log.info("node %s is site %s (%s, %d cases)", context.node_id, site.name, site.role, len(site.all_ids))
+    return handle
+
+
+def _eval_ids(site: Site) -> tuple[str, ...]:
+    """Cases a site evaluates on: its local test split when it has one, else all its cases."""
+    return site.test_ids if site.test_ids else site.all_ids
+
+
+def site_datasets(
+    cfg: DictConfig, handle: SiteHandle, prep_json: str
+) -> tuple[SurvivalDataset | None, SurvivalDataset]:
+    """(train dataset or None for a held-out site, evaluation dataset), cached by site and data signature."""
+    digest = hashlib.sha256(prep_json.encode()).hexdigest()
+    key = (handle.site.name, str(handle.layout.root), digest, str(cfg.training.get("max_patches")))
+    if key not in _DATA:
+        prep = Preprocessing.from_state_dict(json.loads(prep_json))
+        max_patches = cfg.training.get("max_patches")
+
+        def make(ids: tuple[str, ...]) -> SurvivalDataset:
+            return SurvivalDataset(
+                handle.cohort,
+                list(ids),
+                expression_transform=prep.expression,
+                strong_transform=prep.strong,
+                bins=prep.bins,
+                groups=prep.groups,
+                max_patches=max_patches,
+                seed=int(cfg.seed),
+            )
+
+        train_ds = (
+            make(handle.site.case_ids) if handle.site.role == "train" and handle.site.case_ids else None
+        )
+        _DATA[key] = (train_ds, make(_eval_ids(handle.site)))
+    return _DATA[key]
+
+
+# ------------------------------------------------------------------------------------------ model helpers
+def _model(cfg: DictConfig, data: SurvivalDataset, arrays: ArrayRecord) -> nn.Module:
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), data, loss=str(cfg.training.loss))
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    return model
+
+
+def _train_config(cfg: DictConfig, **overrides: Any) -> engine.TrainConfig:
+    training = OmegaConf.to_container(cfg.training, resolve=True)
+    assert isinstance(training, dict)
+    known = {f for f in engine.TrainConfig.__dataclass_fields__}
+    dropped = sorted(set(training) - known)
+    if dropped:
+        log.debug("training keys not used by the engine's TrainConfig: %s", dropped)
+    return engine.TrainConfig.from_cfg({k: v for k, v in training.items() if k in known}, **overrides)
+
+
+def _strong_dim(handle: SiteHandle) -> int:
+    """Feature width of the strong modality (one bag header for WSI; 1 without a strong modality)."""
+    kind = handle.layout.strong_kind
+    if kind is None:
+        return 1
+    if kind == "wsi":
+        from fedprog.data.bags import bag_shape
+
+        case = next(c for c in handle.site.case_ids if c in handle.cohort.bag_paths)
+        return int(bag_shape(handle.cohort.bag_paths[case][0], case_id=case, cohort=handle.cohort.name)[1])
+    raise SiteRefusal(
+        f"site {handle.site.name}: strong modality {kind!r} needs a TabularTransform, which the federation "
+        "cannot fit from aggregates yet"
+    )
+
+
+# ------------------------------------------------------------------------------------------ handlers
+def handle_query(msg: Message, context: Context) -> Message:
+    """``describe``: site, role, counts; ``fit-stats``: aggregates to fit bins/transform (training sites)."""
+    record = msg.content.config_records["config"]
+    cfg = config_from_record(record)
+    handle = resolve_site(cfg, context)
+    site = handle.site
+    action = str(record.get(ACTION_KEY, "describe"))
+    labels = handle.cohort.labels
+    if action == "describe":
+        ids = list(site.all_ids)
+        n_events = int((labels.loc[ids, "censorship"] == 0).sum())
+        info: dict[str, Any] = {"site": site.name, "role": site.role, "cohort": site.cohort}
+        metrics = {"n-cases": len(ids), "n-events": n_events, "n-train-cases": len(site.case_ids)}
+        if site.role == "train":
+            groups = training_groups(handle.layout, handle.cohort.genes)
+            info["genes"] = [str(g) for g in handle.cohort.genes]
+            info["groups"] = None if groups is None else {"names": groups.names, "genes": groups.genes}
+            info["strong-kind"] = handle.layout.strong_kind or "none"
+            metrics["strong-dim"] = _strong_dim(handle)
+        return Message(
+            RecordDict({"info": ConfigRecord({"json": json.dumps(info)}), "metrics": MetricRecord(metrics)}),
+            reply_to=msg,
+        )
+    if action != "fit-stats":
+        raise SiteRefusal(f"site {site.name}: unknown query action {action!r}")
+    if site.role != "train":
+        raise SiteRefusal(f"site {site.name} is held out: it never contributes to fitting bins or transforms")
+    ids = list(site.case_ids)
+    grid = time_grid(float(cfg.fit.time_grid_max), float(cfg.fit.time_grid_step))
+    hist = event_histogram(
+        labels.loc[ids, "survival_months"].to_numpy(), labels.loc[ids, "censorship"].to_numpy(), grid
+    )
+    metrics: dict[str, Any] = {"event-hist": hist.tolist()}
+    genes_json = record.get("fedprog-genes")
+    reply: dict[str, Any] = {}
+    if genes_json:
+        state = json.loads(str(genes_json))
+        from fedprog.data import GeneGroups
+
+        groups = GeneGroups(list(state["names"]), [list(g) for g in state["genes"]])
+        moments = expression_transform_for(handle.layout).moments(
+            expression_frame(handle.cohort, groups, ids)
+        )
+        metrics.update(
+            {
+                "expr-count": int(moments["count"]),
+                "expr-sum": np.asarray(moments["sum"], dtype=float).tolist(),
+                "expr-sumsq": np.asarray(moments["sumsq"], dtype=float).tolist(),
+            }
+        )
+        transform = expression_transform_for(handle.layout)
+        settings = {
+            "method": transform.method,
+            "clip": transform.clip,
+            "z_clip": transform.z_clip,
+            "min_std": transform.min_std,
+        }
+        reply["info"] = ConfigRecord({"json": json.dumps({"genes": moments["genes"], "transform": settings})})
+    reply["metrics"] = MetricRecord(metrics)
+    return Message(RecordDict(reply), reply_to=msg)
+
+
+def train_arrays(
+    arrays: ArrayRecord, config: ConfigRecord, context: Context
+) -> tuple[ArrayRecord, MetricRecord]:
+    """Train the global model on this site's training cases with the engine; weights and aggregates out."""
+    cfg = config_from_record(config)
+    handle = resolve_site(cfg, context)
+    if handle.site.role != "train":
+        raise SiteRefusal(f"site {handle.site.name} is held out and never trains")
+    train_ds, _ = site_datasets(cfg, handle, str(config[PREP_KEY]))
+    if train_ds is None:
+        raise SiteRefusal(f"site {handle.site.name} has no training cases")
+    server_round = int(config.get("server-round", 0))
+    seed = derived_seed(int(cfg.seed), server_round, handle.site.name)
+    mu = float(config.get("proximal-mu", cfg.training.get("proximal_mu", 0.0)))
+    train_cfg = _train_config(cfg, seed=seed, proximal_mu=mu)
+    train_ds.seed = (
+        seed  # patch sampling depends on (seed, epoch, case): a function of (run seed, round, site)
+    )
+    train_ds.set_epoch(0)
+    model = _model(cfg, train_ds, arrays)
+    anchors = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+    history = engine.train(
+        model,
+        train_ds,
+        train_cfg,
+        global_params=anchors,
+        device=handle.device,
+        progress=False,
+        log_prefix=f"[{handle.site.name} r{server_round}] ",
+    )
+    model.to("cpu")
+    metrics = MetricRecord(
+        {
+            "num-examples": len(train_ds),
+            "n-events": int(train_ds.n_events),
+            "train-loss": float(history.loss),
+            "n-steps": int(history.n_steps),
+            "seconds": float(history.seconds),
+        }
+    )
+    return ArrayRecord(model.state_dict()), metrics
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Flower ``train`` handler: :func:`train_arrays` on the message's weights and config."""
+    arrays, metrics = train_arrays(msg.content["arrays"], msg.content["config"], context)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Flower ``evaluate`` handler: metrics of the global model on this site's evaluation cases."""
+    config = msg.content["config"]
+    cfg = config_from_record(config)
+    handle = resolve_site(cfg, context)
+    _, eval_ds = site_datasets(cfg, handle, str(config[PREP_KEY]))
+    model = _model(cfg, eval_ds, msg.content["arrays"])
+    result = engine.evaluate(
+        model, eval_ds, bins=eval_ds.bins, device=handle.device, loss_cfg=_train_config(cfg)
+    )
+    m = result.metrics
+    metrics: dict[str, Any] = {
+        "num-examples": int(m.get("n", len(eval_ds))),
+        "n-events": int(m.get("n_events", eval_ds.n_events)),
+        "c-index": float(m.get("c_index", float("nan"))),
+        "c-index-ipcw": float(m.get("c_index_ipcw", float("nan"))),
+        "ibs": float(m.get("ibs", float("nan"))),
+        "mean-auc": float(m.get("mean_auc", float("nan"))),
+        "logrank-p": float(m.get("logrank_p", float("nan"))),
+        "loss": float(m.get("loss", float("nan"))),
+    }
+    if KM_GRID_KEY in config:
+        grid = np.asarray(list(config[KM_GRID_KEY]), dtype=float)
+        metrics.update(km_aggregates(result.time, result.censorship, result.risk, grid))
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _build_app() -> ClientApp:
+    mods: list[Any] = []
+    try:
+        from fedprog.federated import privacy
+    except ImportError as error:  # the privacy module is optional (another package)
+        log.debug("privacy module unavailable, ClientApp without privacy mods: %s", error)
+    else:
+        mods = [
+            privacy.secagg_dispatch_mod(privacy.make_secagg_client_app(train_arrays)),
+            privacy.privacy_mod,
+        ]
+    client = ClientApp(mods=mods)
+    client.query()(handle_query)
+    client.train()(handle_train)
+    client.evaluate()(handle_evaluate)
+    return client
+
+
+#: The ClientApp named in pyproject.toml (``fedprog.federated.client_app:app``).
+app = _build_app()
+
+
+def clear_caches() -> None:
+    """Forget cached configs, sites and datasets (tests; a new dataset at the same path)."""
+    _CONFIGS.clear()
+    _SITES.clear()
+    _DATA.clear()

@@ -1,0 +1,255 @@
+"""``fedprog simulate``: run the ServerApp/ClientApp pair in Flower's simulation engine and write the outputs.
+
+``main(cfg)`` prepares the data (the generated default dataset creates itself), writes the resolved config to
+``<out>/config.yaml`` and runs Flower 1.42's in-process simulation runtime with that file as the ServerApp's
+run config (``config-file``): the same apps that ``flwr run .`` starts. ``strategy=local|pooled`` runs the
+baselines of :mod:`fedprog.federated.baselines` instead (no Flower). :func:`write_outputs` writes
+``results.json``, ``rounds.csv``, ``report.md`` with PNG plots, the resolved config and package versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from fedprog.config import to_container
+from fedprog.federated.checkpoint import load_checkpoint
+from fedprog.federated.strategy import BASELINES, FederationError
+from fedprog.report import ReportBuilder, environment_info, plot_rounds, save_run_config, write_json
+
+log = logging.getLogger(__name__)
+
+ROUND_COLUMNS = ["round", "site", "role", "c_index", "n", "n_events", "loss", "c_index_ipcw", "ibs"]
+FLWR_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def prepare(cfg: DictConfig) -> DictConfig:
+    """Resolve the config with absolute paths, generate the default dataset when missing, count the sites."""
+    from fedprog.data import DatasetLayout, build_sites
+
+    if cfg.get("resume"):
+        checkpoint = load_checkpoint(cfg.resume)
+        resume = str(Path(str(cfg.resume)).resolve())
+        cfg = OmegaConf.create(checkpoint.config)
+        cfg.resume = resume
+        return cfg
+    cfg = OmegaConf.create(to_container(cfg))
+    cfg.out = str(Path(str(cfg.out)).resolve())
+    cfg.data.root = str(Path(str(cfg.data.root)).resolve())
+    if cfg.data.get("synth") is not None and cfg.data.get("generate_if_missing", False):
+        from fedprog.data.synth import ensure_generated
+
+        ensure_generated(cfg.data)
+    if cfg.get("audit") and cfg.audit.get("path"):
+        cfg.audit.path = str(Path(str(cfg.audit.path)).resolve())
+    layout = DatasetLayout.load(cfg.data)
+    heldout = cfg.get("heldout")
+    sites = build_sites(layout, cfg.federation, None if heldout is None else list(heldout))
+    cfg.expected_sites = len(sites)
+    return cfg
+
+
+def run_simulation(cfg: DictConfig) -> dict[str, Any]:
+    """Run the federation of ``cfg`` (already :func:`prepare`-d) in Flower's simulation runtime.
+
+    Flower 1.42's public ``run_simulation`` passes no run config, so this calls its ``_run_simulation`` with a
+    ServerApp context whose run config holds ``config-file``; clients get everything through messages.
+    """
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from fedprog.federated.client_app import app as client_app
+    from fedprog.federated.server_app import app as server_app
+
+    for key, value in FLWR_ENV.items():
+        os.environ.setdefault(key, value)
+    out = Path(str(cfg.out))
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = save_run_config(cfg, out)
+    sim = cfg.simulation
+    init_args: dict[str, Any] = {"logging_level": "warning", "log_to_driver": True}
+    if sim.get("ray_num_cpus"):
+        init_args["num_cpus"] = int(sim.ray_num_cpus)
+    backend_config = {
+        "client_resources": {"num_cpus": float(sim.num_cpus), "num_gpus": float(sim.num_gpus)},
+        "init_args": init_args,
+    }
+    context = Context(
+        run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={"config-file": str(config_file)}
+    )
+    _run_simulation(
+        num_supernodes=int(cfg.expected_sites),
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_name="ray",
+        backend_config=backend_config,
+        server_app_context=context,
+    )
+    import json
+
+    return json.loads((out / "results.json").read_text())
+
+
+def main(cfg: DictConfig) -> int:
+    """``fedprog simulate``: federated run (or ``strategy=local|pooled`` baseline); prints a short summary."""
+    if str(cfg.strategy.name) in BASELINES:
+        from fedprog.federated.baselines import run_baseline
+
+        results = run_baseline(prepare(cfg))
+    else:
+        cfg = prepare(cfg)
+        try:
+            results = run_simulation(cfg)
+        except FederationError as error:
+            print(f"fedprog simulate: stopped: {error}")
+            return 1
+    head = results.get("headline", {})
+    print(
+        f"fedprog simulate [{results.get('strategy')}] {results.get('status')}: held-out C-index "
+        f"(event-weighted) {_fmt(head.get('heldout_c_index'))}, "
+        f"training sites {_fmt(head.get('train_c_index'))}"
+        f" -> {results.get('out')}"
+    )
+    return 0 if results.get("status") == "completed" else 1
+
+
+def _fmt(value: Any) -> str:
+    return (
+        "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.3f}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def write_outputs(
+    out: Path,
+    cfg: DictConfig,
+    *,
+    state: Any,
+    sites: Sequence[Mapping[str, Any]],
+    final_arrays: Mapping[str, np.ndarray] | None,
+    status: str,
+    message: str,
+    prep: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write results.json, rounds.csv, report.md (+ PNGs), config.yaml, final weights; return the results."""
+    from fedprog.federated.server_app import role_summary
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = pd.DataFrame(state.rows, columns=[*ROUND_COLUMNS, *_extra_columns(state.rows)])
+    rows.to_csv(out / "rounds.csv", index=False)
+    final_round = int(rows["round"].max()) if len(rows) else 0
+    final = rows[rows["round"] == final_round]
+    final_records = final.to_dict("records")
+    summary = {role: role_summary(final_records, role) for role in ("holdout", "train")}
+    sha = None
+    if final_arrays is not None:
+        np.savez(out / "final_weights.npz", **final_arrays)
+        from fedprog.deploy.audit import sha256_arrays
+
+        sha = sha256_arrays(final_arrays)
+    results: dict[str, Any] = {
+        "command": "simulate",
+        "strategy": str(cfg.strategy.name),
+        "status": status,
+        "message": message,
+        "out": str(out),
+        "seed": int(cfg.seed),
+        "rounds_planned": int(cfg.rounds),
+        "rounds_completed": len(state.rounds),
+        "weighting": str(cfg.get("weighting", "examples")),
+        "headline": {
+            "heldout_c_index": summary["holdout"]["c_index"],
+            "train_c_index": summary["train"]["c_index"],
+            "note": "event-weighted mean over sites of the final round's Harrell C-index",
+        },
+        "summary": summary,
+        "sites": list(sites),
+        "final": final_records,
+        "rounds": state.rounds,
+        "rejections": state.rejections,
+        "km": state.km,
+        "bins": prep.get("bins"),
+        "final_model_sha256": sha,
+        "environment": environment_info(),
+        **(dict(extra) if extra else {}),
+    }
+    write_json(results, out / "results.json")
+    save_run_config(cfg, out)
+    _report(out, cfg, rows, results)
+    return results
+
+
+def _extra_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    extra: list[str] = []
+    for row in rows:
+        extra.extend(k for k in row if k not in ROUND_COLUMNS and k not in extra)
+    return extra
+
+
+def plot_km_aggregate(site: str, km: Mapping[str, Any], path: Path) -> Path:
+    """Plot the aggregate KM curves a site sent (median-split risk groups) with its log-rank p-value."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4.5))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    grid = np.asarray(km["km-grid"], dtype=float)
+    for name, color in (("low", "tab:blue"), ("high", "tab:red")):
+        curve = np.asarray(km[f"km-{name}"], dtype=float)
+        label = f"{name} risk (n={int(km[f'km-n-{name}'])}, events={int(km[f'km-events-{name}'])})"
+        ax.step(grid, curve, where="post", color=color, label=label)
+    p = km.get("logrank-p", math.nan)
+    p_label = f"log-rank p = {p:.3g}" if isinstance(p, float) and math.isfinite(p) else "log-rank p = n/a"
+    ax.set(xlabel="time (months)", ylabel="survival probability", ylim=(0, 1.02), title=f"{site} (held out)")
+    ax.legend(title=p_label, loc="best")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=150, bbox_inches="tight")
+    return path
+
+
+def _report(out: Path, cfg: DictConfig, rows: pd.DataFrame, results: Mapping[str, Any]) -> None:
+    head = results["headline"]
+    report = ReportBuilder(out, f"fedprog simulate: {results['strategy']}")
+    report.section(
+        "Run",
+        f"Status **{results['status']}** after {results['rounds_completed']} of {results['rounds_planned']} "
+        f"round(s){': ' + results['message'] if results['message'] else ''}. "
+        f"Seed {results['seed']}, weighting by "
+        f"{results['weighting']}. Held-out C-index (event-weighted over held-out sites): "
+        f"**{_fmt(head['heldout_c_index'])}**; training sites: {_fmt(head['train_c_index'])}.",
+    )
+    report.table("Sites", pd.DataFrame(results["sites"]))
+    if len(rows):
+        final = rows[rows["round"] == rows["round"].max()]
+        report.table("Final evaluation per site", final.drop(columns=["round"]).reset_index(drop=True))
+        summary = pd.DataFrame([{"role": role, **values} for role, values in results["summary"].items()])
+        report.table("Summary (C-index weighted by events)", summary)
+        if rows["round"].nunique() > 1 or "model" not in rows.columns:
+            figure = plot_rounds(rows, out / "cindex_rounds.png", title="C-index per round per site")
+            report.figure("C-index per round", figure)
+    if results["rejections"]:
+        report.table("Updates left out", pd.DataFrame(results["rejections"]))
+    for site, km in sorted(results["km"].items()):
+        if km.get("km-grid"):
+            figure = plot_km_aggregate(site, km, out / f"km_{site}.png")
+            report.figure(f"Kaplan-Meier of predicted risk groups: {site}", figure)
+    env = results["environment"]
+    report.section("Environment", ", ".join(f"{k} {v}" for k, v in env.items()))
+    report.write()
