@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"fedprog {' '.join(argv[:2])}: unexpected argument(s) {positionals}")
         overrides.append(f"{command.positional}={positionals[0]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler; avoid doubled lines
     cfg = load_config(command.config, overrides)
     module_name, function_name = command.target.split(":")
     function = getattr(importlib.import_module(module_name), function_name)

@@ -276,7 +276,15 @@ def train(
         history.epoch_loss.append(float(np.mean(losses)) if losses else float("nan"))
         message = f"{log_prefix}epoch {epoch + 1}/{n_epochs} loss {history.loss:.4f}"
         if val_data is not None and cfg.select_on != "last" and (epoch + 1) % cfg.eval_every == 0:
-            metrics = evaluate(model, val_data, bins=train_data.bins, device=device).metrics
+            metrics = evaluate(
+                model,
+                val_data,
+                bins=train_data.bins,
+                device=device,
+                train_times=train_data.times,
+                train_censorship=train_data.censorship,
+                loss_cfg=cfg,
+            ).metrics
             history.val_metrics.append(metrics)
             score = metrics["c_index"] if cfg.select_on == "val_c_index" else -metrics["loss"]
             message += f" val c-index {metrics['c_index']:.3f}"
