@@ -31,13 +31,26 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "data_check", "fedprog.data.check:main", "validate a dataset and print its summary", "data.root"
     ),
     ("train",): Command("train", "fedprog.protocol:main", "centralized cross-cancer protocol"),
-    ("simulate",): Command("simulate", "fedprog.federated.simulation:main", "federated simulation (main job)"),
-    ("certs",): Command("certs", "fedprog.deploy.certs:main", "make the consortium CA, server cert, node keys"),
+    ("simulate",): Command(
+        "simulate", "fedprog.federated.simulation:main", "federated simulation (main job)"
+    ),
+    ("certs",): Command(
+        "certs", "fedprog.deploy.certs:main", "make the consortium CA, server cert, node keys"
+    ),
     ("certs", "check"): Command("certs", "fedprog.deploy.certs:check_main", "verify certificates and keys"),
-    ("site", "start"): Command("site", "fedprog.deploy.site:start_main", "check data, start a SuperNode", "config"),
-    ("server", "start"): Command("server", "fedprog.deploy.server:start_main", "start the SuperLink", "config"),
-    ("server", "enrol"): Command("server", "fedprog.deploy.server:enrol_main", "register site keys", "config"),
-    ("server", "run"): Command("server", "fedprog.deploy.server:run_main", "start a run and follow it", "config"),
+    ("site", "start"): Command(
+        "site", "fedprog.deploy.site:start_main", "check data, start a SuperNode", "config"
+    ),
+    ("site", "stop"): Command("site", "fedprog.deploy.site:stop_main", "stop a site's SuperNode", "config"),
+    ("server", "start"): Command(
+        "server", "fedprog.deploy.server:start_main", "start the SuperLink", "config"
+    ),
+    ("server", "enrol"): Command(
+        "server", "fedprog.deploy.server:enrol_main", "register site keys", "config"
+    ),
+    ("server", "run"): Command(
+        "server", "fedprog.deploy.server:run_main", "start a run and follow it", "config"
+    ),
     ("server", "stop"): Command("server", "fedprog.deploy.server:stop_main", "stop the SuperLink", "config"),
     ("audit", "verify"): Command("audit", "fedprog.deploy.audit:verify_main", "verify an audit log", "path"),
 }

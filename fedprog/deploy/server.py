@@ -1,0 +1,516 @@
+"""Coordinating server: ``fedprog server start|enrol|run|stop server/server.yaml`` (``flower-superlink``).
+
+One config file (``server/server.yaml``, merged over the defaults of ``configs/server.yaml``) says where the
+SuperLink listens, which TLS files it uses, where its persistent state database lives, which sites are
+enrolled (name -> OpenSSH public key), the run-config of the run, and where the report goes. Relative paths
+are relative to the working directory (the repository root).
+
+- ``start``: ``flower-superlink`` with TLS, ``--enable-supernode-auth``, ``--database``,
+  ``--disable-runtime-dependency-installation``; PID file ``<state_dir>/superlink.pid``; waits for
+  ``/health``.
+- ``enrol``: ``flwr supernode register <pub> <connection>`` for every enrolled site (idempotent).
+- ``run``: ``flwr run <app_dir> <connection> --run-config <toml> --stream``; follows the run to its end, then
+  lists the report the ServerApp wrote to its ``out`` folder. ``resume=auto`` continues from the newest
+  checkpoint in ``out`` (after a SuperLink restart).
+- ``stop``: stops the SuperLink (and the processes it spawned) by its PID.
+
+Every step is recorded in the audit log (:class:`fedprog.deploy.audit.AuditLog`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedprog.deploy.audit import AuditLog
+from fedprog.deploy.processes import (
+    ManagedProcess,
+    ProcessError,
+    flwr_env,
+    read_pid_file,
+    start_process,
+    stop_process,
+    wait_for_health,
+)
+
+logger = logging.getLogger(__name__)
+
+PID_FILE = "superlink.pid"
+LOG_FILE = "superlink.log"
+RUN_LOG_FILE = "run.log"
+REPORT_FILES = ("results.json", "report.md")
+CHECKPOINT_STATE_GLOB = "checkpoints/round-*/state.json"
+_EXIT_CODE = re.compile(r"Exit Code: (\d+)")
+
+
+class ServerConfigError(ValueError):
+    """The server config is incomplete or names a file that does not exist; the message names the key/file."""
+
+
+class EnrolError(RuntimeError):
+    """``flwr supernode register`` failed for a site; the message names the site and key file."""
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def load_settings(cfg: DictConfig) -> DictConfig:
+    """Merge the server config file ``cfg.config`` over the defaults of ``configs/server.yaml``.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        Composed ``configs/server.yaml``; ``cfg.config`` is the path of the server's config file (or null to
+        use the defaults alone).
+
+    Returns
+    -------
+    DictConfig
+        Resolved settings (``config`` removed).
+    """
+    defaults = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "config"])
+    path = cfg.get("config")
+    if path:
+        path = Path(str(path))
+        if not path.is_file():
+            raise ServerConfigError(f"server config file {path} does not exist")
+        settings = OmegaConf.merge(defaults, OmegaConf.load(path))
+    else:
+        settings = defaults
+    OmegaConf.resolve(settings)
+    for key in ("address", "port", "certs", "database", "flwr_home", "state_dir", "connection"):
+        if OmegaConf.is_missing(settings, key) or settings.get(key) in (None, ""):
+            raise ServerConfigError(f"server config {path or '(defaults)'}: key {key!r} is not set")
+    return settings  # type: ignore[return-value]
+
+
+def _check_files(settings: DictConfig, keys: tuple[str, ...]) -> None:
+    missing = [
+        f"certs.{key}={settings.certs[key]}" for key in keys if not Path(str(settings.certs[key])).is_file()
+    ]
+    if missing:
+        raise ServerConfigError(
+            f"server: TLS file(s) not found: {', '.join(missing)} (make them with `fedprog certs`)"
+        )
+
+
+def superlink_url(settings: DictConfig) -> str:
+    """Return the ``host:port`` SuperNodes and the CLI dial (``public_host`` must be a certificate SAN)."""
+    return f"{settings.public_host}:{int(settings.port)}"
+
+
+def write_connection(settings: DictConfig) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` with one TLS connection to the SuperLink and make it the default.
+
+    Returns
+    -------
+    Path
+        The ``config.toml`` written.
+    """
+    home = Path(str(settings.flwr_home)).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    name = str(settings.connection)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ServerConfigError(f"server: connection name {name!r} must be letters, digits, '-' or '_'")
+    ca = Path(str(settings.certs.ca)).resolve()
+    text = (
+        "# written by fedprog.deploy.server (fedprog server ...)\n"
+        f'[superlink]\ndefault = "{name}"\n\n'
+        f'[superlink.{name}]\naddress = "{superlink_url(settings)}"\nroot-certificates = "{ca}"\n'
+    )
+    path = home / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _env(settings: DictConfig) -> dict[str, str]:
+    return flwr_env(str(settings.flwr_home))
+
+
+def _state_dir(settings: DictConfig) -> Path:
+    path = Path(str(settings.state_dir))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _audit(settings: DictConfig) -> AuditLog | None:
+    return AuditLog(str(settings.audit)) if settings.get("audit") else None
+
+
+def _record(settings: DictConfig, event: str, **fields: Any) -> None:
+    audit = _audit(settings)
+    if audit is not None:
+        audit.append(event, **fields)
+
+
+def _fingerprint(public_key_path: Path) -> str:
+    """SHA-256 of the OpenSSH public key blob (the base64 field), like ``ssh-keygen -l -E sha256``, as hex."""
+    fields = public_key_path.read_text(encoding="utf-8").split()
+    blob = fields[1] if len(fields) > 1 else public_key_path.read_text(encoding="utf-8")
+    return hashlib.sha256(blob.encode("ascii")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- start / stop
+
+
+def superlink_argv(settings: DictConfig) -> list[str]:
+    """Return the ``flower-superlink`` command line for ``settings`` (TLS, node auth, persistent state)."""
+    argv = [
+        "flower-superlink",
+        "--ssl-ca-certfile",
+        str(Path(str(settings.certs.ca)).resolve()),
+        "--ssl-certfile",
+        str(Path(str(settings.certs.cert)).resolve()),
+        "--ssl-keyfile",
+        str(Path(str(settings.certs.key)).resolve()),
+        "--host",
+        str(settings.address),
+        "--port",
+        str(int(settings.port)),
+        "--database",
+        str(Path(str(settings.database)).resolve()),
+        "--disable-runtime-dependency-installation",
+    ]
+    if settings.get("node_auth", True):
+        argv.append("--enable-supernode-auth")
+    argv += [str(arg) for arg in settings.get("extra_args") or []]
+    return argv
+
+
+def start_superlink(settings: DictConfig) -> ManagedProcess:
+    """Start the SuperLink, write its PID file and wait until ``https://<public_host>:<port>/health`` answers.
+
+    Parameters
+    ----------
+    settings : DictConfig
+        From :func:`load_settings`.
+
+    Returns
+    -------
+    ManagedProcess
+        The running SuperLink (stop it with :func:`stop_superlink` or ``fedprog server stop``).
+    """
+    _check_files(settings, ("ca", "cert", "key"))
+    state = _state_dir(settings)
+    Path(str(settings.database)).parent.mkdir(parents=True, exist_ok=True)
+    write_connection(settings)
+    process = start_process(
+        "superlink",
+        superlink_argv(settings),
+        env=_env(settings),
+        log_path=state / LOG_FILE,
+        pid_file=state / PID_FILE,
+    )
+    try:
+        elapsed = wait_for_health(
+            process,
+            f"https://{superlink_url(settings)}/health",
+            ca_file=str(settings.certs.ca),
+            timeout=float(settings.health_timeout_s),
+        )
+    except ProcessError:
+        stop_process(process, timeout=float(settings.stop_timeout_s))
+        raise
+    _record(
+        settings,
+        "superlink_started",
+        pid=process.pid,
+        address=superlink_url(settings),
+        ready_s=round(elapsed, 2),
+    )
+    return process
+
+
+def stop_superlink(settings: DictConfig) -> bool:
+    """Stop the SuperLink recorded in ``<state_dir>/superlink.pid``; return False when none was running."""
+    pid_file = Path(str(settings.state_dir)) / PID_FILE
+    pid = read_pid_file(pid_file)
+    if pid is None:
+        logger.info("no SuperLink running (PID file %s)", pid_file)
+        return False
+    stop_process(pid, timeout=float(settings.stop_timeout_s), name="superlink")
+    pid_file.unlink(missing_ok=True)
+    _record(settings, "superlink_stopped", pid=pid)
+    return True
+
+
+# --------------------------------------------------------------------------------------------- enrol
+
+
+def _flwr(settings: DictConfig, args: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603
+        ["flwr", *args],
+        env=_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def enrol_sites(settings: DictConfig) -> dict[str, str]:
+    """Register every enrolled site's public key with the running SuperLink.
+
+    Returns
+    -------
+    dict[str, str]
+        Site name -> outcome (``"registered"`` or ``"already registered"``).
+    """
+    sites: Mapping[str, Any] = settings.get("sites") or {}
+    if not sites:
+        raise ServerConfigError("server config: no `sites` to enrol (site name -> public key file)")
+    write_connection(settings)
+    outcome: dict[str, str] = {}
+    for site, public_key in sites.items():
+        key_path = Path(str(public_key))
+        if not key_path.is_file():
+            raise EnrolError(f"site {site!r}: public key {key_path} does not exist")
+        result = _flwr(
+            settings,
+            ["supernode", "register", str(key_path.resolve()), str(settings.connection), "--name", str(site)],
+            timeout=float(settings.cli_timeout_s),
+        )
+        text = (result.stdout + result.stderr).strip()
+        if result.returncode == 0:
+            outcome[site] = "registered"
+        elif "already" in text.lower():
+            outcome[site] = "already registered"
+        else:
+            raise EnrolError(
+                f"site {site!r}: `flwr supernode register {key_path}` failed ({result.returncode}): {text}"
+            )
+        logger.info("site %s: %s (%s)", site, outcome[site], key_path)
+        _record(
+            settings,
+            "supernode_enrolled",
+            site=str(site),
+            key_sha256=_fingerprint(key_path),
+            outcome=outcome[site],
+        )
+    return outcome
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def find_resume_point(out: str | Path) -> Path | None:
+    """Return ``out`` when it holds a complete round checkpoint (``checkpoints/round-*/state.json``)."""
+    out = Path(out)
+    return out if any(out.glob(CHECKPOINT_STATE_GLOB)) else None
+
+
+def run_config(settings: DictConfig) -> dict[str, bool | int | float | str]:
+    """Return the run-config overrides for ``flwr run``.
+
+    With ``run.config_name`` set (the fedprog apps), the run's full config is composed here -
+    ``configs/<config_name>.yaml`` + ``run.overrides`` + ``out=<out>`` (+ ``resume=<point>``) -, resolved,
+    saved as ``<state_dir>/run_config.yaml`` and passed as the single key ``run_keys.config_file``; the
+    ServerApp reads it and sends the clients what they need. With ``run.config_name: null`` (any other Flower
+    app) the keys named by ``run_keys.out`` / ``run_keys.resume`` carry the report folder and the resume
+    point. ``run_config`` adds raw keys either way. ``resume: auto`` resumes from ``out`` when it holds a
+    checkpoint.
+    """
+    raw = settings.get("run_config")
+    values: dict[str, Any] = {}
+    if raw is not None:
+        values = dict(OmegaConf.to_container(raw, resolve=True))  # type: ignore[arg-type]
+    keys = settings.run_keys
+    out = str(Path(str(settings.out)).resolve())
+    resume = settings.get("resume")
+    if resume == "auto":
+        point = find_resume_point(out)
+        resume = None if point is None else str(point)
+        logger.info("resume=auto: %s", f"resuming from {resume}" if resume else "no checkpoint, fresh run")
+    resume = str(Path(str(resume)).resolve()) if resume else None
+    if settings.run.get("config_name"):
+        from fedprog.config import load_config, to_container
+
+        overrides = [str(item) for item in settings.run.get("overrides") or []]
+        overrides.append(f"out={out}")
+        if resume:
+            overrides.append(f"resume={resume}")
+        composed = OmegaConf.create(to_container(load_config(str(settings.run.config_name), overrides)))
+        path = _state_dir(settings) / "run_config.yaml"
+        OmegaConf.save(composed, path)
+        values[str(keys.config_file)] = str(path.resolve())
+    else:
+        if keys.get("out"):
+            values[str(keys.out)] = out
+        if resume and keys.get("resume"):
+            values[str(keys.resume)] = resume
+    for key, value in values.items():
+        if value is None or isinstance(value, list | dict):
+            raise ServerConfigError(
+                f"server config: run_config[{key!r}] = {value!r}; Flower run-config values must be "
+                f"bool, int, "
+                f"float or str (use fedprog.config.to_run_config for structured values)"
+            )
+    return values
+
+
+def start_run(settings: DictConfig) -> int:
+    """Submit the run with ``flwr run ... --stream``, follow it to the end and list the report.
+
+    Returns
+    -------
+    int
+        Exit code of ``flwr run`` (0 = the run finished).
+    """
+    write_connection(settings)
+    state = _state_dir(settings)
+    values = run_config(settings)
+    _check_app_keys(Path(str(settings.app_dir)), values)
+    toml_path = state / "run_config.toml"
+    toml_path.write_text(
+        "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in values.items()), encoding="utf-8"
+    )
+    app_dir = Path(str(settings.app_dir)).resolve()
+    argv = ["flwr", "run", str(app_dir), str(settings.connection), "--run-config", str(toml_path), "--stream"]
+    _record(settings, "run_submitted", app_dir=str(app_dir), run_config=values)
+    started = time.monotonic()
+    log_path = state / RUN_LOG_FILE
+    with log_path.open("a", encoding="utf-8") as log:
+        process = subprocess.Popen(  # noqa: S603
+            argv, env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert process.stdout is not None
+        flower_codes: list[
+            int
+        ] = []  # `flwr run --stream` exits 0 even when the ServerApp fails: read its log
+        try:
+            for line in process.stdout:
+                match = _EXIT_CODE.search(line)
+                if match:
+                    flower_codes.append(int(match.group(1)))
+                log.write(line)
+                if settings.get("echo", True):
+                    sys.stdout.write(line)
+            code = process.wait(timeout=float(settings.run_timeout_s))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+            logger.error("flwr run exceeded run_timeout_s=%s and was killed", settings.run_timeout_s)
+    elapsed = time.monotonic() - started
+    if code == 0 and any(flower_codes):
+        code = next(value for value in flower_codes if value)
+        logger.error("the run failed with Flower exit code %d (ServerApp error); see %s", code, log_path)
+    report = collect_report(settings.out)
+    _record(settings, "run_finished", exit_code=code, wall_s=round(elapsed, 1), report=report)
+    if code != 0:
+        logger.error("flwr run exited with %d after %.0f s; see %s", code, elapsed, log_path)
+    return code
+
+
+def _check_app_keys(app_dir: Path, values: Mapping[str, Any]) -> None:
+    """Fail early, naming the key, when a run-config key is not declared in the app's pyproject."""
+    import tomllib
+
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        raise ServerConfigError(f"server config: app_dir={app_dir} has no pyproject.toml (not a Flower app)")
+    declared = (
+        tomllib.loads(pyproject.read_text(encoding="utf-8")).get("tool", {}).get("flwr", {}).get("app", {})
+    )
+    flat = _flatten(declared.get("config", {}))
+    unknown = sorted(set(values) - set(flat))
+    if unknown:
+        raise ServerConfigError(
+            f"run-config key(s) {unknown} are not declared in [tool.flwr.app.config] of {pyproject}; "
+            f"Flower refuses undeclared keys (declared: {sorted(flat)})"
+        )
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        flat.update(_flatten(value, name) if isinstance(value, Mapping) else {name: value})
+    return flat
+
+
+def collect_report(out: str | Path) -> dict[str, str]:
+    """Return ``{file name: sha256}`` of the report files the ServerApp wrote to ``out`` (empty if none)."""
+    out = Path(out)
+    found = {}
+    for name in REPORT_FILES:
+        path = out / name
+        if path.is_file():
+            found[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _guarded(action: str, cfg: DictConfig, function: Any) -> int:
+    try:
+        settings = load_settings(cfg)
+        return int(function(settings) or 0)
+    except (ServerConfigError, EnrolError, ProcessError) as error:
+        print(f"fedprog server {action}: {error}")
+        return 1
+
+
+def start_main(cfg: DictConfig) -> int:
+    """``fedprog server start server/server.yaml``: start the SuperLink in the background, wait for health."""
+
+    def action(settings: DictConfig) -> int:
+        process = start_superlink(settings)
+        print(f"SuperLink running at {superlink_url(settings)} (PID {process.pid}, log {process.log_path})")
+        return 0
+
+    return _guarded("start", cfg, action)
+
+
+def enrol_main(cfg: DictConfig) -> int:
+    """``fedprog server enrol server/server.yaml``: register every site's public key."""
+
+    def action(settings: DictConfig) -> int:
+        for site, outcome in enrol_sites(settings).items():
+            print(f"{site}: {outcome}")
+        return 0
+
+    return _guarded("enrol", cfg, action)
+
+
+def run_main(cfg: DictConfig) -> int:
+    """``fedprog server run server/server.yaml``: start the run, follow it, print where the report is."""
+
+    def action(settings: DictConfig) -> int:
+        code = start_run(settings)
+        report = collect_report(settings.out)
+        if report:
+            print(f"report in {settings.out}: {', '.join(report)}")
+        else:
+            print(f"no report found in {settings.out}")
+        return code
+
+    return _guarded("run", cfg, action)
+
+
+def stop_main(cfg: DictConfig) -> int:
+    """``fedprog server stop server/server.yaml``: stop the SuperLink by its PID."""
+
+    def action(settings: DictConfig) -> int:
+        print("SuperLink stopped" if stop_superlink(settings) else "no SuperLink was running")
+        return 0
+
+    return _guarded("stop", cfg, action)
