@@ -13,22 +13,23 @@ from omegaconf import DictConfig, OmegaConf
 JSON_PREFIX = "json:"
 
 
-def config_dir() -> Path:
-    """Return the folder holding the Hydra configs (packaged copy first, then the source tree)."""
+def _resource_dir(name: str) -> Path:
+    """Return ``<name>/`` packaged inside fedprog (wheel install) or beside the package (source tree)."""
     package = Path(__file__).resolve().parent
-    for candidate in (package / "configs", package.parent / "configs"):
+    for candidate in (package / name, package.parent / name):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"fedprog configs not found next to {package}")
+    raise FileNotFoundError(f"fedprog {name}/ folder not found next to {package}")
+
+
+def config_dir() -> Path:
+    """Return the folder holding the Hydra configs."""
+    return _resource_dir("configs")
 
 
 def sites_dir() -> Path:
     """Return the ``sites/`` folder, whose ``federation/`` sub-folder is the Hydra group of site partitions."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "sites", package.parent / "sites"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"fedprog sites/ folder not found next to {package}")
+    return _resource_dir("sites")
 
 
 def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:

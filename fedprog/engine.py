@@ -161,7 +161,12 @@ def _loader(
     data: SurvivalDataset, batch_size: int, sampler: Sampler[int] | None, num_workers: int = 0
 ) -> DataLoader:
     return DataLoader(
-        data, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collate, num_workers=num_workers
+        data,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=num_workers,
     )
 
 

@@ -30,6 +30,7 @@ from fedprog.data import (
 from fedprog.data.dataset import expression_frame
 from fedprog.data.transforms import expression_transform_for, tabular_transform_for
 from fedprog.models import create_model
+from fedprog.report import to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,11 @@ class Preprocessing:
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict (sent to Flower clients, saved in checkpoints)."""
         return {
-            "groups": None if self.groups is None else {"names": self.groups.names, "genes": self.groups.genes},
-            "expression": None if self.expression is None else _jsonable(self.expression.state_dict()),
-            "strong": None if self.strong is None else _jsonable(self.strong.state_dict()),
+            "groups": None
+            if self.groups is None
+            else {"names": self.groups.names, "genes": self.groups.genes},
+            "expression": None if self.expression is None else to_jsonable(self.expression.state_dict()),
+            "strong": None if self.strong is None else to_jsonable(self.strong.state_dict()),
             "bins": self.bins.to_dict(),
         }
 
@@ -57,25 +60,15 @@ class Preprocessing:
         """Rebuild from :meth:`state_dict`."""
         groups = state.get("groups")
         return cls(
-            groups=None if groups is None else GeneGroups(list(groups["names"]), [list(g) for g in groups["genes"]]),
+            groups=None
+            if groups is None
+            else GeneGroups(list(groups["names"]), [list(g) for g in groups["genes"]]),
             expression=None
             if state.get("expression") is None
             else ExpressionTransform.from_state_dict(state["expression"]),
             strong=None if state.get("strong") is None else TabularTransform.from_state_dict(state["strong"]),
             bins=SurvivalBins.from_dict(state["bins"]),
         )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def training_groups(layout: DatasetLayout, genes: Sequence[str]) -> GeneGroups | None:

@@ -119,7 +119,9 @@ def run_source(
         record = {**base, "target": name, "split": kind, **{k: result.metrics.get(k) for k in METRICS}}
         record["oracle_c_index"] = oracle_cindex(layout, cohort, result) if cohort else math.nan
         records.append(record)
-        log.info("%s-> %s: c-index %.3f (oracle %.3f)", label, name, record["c_index"], record["oracle_c_index"])
+        log.info(
+            "%s-> %s: c-index %.3f (oracle %.3f)", label, name, record["c_index"], record["oracle_c_index"]
+        )
         if km_dir is not None and kind == "target":
             path = km_dir / f"km_{base['source']}_to_{name}_{base['backbone']}_{base['modules']}.png"
             plot_km(result.time, result.censorship, result.risk, path, f"{base['source']} -> {name}")
@@ -190,4 +192,3 @@ def main(cfg: DictConfig) -> int:
     print(summarize(records).to_string(index=False))
     print(f"\nresults: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.md'}")
     return 0
-

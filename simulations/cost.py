@@ -37,7 +37,9 @@ N_GENES, N_GROUPS = 300, 50
 BAG_SIZES = (512, 4096)
 
 
-def write_dataset(root: Path, n_patients: int, n_patches: int, seed: int = 0, *, linked: bool = False) -> Path:
+def write_dataset(
+    root: Path, n_patients: int, n_patches: int, seed: int = 0, *, linked: bool = False
+) -> Path:
     """A one-cohort fedprog dataset whose bags all have ``n_patches`` x FEATURE_DIM float32 features.
 
     ``linked`` writes one bag and hard-links it for every patient (for memory runs that read a single bag).
@@ -116,7 +118,10 @@ def measure(root: str, mode: str, overrides: list[str]) -> dict:
     started = time.perf_counter()
     train(model, data, train_cfg, device=device, progress=False)
     epoch_seconds = time.perf_counter() - started
-    return {"epoch_seconds_per_100": epoch_seconds * 100 / len(data), "read_share": read_seconds / epoch_seconds}
+    return {
+        "epoch_seconds_per_100": epoch_seconds * 100 / len(data),
+        "read_share": read_seconds / epoch_seconds,
+    }
 
 
 def run_child(root: Path, mode: str, overrides: list[str]) -> dict:

@@ -86,7 +86,9 @@ def test_proximal_term_keeps_weights_near_the_global_model(two_cohorts):
             global_params=anchor,
             progress=False,
         )
-        return sum((p.detach() - a).pow(2).sum().item() for p, a in zip(model.parameters(), anchor, strict=True))
+        return sum(
+            (p.detach() - a).pow(2).sum().item() for p, a in zip(model.parameters(), anchor, strict=True)
+        )
 
     assert drift(5.0) < 0.5 * drift(0.0)
 

@@ -59,7 +59,10 @@ def test_train_command_writes_results_and_report(dataset, tmp_path):
     # 2 sources x 2 seeds x (in-domain + 1 target)
     assert len(records) == 8
     assert {r["modules"] for r in records} == {"SDIR+CADE"}
-    assert {(r["source"], r["target"]) for r in records if r["split"] == "target"} == {("c0", "c1"), ("c1", "c0")}
+    assert {(r["source"], r["target"]) for r in records if r["split"] == "target"} == {
+        ("c0", "c1"),
+        ("c1", "c0"),
+    }
     assert all(0.0 <= r["c_index"] <= 1.0 for r in records)
     report = (run / "report.md").read_text()
     assert "Cross-cancer C-index" in report
@@ -69,8 +72,18 @@ def test_train_command_writes_results_and_report(dataset, tmp_path):
 
 def test_summary_averages_over_seeds():
     records = [
-        {"backbone": "snn", "modules": "none", "source": "a", "target": "b", "split": "target", "seed": s,
-         "c_index": c, "c_index_ipcw": c, "ibs": 0.2, "oracle_c_index": np.nan}
+        {
+            "backbone": "snn",
+            "modules": "none",
+            "source": "a",
+            "target": "b",
+            "split": "target",
+            "seed": s,
+            "c_index": c,
+            "c_index_ipcw": c,
+            "ibs": 0.2,
+            "oracle_c_index": np.nan,
+        }
         for s, c in enumerate([0.6, 0.7])
     ]
     summary = summarize(records)
