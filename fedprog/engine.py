@@ -106,6 +106,7 @@ class TrainHistory:
     n_examples_seen: int = 0
     selected_epoch: int | None = None
     seconds: float = 0.0
+    no_event_batches: int = 0
 
     @property
     def loss(self) -> float:
@@ -267,7 +268,11 @@ def train(
                 batch = next(batches).to(device)
                 with _autocast(device, cfg):
                     outputs = model(batch)
-                loss = survival_loss(outputs.float(), batch, cfg)
+                if cfg.loss == "cox" and bool((batch.censorship > 0).all()):
+                    loss = outputs.float().sum() * 0.0  # no event: no Cox risk set (counted, not warned per batch)
+                    history.no_event_batches += 1
+                else:
+                    loss = survival_loss(outputs.float(), batch, cfg)
                 if anchors is not None and cfg.proximal_mu > 0:
                     loss = loss + cfg.proximal_mu * _proximal_term(model, anchors)
                 (loss / cfg.grad_accum).backward()
@@ -303,6 +308,8 @@ def train(
     else:
         history.selected_epoch = n_epochs
     history.seconds = time.perf_counter() - started
+    if history.no_event_batches:
+        log.info("%s%d training batch(es) had no event: zero Cox loss", log_prefix, history.no_event_batches)
     return history
 
 

@@ -4,7 +4,9 @@ from omegaconf import OmegaConf
 from fedprog.config import JSON_PREFIX, from_run_config, load_config, to_run_config
 
 
-@pytest.mark.parametrize("name", ["synth", "data_check", "train", "simulate", "certs", "site", "server", "audit"])
+@pytest.mark.parametrize(
+    "name", ["synth", "data_check", "train", "simulate", "certs", "site", "server", "audit"]
+)
 def test_every_command_config_composes(name):
     load_config(name)
 

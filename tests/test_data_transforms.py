@@ -94,3 +94,52 @@ def test_tabular_transform() -> None:
     np.testing.assert_array_equal(again.transform(test), out)
     raw = TabularTransform(standardize=False).fit(train[["age"]].fillna(1.0))
     assert raw.transform(pd.DataFrame({"age": [33.0]}))[0, 0] == 33.0
+
+
+def _clinical(seed: int, n: int, with_nan: bool) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    age = rng.normal(55.0 + 5 * seed, 10.0, n)
+    if with_nan:
+        age[1] = np.nan
+    stage = rng.choice(["I", "II", "III"] if seed else ["I", "II"], n).astype(object)
+    stage[0] = np.nan
+    return pd.DataFrame(
+        {"age": age, "stage": stage, "is_female": rng.integers(0, 2, n)},
+        index=[f"s{seed}_{i}" for i in range(n)],
+    )
+
+
+def test_tabular_from_moments_equals_pooled_fit() -> None:
+    sites = [_clinical(0, 25, with_nan=False), _clinical(1, 18, with_nan=True), _clinical(2, 9, False)]
+    template = TabularTransform(categorical=["stage"])
+    moments = [template.moments(df) for df in sites]
+    assert moments[0]["numeric"]["age"]["count"] == 25 and moments[1]["numeric"]["age"]["n_missing"] == 1
+    assert sum(moments[2]["levels"]["stage"].values()) == 9
+    federated = TabularTransform.from_moments(TabularTransform.merge_moments(moments), categorical=["stage"])
+    central = TabularTransform(categorical=["stage"]).fit(pd.concat(sites))
+    assert federated.feature_names == central.feature_names
+    assert "age__missing" in federated.feature_names and "stage=III" in federated.feature_names
+    for col in central.numeric:
+        assert federated.mean[col] == pytest.approx(central.mean[col], rel=1e-12)
+        assert federated.std[col] == pytest.approx(central.std[col], rel=1e-9)
+    target = _clinical(3, 7, with_nan=True)
+    np.testing.assert_allclose(federated.transform(target), central.transform(target), rtol=1e-6, atol=1e-6)
+    again = TabularTransform.from_state_dict(federated.state_dict())
+    np.testing.assert_array_equal(again.transform(target), federated.transform(target))
+
+
+def test_tabular_moments_errors_name_the_column() -> None:
+    template = TabularTransform(categorical=["stage"])
+    good = template.moments(_clinical(0, 5, with_nan=False))
+    other = TabularTransform(categorical=[]).moments(_clinical(0, 5, with_nan=False).drop(columns="stage"))
+    with pytest.raises(GeneMismatchError, match="part 1 has columns"):
+        TabularTransform.merge_moments([good, other])
+    with pytest.raises(GeneMismatchError, match="categorical"):
+        TabularTransform.from_moments(good, categorical=[])
+    with pytest.raises(GeneMismatchError, match=r"\['grade'\] not in the table"):
+        TabularTransform(categorical=["grade"]).moments(_clinical(0, 5, with_nan=False))
+    empty = template.moments(_clinical(0, 5, with_nan=False).assign(age=np.nan))
+    with pytest.raises(InvalidValueError, match="column age has no value"):
+        TabularTransform.from_moments(empty, categorical=["stage"])
+    with pytest.raises(InvalidValueError, match="infinite value in column age"):
+        template.moments(_clinical(0, 5, with_nan=False).assign(age=np.inf))

@@ -146,3 +146,127 @@ def test_config_from_run_config(tmp_path: Path):
     path = tmp_path / "c.yaml"
     path.write_text("rounds: 7\n")
     assert config_from_run_config({"config-file": str(path), "overrides": "rounds=3"}).rounds == 7
+
+
+# ------------------------------------------------------------------ tabular strong modality, no expression
+def _tabular_dataset(root: Path) -> tuple[Path, set[str]]:
+    """Two cohorts with a clinical table only (categorical is_female, NaN ages), a static test split."""
+    import yaml
+    from data_factory import write_cohort
+
+    from fedprog.data.layout import MANIFEST
+
+    write_cohort(root, "c0", n_cases=40, with_bags=False, seed=0)
+    write_cohort(root, "c1", n_cases=30, with_bags=False, seed=1)
+    test_cases: set[str] = set()
+    for cohort in ("c0", "c1"):
+        path = root / cohort / "labels.csv"
+        labels = pd.read_csv(path)
+        cases = list(dict.fromkeys(labels["case_id"]))
+        test = {c for i, c in enumerate(cases) if i % 4 == 1}
+        test_cases |= test
+        labels["split"] = np.where(labels["case_id"].isin(test), "test", "train")
+        labels.loc[labels["case_id"] == cases[2], "age"] = np.nan  # a missing value -> age__missing
+        labels.to_csv(path, index=False)
+    keys = yaml.safe_load((root / MANIFEST).read_text())
+    keys["tables"]["clinical"].update(categorical=["is_female"], missing="keep")
+    keys.update(expression=None, groups=None)
+    keys["tables"].pop("rna")
+    (root / MANIFEST).write_text(yaml.safe_dump(keys, sort_keys=False))
+    return root, test_cases
+
+
+def test_tabular_federation_fits_from_aggregates_and_evaluates_on_test_splits(tmp_path: Path):
+    from fedprog.data import DatasetLayout, TabularTransform, build_sites, load_cohort
+    from fedprog.federated.checkpoint import load_checkpoint
+
+    root, test_cases = _tabular_dataset(tmp_path / "tab")
+    client_app.clear_caches()
+    cfg = prepare(load_config_for_tabular(root, tmp_path / "out", "model=linear_cox", "training.loss=cox"))
+    results = run_federation(DirectGrid(int(cfg.expected_sites)), cfg)
+    assert results["status"] == "completed"
+
+    layout = DatasetLayout.load(cfg.data)
+    sites = {s.name: s for s in build_sites(layout, cfg.federation, ["c1-C3"])}
+    rounds = pd.read_csv(tmp_path / "out" / "rounds.csv")
+    final = rounds[rounds["round"] == 2].set_index("site")
+    assert set(final.index) == set(sites)
+    for name, site in sites.items():  # every site (held-out too) evaluates on its local test split only
+        assert site.test_ids and set(site.test_ids) <= test_cases
+        assert final.loc[name, "n"] == len(site.test_ids)
+    assert final.loc["c1-C3", "role"] == "holdout"
+
+    cohorts = {c: load_cohort(layout, c) for c in ("c0", "c1")}
+    train_rows = pd.concat(
+        [
+            cohorts[s.cohort].tables["clinical"].loc[list(s.case_ids)]
+            for s in sites.values()
+            if s.role == "train"
+        ]
+    )
+    central = TabularTransform(categorical=["is_female"]).fit(train_rows)  # training split of training sites
+    fitted = TabularTransform.from_state_dict(load_checkpoint(tmp_path / "out").federation["prep"]["strong"])
+    assert (
+        fitted.feature_names == central.feature_names == ["age", "age__missing", "is_female=0", "is_female=1"]
+    )
+    assert fitted.mean["age"] == pytest.approx(central.mean["age"], rel=1e-12)
+    assert fitted.std["age"] == pytest.approx(central.std["age"], rel=1e-9)
+    weights = _weights(tmp_path / "out")
+    assert sum(v.size for v in weights.values()) == len(central.feature_names) + 1  # linear Cox: w, b
+
+
+def test_strong_only_model_on_tabular_data(tmp_path: Path):
+    root, _ = _tabular_dataset(tmp_path / "tab")
+    client_app.clear_caches()
+    cfg = prepare(
+        load_config_for_tabular(
+            root, tmp_path / "out", "model=abmil", "model.dim=8", "model.pool_hidden=8", "model.head_hidden=8"
+        )
+    )
+    results = run_federation(DirectGrid(int(cfg.expected_sites)), cfg)
+    assert results["status"] == "completed" and np.isfinite(results["headline"]["train_c_index"])
+
+
+def load_config_for_tabular(root: Path, out: Path, *overrides: str):
+    from fedprog.config import load_config
+
+    return load_config(
+        "simulate",
+        [
+            "data=folder",
+            f"data.root={root}",
+            f"out={out}",
+            "+federation.split_column=split",
+            "heldout=[c1-C3]",
+            "rounds=2",
+            "training.batch_size=4",
+            "training.grad_accum=1",
+            "training.local_steps=3",
+            "training.balanced_sampling=false",
+            "node_wait_timeout=5",
+            *overrides,
+        ],
+    )
+
+
+# ------------------------------------------------------------------ privacy
+def test_central_dp_reports_epsilon_every_round_and_resumes_the_accountant(data_root: Path, tmp_path: Path):
+    dp = ("privacy=central_dp", "privacy.central_dp.noise_multiplier=0.5", "rounds=2")
+    results, _ = _run(data_root, tmp_path / "full", *dp)
+    epsilons = [r["privacy"]["epsilon"] for r in results["rounds"]]
+    assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1]
+    assert results["privacy"] == {"mode": "central_dp", "epsilon": epsilons[1], "delta": 1e-5}
+    rounds = pd.read_csv(tmp_path / "full" / "rounds.csv")
+    assert rounds.groupby("round")["epsilon"].first().tolist() == pytest.approx(epsilons)
+    report = (tmp_path / "full" / "report.md").read_text()
+    assert "Privacy spent (central_dp" in report and f"epsilon = {epsilons[1]:.3f}" in report
+
+    full = _weights(tmp_path / "full")  # now kill it after round 1 and resume in the same folder
+    shutil.rmtree(tmp_path / "full" / "checkpoints" / "round-0002")
+    client_app.clear_caches()
+    cfg = prepare(tiny_config(data_root, tmp_path / "ignored", f"resume={tmp_path / 'full'}"))
+    resumed = run_federation(DirectGrid(4), cfg)
+    assert resumed["privacy"]["epsilon"] == pytest.approx(epsilons[1], rel=1e-12)
+    again = _weights(tmp_path / "full")
+    for key in full:  # the DP noise stream (entropy-seeded, not the config seed) is checkpointed too
+        np.testing.assert_array_equal(full[key], again[key])

@@ -55,3 +55,38 @@ def test_baselines_write_the_same_outputs(data_root: Path, tmp_path: Path, strat
     results = json.loads((out / "results.json").read_text())
     assert np.isfinite(results["headline"]["heldout_c_index"])
     assert (out / "report.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_secagg_through_the_server_app_matches_plain_fedavg(data_root: Path, tmp_path: Path):
+    """privacy=secagg in Flower's simulation runtime: training sites only, every site evaluates, and the
+    global model equals plain FedAvg's (same client seeds) within SecAgg+'s quantisation error."""
+    from fed_helpers import DirectGrid
+
+    from fedprog.federated import client_app
+    from fedprog.federated.server_app import run_federation
+
+    secagg = (
+        "privacy=secagg",
+        "privacy.secagg.max_weight=100.0",  # tight bound on num-examples: finer weights
+        "privacy.secagg.quantization_range=268435456",  # 2**28 levels (3 sites sum below the 2**32 modulus)
+    )
+    out = tmp_path / "secagg"
+    assert simulation.main(tiny_config(data_root, out, "training.lr=5e-3", *secagg)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "completed" and results["privacy"] == {"mode": "secagg"}
+    assert [r["accepted"] for r in results["rounds"]] == [["c0-A1", "c0-A2", "c1-B2"]] * 2  # not c1-B1
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert sorted(rounds["round"].unique()) == [1, 2] and "c1-B1" in set(rounds["site"])
+    assert (out / "checkpoints" / "round-0002" / "state.json").is_file()
+
+    client_app.clear_caches()
+    plain = tmp_path / "plain"
+    run_federation(DirectGrid(4), simulation.prepare(tiny_config(data_root, plain, "training.lr=5e-3")))
+    with np.load(out / "final_weights.npz") as a, np.load(plain / "final_weights.npz") as b:
+        with np.load(plain / "checkpoints" / "round-0000" / "weights.npz") as init:
+            diff = max(float(np.abs(a[k].astype(float) - b[k].astype(float)).max()) for k in b.files)
+            moved = max(float(np.abs(b[k].astype(float) - init[k].astype(float)).max()) for k in b.files)
+    # per round: 3 sites * 2 * clipping_range / quantization_range / sum(num-examples / max_weight) ~ 4e-7
+    assert diff < 1e-5 and moved > 100 * diff

@@ -21,6 +21,7 @@ Expression methods
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -290,6 +291,144 @@ class TabularTransform:
         for col in self.categorical:
             self.levels[col] = sorted(set(self._levels(df[col])))
         return self
+
+    # ------------------------------------------------------------------ federated fitting
+    def moments(self, df: pd.DataFrame) -> dict[str, Any]:
+        """Aggregate statistics of TRAINING rows, summable across sites (never a patient row).
+
+        What :meth:`fit` needs, as sums: per numeric column the count, sum and sum of squares of the observed
+        values and the number of missing values; per categorical column the count of each level.
+
+        Parameters
+        ----------
+        df : DataFrame, shape = (n_cases, n_columns)
+            The site's training rows of the table, indexed by case_id.
+
+        Returns
+        -------
+        dict
+            JSON-compatible: ``n_rows`` (int), ``columns`` (list of str, table order), ``numeric``
+            (``{column: {"count", "sum", "sumsq", "n_missing"}}``) and ``levels`` (``{column: {level:
+            count}}``, NaN counted as ``<missing>``). Combine sites with :meth:`merge_moments`, fit with
+            :meth:`from_moments`.
+        """
+        columns = [str(c) for c in df.columns]
+        stray = [c for c in self.categorical if c not in columns]
+        if stray:
+            raise GeneMismatchError(f"TabularTransform: categorical column(s) {stray} not in the table")
+        numeric: dict[str, dict[str, float | int]] = {}
+        for col in (c for c in columns if c not in self.categorical):
+            values = pd.to_numeric(df[col], errors="raise").to_numpy(dtype=np.float64)
+            if np.isinf(values).any():
+                raise InvalidValueError(f"TabularTransform: infinite value in column {col}")
+            observed = values[~np.isnan(values)]
+            numeric[col] = {
+                "count": int(observed.size),
+                "sum": float(observed.sum()),
+                "sumsq": float(np.square(observed).sum()),
+                "n_missing": int(values.size - observed.size),
+            }
+        levels = {
+            col: {str(k): int(v) for k, v in self._levels(df[col]).value_counts(sort=False).items()}
+            for col in self.categorical
+        }
+        return {"n_rows": int(len(df)), "columns": columns, "numeric": numeric, "levels": levels}
+
+    @staticmethod
+    def merge_moments(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Sum the :meth:`moments` of several sites (same columns, same categorical columns).
+
+        Parameters
+        ----------
+        parts : sequence of mappings
+            One :meth:`moments` dict per training site.
+
+        Returns
+        -------
+        dict
+            The pooled moments, in the format of :meth:`moments`.
+
+        Raises
+        ------
+        GeneMismatchError
+            When the sites' tables have different columns or categorical columns.
+        """
+        if not parts:
+            raise InvalidValueError("TabularTransform.merge_moments: no moments to merge")
+        columns = list(parts[0]["columns"])
+        categorical = sorted(parts[0]["levels"])
+        for i, part in enumerate(parts[1:], start=1):
+            if list(part["columns"]) != columns or sorted(part["levels"]) != categorical:
+                raise GeneMismatchError(
+                    f"TabularTransform.merge_moments: part {i} has columns {preview(part['columns'], 5)} "
+                    f"(categorical {sorted(part['levels'])}), part 0 has {preview(columns, 5)} "
+                    f"(categorical {categorical})"
+                )
+        numeric = {
+            col: {
+                key: sum(part["numeric"][col][key] for part in parts)
+                for key in ("count", "sum", "sumsq", "n_missing")
+            }
+            for col in parts[0]["numeric"]
+        }
+        levels: dict[str, dict[str, int]] = {}
+        for col in categorical:
+            counts: dict[str, int] = {}
+            for part in parts:
+                for level, n in part["levels"][col].items():
+                    counts[str(level)] = counts.get(str(level), 0) + int(n)
+            levels[col] = counts
+        n_rows = int(sum(int(part["n_rows"]) for part in parts))
+        return {"n_rows": n_rows, "columns": columns, "numeric": numeric, "levels": levels}
+
+    @classmethod
+    def from_moments(
+        cls,
+        moments: Mapping[str, Any],
+        *,
+        categorical: Sequence[str] = (),
+        standardize: bool = True,
+        min_std: float = DEFAULT_MIN_STD,
+    ) -> TabularTransform:
+        """A fitted transform from pooled :meth:`moments` of the training sites (same result as :meth:`fit`).
+
+        Parameters
+        ----------
+        moments : mapping
+            :meth:`merge_moments` of the training sites (or one site's :meth:`moments`).
+        categorical, standardize, min_std
+            As the constructor; ``categorical`` must name the columns the moments hold levels for.
+
+        Notes
+        -----
+        mean = sum / count and std = sqrt(sumsq / count - mean^2) (population) over the observed values; a
+        column with a missing value at any training site gets a ``<column>__missing`` indicator; the levels
+        of a categorical column are the sorted union of the sites' levels.
+        """
+        transform = cls(categorical, standardize=standardize, min_std=min_std)
+        if sorted(moments["levels"]) != sorted(transform.categorical):
+            raise GeneMismatchError(
+                f"TabularTransform.from_moments: moments hold levels for {sorted(moments['levels'])}, "
+                f"categorical={sorted(transform.categorical)}"
+            )
+        transform.columns = [str(c) for c in moments["columns"]]
+        transform.numeric = [c for c in transform.columns if c not in transform.categorical]
+        for col in transform.numeric:
+            stats = moments["numeric"][col]
+            count = int(stats["count"])
+            if count == 0:
+                raise InvalidValueError(f"TabularTransform: column {col} has no value in the training data")
+            mean = float(stats["sum"]) / count
+            std = math.sqrt(max(float(stats["sumsq"]) / count - mean * mean, 0.0))
+            transform.mean[col] = mean
+            transform.std[col] = std if std >= transform.min_std else 1.0
+            if int(stats["n_missing"]) > 0:
+                transform.indicators.append(col)
+        transform.levels = {
+            col: sorted(level for level, n in moments["levels"][col].items() if int(n) > 0)
+            for col in transform.categorical
+        }
+        return transform
 
     @staticmethod
     def _levels(series: pd.Series) -> pd.Series:

@@ -27,7 +27,8 @@ from fedprog import engine
 from fedprog.config import from_run_config, to_run_config
 from fedprog.data import DatasetLayout, Site, SurvivalDataset, build_sites
 from fedprog.data.dataset import expression_frame
-from fedprog.data.transforms import expression_transform_for
+from fedprog.data.groups import GeneGroups
+from fedprog.data.transforms import expression_transform_for, tabular_transform_for
 from fedprog.federated.federation import (
     SiteResolutionError,
     derived_seed,
@@ -45,6 +46,7 @@ CFG_PREFIX = (
 )
 PREP_KEY = "fedprog-prep"  # JSON of Preprocessing.state_dict()
 ACTION_KEY = "fedprog-action"  # query action: "describe" | "fit-stats"
+GENES_KEY = "fedprog-genes"  # fit-stats: JSON of the server's gene groups; empty: no expression
 KM_GRID_KEY = "km-grid"  # evaluate: when present, the site adds aggregate KM curves of its risk groups
 
 #: Every metric key a reply may carry (tests check replies against this allow-list).
@@ -218,8 +220,9 @@ def _train_config(cfg: DictConfig, **overrides: Any) -> engine.TrainConfig:
     return engine.TrainConfig.from_cfg({k: v for k, v in training.items() if k in known}, **overrides)
 
 
-def _strong_dim(handle: SiteHandle) -> int:
-    """Feature width of the strong modality (one bag header for WSI; 1 without a strong modality)."""
+def _strong_dim(handle: SiteHandle) -> int | None:
+    """Feature width of the strong modality: one bag header for WSI, 1 without a strong modality, None for a
+    table (its width is the fitted ``TabularTransform.n_features``, known only after the federated fit)."""
     kind = handle.layout.strong_kind
     if kind is None:
         return 1
@@ -228,10 +231,54 @@ def _strong_dim(handle: SiteHandle) -> int:
 
         case = next(c for c in handle.site.case_ids if c in handle.cohort.bag_paths)
         return int(bag_shape(handle.cohort.bag_paths[case][0], case_id=case, cohort=handle.cohort.name)[1])
-    raise SiteRefusal(
-        f"site {handle.site.name}: strong modality {kind!r} needs a TabularTransform, which the federation "
-        "cannot fit from aggregates yet"
+    return None
+
+
+def _fit_stats(cfg: DictConfig, handle: SiteHandle, genes_json: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Aggregates of the site's TRAINING cases for the federated fit: (metrics, info JSON).
+
+    Metrics: the event-time histogram and, with ``genes_json`` (the server's gene groups), the per-gene
+    expression count/sum/sum of squares. Info: the expression genes and transform settings, and for a tabular
+    strong modality the ``TabularTransform.moments`` (per-column counts, sums, sums of squares, missing
+    counts and level counts) with the transform settings. No patient-level value.
+    """
+    ids = list(handle.site.case_ids)
+    labels = handle.cohort.labels
+    grid = time_grid(float(cfg.fit.time_grid_max), float(cfg.fit.time_grid_step))
+    hist = event_histogram(
+        labels.loc[ids, "survival_months"].to_numpy(), labels.loc[ids, "censorship"].to_numpy(), grid
     )
+    metrics: dict[str, Any] = {"event-hist": hist.tolist()}
+    info: dict[str, Any] = {}
+    if genes_json:
+        state = json.loads(genes_json)
+        groups = GeneGroups(list(state["names"]), [list(g) for g in state["genes"]])
+        transform = expression_transform_for(handle.layout)
+        moments = transform.moments(expression_frame(handle.cohort, groups, ids))
+        metrics.update(
+            {
+                "expr-count": int(moments["count"]),
+                "expr-sum": np.asarray(moments["sum"], dtype=float).tolist(),
+                "expr-sumsq": np.asarray(moments["sumsq"], dtype=float).tolist(),
+            }
+        )
+        info["genes"] = moments["genes"]
+        info["transform"] = {
+            "method": transform.method,
+            "clip": transform.clip,
+            "z_clip": transform.z_clip,
+            "min_std": transform.min_std,
+        }
+    tabular = tabular_transform_for(handle.layout)
+    if tabular is not None:
+        table = handle.cohort.tables[str(handle.layout.strong)].loc[ids]
+        info["tabular"] = tabular.moments(table)
+        info["tabular-settings"] = {
+            "categorical": tabular.categorical,
+            "standardize": tabular.standardize,
+            "min_std": tabular.min_std,
+        }
+    return metrics, info
 
 
 # ------------------------------------------------------------------------------------------ handlers
@@ -253,7 +300,9 @@ def handle_query(msg: Message, context: Context) -> Message:
             info["genes"] = [str(g) for g in handle.cohort.genes]
             info["groups"] = None if groups is None else {"names": groups.names, "genes": groups.genes}
             info["strong-kind"] = handle.layout.strong_kind or "none"
-            metrics["strong-dim"] = _strong_dim(handle)
+            strong_dim = _strong_dim(handle)
+            if strong_dim is not None:
+                metrics["strong-dim"] = strong_dim
         return Message(
             RecordDict({"info": ConfigRecord({"json": json.dumps(info)}), "metrics": MetricRecord(metrics)}),
             reply_to=msg,
@@ -262,38 +311,8 @@ def handle_query(msg: Message, context: Context) -> Message:
         raise SiteRefusal(f"site {site.name}: unknown query action {action!r}")
     if site.role != "train":
         raise SiteRefusal(f"site {site.name} is held out: it never contributes to fitting bins or transforms")
-    ids = list(site.case_ids)
-    grid = time_grid(float(cfg.fit.time_grid_max), float(cfg.fit.time_grid_step))
-    hist = event_histogram(
-        labels.loc[ids, "survival_months"].to_numpy(), labels.loc[ids, "censorship"].to_numpy(), grid
-    )
-    metrics: dict[str, Any] = {"event-hist": hist.tolist()}
-    genes_json = record.get("fedprog-genes")
-    reply: dict[str, Any] = {}
-    if genes_json:
-        state = json.loads(str(genes_json))
-        from fedprog.data import GeneGroups
-
-        groups = GeneGroups(list(state["names"]), [list(g) for g in state["genes"]])
-        moments = expression_transform_for(handle.layout).moments(
-            expression_frame(handle.cohort, groups, ids)
-        )
-        metrics.update(
-            {
-                "expr-count": int(moments["count"]),
-                "expr-sum": np.asarray(moments["sum"], dtype=float).tolist(),
-                "expr-sumsq": np.asarray(moments["sumsq"], dtype=float).tolist(),
-            }
-        )
-        transform = expression_transform_for(handle.layout)
-        settings = {
-            "method": transform.method,
-            "clip": transform.clip,
-            "z_clip": transform.z_clip,
-            "min_std": transform.min_std,
-        }
-        reply["info"] = ConfigRecord({"json": json.dumps({"genes": moments["genes"], "transform": settings})})
-    reply["metrics"] = MetricRecord(metrics)
+    metrics, info = _fit_stats(cfg, handle, str(record.get(GENES_KEY) or ""))
+    reply = {"metrics": MetricRecord(metrics), "info": ConfigRecord({"json": json.dumps(info)})}
     return Message(RecordDict(reply), reply_to=msg)
 
 

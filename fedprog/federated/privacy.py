@@ -55,7 +55,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from types import MappingProxyType
 from typing import Any, cast
@@ -727,6 +728,94 @@ def privacy_spent(strategy: Strategy) -> dict[str, float]:
     return {"epsilon": math.nan, "delta": math.nan, "releases": math.nan}
 
 
+class NoiseRng:
+    """A private NumPy RNG stream for the server's DP noise, swapped into ``np.random`` around aggregation.
+
+    Flower's DP wrappers draw their Gaussian noise from NumPy's global RNG. Anything else in the server
+    process (a seeded library, an in-process client) can reset or advance that RNG, which would make the noise
+    predictable from the run's public seed or make a resumed run draw different noise. This stream is seeded
+    from OS entropy (never from the config's seed), is used only inside :meth:`active`, and its state is saved
+    in the checkpoint (server-private), so a resumed run draws exactly the noise the uninterrupted run drew.
+
+    Parameters
+    ----------
+    state : mapping, optional
+        A :meth:`state_dict` to continue; a fresh entropy-seeded stream when None.
+    """
+
+    def __init__(self, state: Mapping[str, Any] | None = None) -> None:
+        if state is None:
+            self._state = np.random.RandomState(np.random.SeedSequence().generate_state(4)).get_state()
+        else:
+            name, keys, pos, has_gauss, cached = state["mt19937"]
+            self._state = (name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Within the block, ``np.random`` draws from this stream; the global state is restored after."""
+        saved = np.random.get_state()
+        np.random.set_state(self._state)
+        try:
+            yield
+        finally:
+            self._state = np.random.get_state()
+            np.random.set_state(saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-compatible state (for the checkpoint; the noise is only as secret as this file)."""
+        name, keys, pos, has_gauss, cached = self._state
+        return {"mt19937": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def privacy_state(strategy: Strategy) -> dict[str, Any]:
+    """JSON-compatible privacy state of a wrapped strategy, for checkpoints (empty without DP).
+
+    Returns
+    -------
+    dict
+        ``accountant`` (the RDP accountant's ``state_dict``: every composed release), ``num_releases`` (local
+        DP) and ``clipping_norm`` (adaptive clipping moves it every round), each only when it applies.
+    """
+    state: dict[str, Any] = {}
+    accountant = getattr(strategy, "privacy_accountant", None)
+    if accountant is not None:
+        state["accountant"] = accountant.state_dict()
+    if isinstance(strategy, LocalDpStrategy):
+        state["num_releases"] = int(strategy.num_releases)
+    if isinstance(strategy, ServerSideAdaptiveClippingDp | ClientSideAdaptiveClippingDp):
+        state["clipping_norm"] = float(strategy.clipping_norm)
+    return state
+
+
+def load_privacy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
+    """Restore what :func:`privacy_state` returned into a strategy wrapped with the same settings.
+
+    Raises
+    ------
+    PrivacyConfigError
+        The checkpoint holds accountant state but the strategy has no accountant (or the reverse), or the
+        accountant configurations differ.
+    """
+    accountant = getattr(strategy, "privacy_accountant", None)
+    if ("accountant" in state) != (accountant is not None):
+        raise PrivacyConfigError(
+            f"{PREFIX}.central_dp.accounting: the checkpoint {'holds' if 'accountant' in state else 'lacks'} "
+            f"privacy-accountant state but the resumed strategy {type(strategy).__name__} "
+            f"{'has none' if accountant is None else 'has one'}"
+        )
+    if accountant is not None:
+        try:
+            accountant.load_state_dict(dict(state["accountant"]))
+        except ValueError as error:
+            raise PrivacyConfigError(
+                f"{PREFIX}.central_dp: cannot restore the accountant: {error}"
+            ) from error
+    if "num_releases" in state and isinstance(strategy, LocalDpStrategy):
+        strategy.num_releases = int(state["num_releases"])
+    if "clipping_norm" in state and hasattr(strategy, "clipping_norm"):
+        strategy.clipping_norm = float(state["clipping_norm"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Client side: mods
 # ----------------------------------------------------------------------------------------------------------
@@ -1059,7 +1148,9 @@ class _SecAggFedAvg(LegacyFedAvg):
         train_nodes: frozenset[int] | None,
         train_config: Mapping[str, Scalar],
         evaluate_fn: EvaluateFn | None,
+        start_round: int = 0,
     ) -> None:
+        self.start_round = int(start_round)
         self.names = list(initial_arrays.keys())
         initial = initial_arrays.to_numpy_ndarrays()
         self.dtypes = [a.dtype for a in initial]
@@ -1083,7 +1174,7 @@ class _SecAggFedAvg(LegacyFedAvg):
     def _fit_config(self, server_round: int) -> dict[str, Scalar]:
         return {
             **self.train_config,
-            KEY_SERVER_ROUND: server_round,
+            KEY_SERVER_ROUND: self.start_round + server_round,
             KEY_ARRAY_NAMES: json.dumps(self.names),
             KEY_SECAGG_CLIPPING_RANGE: self.settings.clipping_range,
             KEY_SECAGG_MAX_WEIGHT: self.settings.max_weight,
@@ -1126,7 +1217,7 @@ class _SecAggFedAvg(LegacyFedAvg):
         self, server_round: int, ndarrays: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[float, dict[str, Scalar]] | None:
         metrics = cast(EvaluateFn, self.user_evaluate_fn)(
-            server_round, _named(ndarrays, self.names, self.dtypes)
+            self.start_round + server_round, _named(ndarrays, self.names, self.dtypes)
         )
         if metrics is None:
             return None
@@ -1143,6 +1234,7 @@ def run_secagg(
     *,
     train_config: Mapping[str, Scalar] | None = None,
     evaluate_fn: EvaluateFn | None = None,
+    start_round: int = 0,
 ) -> ArrayRecord:
     """Run federated averaging with SecAgg+ (Flower's legacy ``DefaultWorkflow`` + ``SecAggPlusWorkflow``).
 
@@ -1172,6 +1264,9 @@ def run_secagg(
     evaluate_fn : callable or None
         ``evaluate_fn(server_round, arrays) -> MetricRecord | None``, called on the global model at round 0
         and after every round, as in ``Strategy.start`` (per-round evaluation, checkpoints, reports).
+    start_round : int
+        Rounds already done (a resumed run): round ``k`` of this call is federation round
+        ``start_round + k`` in the clients' ``server-round`` (their training seeds) and in ``evaluate_fn``.
 
     Returns
     -------
@@ -1202,6 +1297,7 @@ def run_secagg(
         train_nodes=train_nodes,
         train_config=train_config or {},
         evaluate_fn=evaluate_fn,
+        start_round=start_round,
     )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds), strategy=strategy)
     workflow = DefaultWorkflow(

@@ -6,10 +6,17 @@ One ServerApp serves simulation and deployment. Its run config holds ``config-na
     flwr run . --run-config "overrides='rounds=3 strategy=fedprox'"
 
 A run: (1) a ``describe`` query asks every node for its site, role and counts; (2) a ``fit-stats`` query asks
-the TRAINING sites only for aggregates (event-time histogram, expression moments) from which the survival
-bins and the expression transform are fitted; (3) each round the held-out-aware strategy sends the global
-model to training nodes only, screens and aggregates their updates, and every site evaluates the global model
-every ``eval_every`` rounds; (4) a checkpoint is written after every round; (5) outputs go to ``out``.
+the TRAINING sites only for aggregates of their training split (event-time histogram, per-gene expression
+moments, and for a tabular strong modality per-column moments and level counts) from which the survival bins,
+the expression transform and the ``TabularTransform`` are fitted; (3) each round the held-out-aware strategy
+sends the global model to training nodes only, screens and aggregates their updates, and every site evaluates
+the global model every ``eval_every`` rounds on its local test split (``Site.test_ids``; all its cases when it
+has none); (4) a checkpoint is written after every round; (5) outputs go to ``out``.
+
+Privacy (``privacy`` group): ``central_dp`` / ``local_dp`` wrap the strategy (``privacy.wrap_strategy``); the
+spent (epsilon, delta) goes into every round's record, and the accountant state and the DP-noise RNG stream
+into every checkpoint. ``secagg`` runs the training rounds through Flower's legacy SecAgg+ workflow
+(``privacy.run_secagg``, FedAvg/FedProx only) with the same per-round evaluation and checkpoints.
 """
 
 from __future__ import annotations
@@ -19,19 +26,19 @@ import logging
 import math
 import shlex
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog.config import load_config, to_container
-from fedprog.data import ExpressionTransform, GeneGroups, SurvivalBins
+from fedprog.data import CohortError, ExpressionTransform, GeneGroups, SurvivalBins, TabularTransform
 from fedprog.federated.checkpoint import (
     CHECKPOINT_DIR,
     Checkpoint,
@@ -40,7 +47,7 @@ from fedprog.federated.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from fedprog.federated.client_app import ACTION_KEY, KM_GRID_KEY, PREP_KEY, config_record
+from fedprog.federated.client_app import ACTION_KEY, GENES_KEY, KM_GRID_KEY, PREP_KEY, config_record
 from fedprog.federated.federation import (
     FitError,
     SiteInfo,
@@ -61,8 +68,6 @@ from fedprog.models import create_model
 from fedprog.pipeline import Preprocessing, n_outputs_for
 
 log = logging.getLogger(__name__)
-
-GENES_KEY = "fedprog-genes"
 
 
 class _NullAudit:
@@ -173,18 +178,19 @@ def describe_sites(
 def fit_preprocessing(
     grid: Grid, cfg: DictConfig, train_sites: Sequence[SiteInfo], extra: Mapping[str, Mapping[str, Any]]
 ) -> Preprocessing:
-    """Fit groups, expression transform and bins from the training sites' aggregates (never held-out ones)."""
+    """Fit groups, expression/tabular transforms and bins from training-site aggregates (never held-out ones).
+
+    The ``fit-stats`` query returns, per training site: the event-time histogram (bins), per-gene expression
+    count/sum/sum of squares (``ExpressionTransform.from_moments``) when the data have expression, and for a
+    tabular strong modality the per-column moments and level counts (``TabularTransform.from_moments``).
+
+    Raises
+    ------
+    FitError
+        A training site sent nothing, or the sites disagree on transform settings or table columns.
+    """
     names = [s.site for s in train_sites]
-    groups = None
-    first = extra[names[0]]
-    if first.get("groups") is not None:
-        common = set(first["genes"])
-        for name in names[1:]:
-            common &= set(extra[name]["genes"])
-        ordered = [g for g in first["genes"] if g in common]
-        groups = GeneGroups(
-            list(first["groups"]["names"]), [list(g) for g in first["groups"]["genes"]]
-        ).restrict(ordered)
+    groups = _common_groups(names, extra)
     genes_json = json.dumps({"names": groups.names, "genes": groups.genes}) if groups is not None else ""
     record = config_record(cfg, **{ACTION_KEY: "fit-stats", GENES_KEY: genes_json})
     replies = _query(grid, [s.node_id for s in train_sites], record, float(cfg.round_timeout))
@@ -193,12 +199,12 @@ def fit_preprocessing(
         raise FitError(f"training site(s) {missing} sent no fitting statistics; cannot fit the preprocessing")
     grid_edges = time_grid(float(cfg.fit.time_grid_max), float(cfg.fit.time_grid_step))
     hist = np.zeros(len(grid_edges) - 1)
-    moments, settings = [], []
+    moments, tables, infos = [], [], {}
     for site in train_sites:
         metrics = replies[site.node_id].content.metric_records["metrics"]
         hist += np.asarray(metrics["event-hist"], dtype=float)
+        info = infos[site.site] = _info(replies[site.node_id])
         if groups is not None:
-            info = _info(replies[site.node_id])
             moments.append(
                 {
                     "count": metrics["expr-count"],
@@ -207,22 +213,56 @@ def fit_preprocessing(
                     "genes": info["genes"],
                 }
             )
-            settings.append(json.dumps(info["transform"], sort_keys=True))
+        if "tabular" in info:
+            tables.append(info["tabular"])
     bins = SurvivalBins(bin_edges_from_histogram(hist, grid_edges, int(cfg.n_bins)))
     expression = None
     if groups is not None:
-        if len(set(settings)) != 1:
-            raise FitError(
-                f"training sites use different expression-transform settings: {sorted(set(settings))}"
-            )
+        settings = _same_settings(infos, "transform", "expression-transform")
         pooled = pool_moments(moments)
         expression = ExpressionTransform.from_moments(
-            pooled["count"], pooled["sum"], pooled["sumsq"], genes=pooled["genes"], **json.loads(settings[0])
+            pooled["count"], pooled["sum"], pooled["sumsq"], genes=pooled["genes"], **settings
         )
+    strong = None
+    if tables:
+        if len(tables) != len(train_sites):
+            lacking = sorted(name for name, info in infos.items() if "tabular" not in info)
+            raise FitError(f"training site(s) {lacking} sent no tabular moments while others did")
+        settings = _same_settings(infos, "tabular-settings", "tabular-transform")
+        try:
+            strong = TabularTransform.from_moments(TabularTransform.merge_moments(tables), **settings)
+        except CohortError as error:
+            raise FitError(f"training sites {names}: tabular transform: {error}") from error
     log.info(
-        "preprocessing fitted from the aggregates of %d training site(s) %s: %s", len(names), names, bins
+        "preprocessing fitted from the aggregates of %d training site(s) %s: %s%s",
+        len(names),
+        names,
+        bins,
+        "" if strong is None else f", {strong.n_features} tabular features",
     )
-    return Preprocessing(groups=groups, expression=expression, strong=None, bins=bins)
+    return Preprocessing(groups=groups, expression=expression, strong=strong, bins=bins)
+
+
+def _common_groups(names: Sequence[str], extra: Mapping[str, Mapping[str, Any]]) -> GeneGroups | None:
+    """The gene groups restricted to the genes every training site has (None without expression)."""
+    first = extra[names[0]]
+    if first.get("groups") is None:
+        return None
+    common = set(first["genes"])
+    for name in names[1:]:
+        common &= set(extra[name]["genes"])
+    ordered = [g for g in first["genes"] if g in common]
+    return GeneGroups(list(first["groups"]["names"]), [list(g) for g in first["groups"]["genes"]]).restrict(
+        ordered
+    )
+
+
+def _same_settings(infos: Mapping[str, Mapping[str, Any]], key: str, what: str) -> dict[str, Any]:
+    """The transform settings every training site reported under ``key`` (they must agree)."""
+    seen = {site: json.dumps(info.get(key), sort_keys=True) for site, info in infos.items()}
+    if len(set(seen.values())) != 1:
+        raise FitError(f"training sites use different {what} settings: {seen}")
+    return dict(json.loads(next(iter(seen.values()))))
 
 
 def initial_weights(
@@ -274,7 +314,11 @@ def _eval_rows(
 
 
 def role_summary(rows: Sequence[Mapping[str, Any]], role: str) -> dict[str, float]:
-    """Event-weighted mean C-index (and example-weighted loss) over the sites of one role in ``rows``."""
+    """Event-weighted mean C-index (and example-weighted loss) over the sites of one role in ``rows``.
+
+    ``c_index_site_mean`` is the unweighted mean over the sites with a finite C-index (FLamby's benchmark
+    aggregation), reported beside the event-weighted headline for comparison with published numbers.
+    """
     from fedprog.survival.metrics import event_weighted_mean
 
     chosen = [r for r in rows if r["role"] == role]
@@ -283,8 +327,11 @@ def role_summary(rows: Sequence[Mapping[str, Any]], role: str) -> dict[str, floa
     c_values = [r["c_index"] for r in chosen]
     events = [r["n_events"] for r in chosen]
     losses = [(r["loss"], r["n"]) for r in chosen if math.isfinite(r["loss"]) and r["n"] > 0]
+    finite = [float(c) for c in c_values if math.isfinite(c)]
     return {
         "c_index": event_weighted_mean(c_values, events),
+        # FLamby's aggregation (unweighted mean over the sites' local test sets), for comparison only
+        "c_index_site_mean": sum(finite) / len(finite) if finite else math.nan,
         "c_index_ipcw": event_weighted_mean([r["c_index_ipcw"] for r in chosen], events),
         "loss": sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else math.nan,
         "n": int(sum(r["n"] for r in chosen)),
@@ -293,8 +340,12 @@ def role_summary(rows: Sequence[Mapping[str, Any]], role: str) -> dict[str, floa
     }
 
 
-def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
-    """Run the whole federation on ``grid`` and write the outputs to ``cfg.out``; returns the results dict."""
+def run_federation(grid: Grid, cfg: DictConfig, context: Context | None = None) -> dict[str, Any]:
+    """Run the whole federation on ``grid`` and write the outputs to ``cfg.out``; returns the results dict.
+
+    ``context`` is the ServerApp's context; only ``privacy.mode=secagg`` needs it (Flower's legacy
+    workflow keeps its state there), and a fresh one is made when it is None.
+    """
     from fedprog.federated.simulation import write_outputs
 
     checkpoint = load_checkpoint(cfg.resume) if cfg.get("resume") else None
@@ -305,6 +356,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         log.info("resuming from %s after round %d", resume, checkpoint.server_round)
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
+    mode = _privacy_mode(cfg)
     audit = _audit_log(cfg)
     audit.append(
         "run_started",
@@ -312,6 +364,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         rounds=int(cfg.rounds),
         seed=int(cfg.seed),
         resume=str(cfg.get("resume")),
+        privacy=mode,
     )
 
     nodes = _wait_for_nodes(grid, cfg)
@@ -341,9 +394,8 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     else:
         prep = fit_preprocessing(grid, cfg, train_sites, extra)
         first = extra[train_sites[0].site]
-        arrays = initial_weights(
-            cfg, prep, str(first.get("strong-kind") or "none"), int(first.get("strong-dim") or 1)
-        )
+        strong_dim = prep.strong.n_features if prep.strong is not None else int(first.get("strong-dim") or 1)
+        arrays = initial_weights(cfg, prep, str(first.get("strong-kind") or "none"), strong_dim)
         state = RunState()
         start = 0
     prep_json = json.dumps(prep.state_dict())
@@ -352,6 +404,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         bins=prep.bins.to_dict()["edges"],
         fitted_on=[s.site for s in train_sites],
         n_genes=0 if prep.groups is None else len(prep.groups.gene_order),
+        n_tabular_features=0 if prep.strong is None else prep.strong.n_features,
     )
 
     strategy = build_strategy(
@@ -365,8 +418,25 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     if checkpoint is not None:
         inner.load_state_dict(checkpoint.strategy_state)
     strategy = _with_privacy(strategy, cfg, len(train_sites))
+    noise_rng = None
+    if mode in DP_MODES:
+        from fedprog.federated.privacy import NoiseRng, load_privacy_state
+
+        saved = checkpoint.federation.get("privacy", {}) if checkpoint is not None else {}
+        if checkpoint is not None:
+            load_privacy_state(strategy, saved)
+        noise_rng = NoiseRng(saved.get("noise_rng"))
 
     def save(server_round: int) -> None:
+        federation = {
+            "prep": prep.state_dict(),
+            "sites": [s.to_dict() for s in sites],
+            "state": state.__dict__,
+        }
+        if mode in DP_MODES:
+            from fedprog.federated.privacy import privacy_state
+
+            federation["privacy"] = {**privacy_state(strategy), "noise_rng": noise_rng.state_dict()}
         save_checkpoint(
             out / CHECKPOINT_DIR,
             Checkpoint(
@@ -375,11 +445,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
                 strategy_state=inner.state_dict(),
                 rng=capture_rng(),
                 config=to_container(cfg),
-                federation={
-                    "prep": prep.state_dict(),
-                    "sites": [s.to_dict() for s in sites],
-                    "state": state.__dict__,
-                },
+                federation=federation,
             ),
             keep=int(cfg.checkpoint.keep),
         )
@@ -389,7 +455,50 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     rounds = int(cfg.rounds)
     base = {PREP_KEY: prep_json}
     km_grid = np.linspace(0.0, float(cfg.report.km_grid_max), int(cfg.report.km_grid_points)).tolist()
+
+    def finish_round(
+        server_round: int, current: dict[str, np.ndarray], summary: dict[str, Any], started: float
+    ) -> None:
+        """After the aggregate ``current`` of ``server_round``: privacy, evaluation, checkpoint."""
+        nonlocal arrays
+        arrays = current
+        if mode in DP_MODES:
+            from fedprog.federated.privacy import privacy_spent
+
+            spent = privacy_spent(strategy)
+            summary["privacy"] = {"epsilon": spent["epsilon"], "delta": spent["delta"]}
+        last = server_round == rounds
+        if server_round % int(cfg.eval_every) == 0 or last:
+            eval_cfg = config_record(cfg, **base, **({KM_GRID_KEY: km_grid} if last else {}))
+            eval_messages = list(
+                strategy.configure_evaluate(server_round, numpy_to_arrays(arrays), eval_cfg, grid)
+            )
+            eval_replies = list(grid.send_and_receive(eval_messages, timeout=float(cfg.round_timeout)))
+            strategy.aggregate_evaluate(server_round, eval_replies)
+            rows = _eval_rows(server_round, inner.last_eval, roles)
+            for row in rows:
+                row.update({k: v for k, v in summary.get("privacy", {}).items()})
+            state.rows.extend(rows)
+            audit.append("round_evaluated", round=server_round, sites=sorted(inner.last_eval))
+            summary["holdout"] = role_summary(rows, "holdout")
+            summary["train"] = role_summary(rows, "train")
+            if last:
+                state.km = {
+                    site: {k: v for k, v in m.items() if k.startswith("km-") or k == "logrank-p"}
+                    for site, m in inner.last_eval.items()
+                    if roles.get(site) == "holdout" and "km-grid" in m
+                }
+        summary["seconds"] = time.perf_counter() - started
+        state.rounds.append(summary)
+        save(server_round)
+        _progress(summary, rounds)
+
     status, message = "completed", ""
+    if mode == "secagg":
+        arrays = _run_secagg_rounds(
+            grid, context, cfg, arrays, start, train_sites, config_record(cfg, **base), finish_round
+        )
+        start = rounds
     for server_round in range(start + 1, rounds + 1):
         started = time.perf_counter()
         global_sha = _sha(arrays)
@@ -406,7 +515,11 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
                 sites=sorted(inner.train_nodes[m.metadata.dst_node_id] for m in messages),
             )
             replies = list(grid.send_and_receive(messages, timeout=float(cfg.round_timeout)))
-            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            if noise_rng is None:
+                new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            else:
+                with noise_rng.active():  # the DP noise comes from its own checkpointed stream
+                    new_arrays, _ = strategy.aggregate_train(server_round, replies)
         except TooFewSitesError as error:
             status, message = "stopped", str(error)
             _audit_round(audit, inner, server_round)
@@ -424,52 +537,30 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
             {"round": server_round, "site": r.site, "reason": r.reason}
             for r in (report.rejected if report else [])
         )
+        summary: dict[str, Any] = {
+            "round": server_round,
+            "accepted": report.accepted if report else [],
+            "rejected": [r.site for r in report.rejected] if report else [],
+        }
         if new_arrays is None:
-            raise FederationError(f"round {server_round}: aggregation returned no model")
-        arrays = arrays_to_numpy(new_arrays)
+            if mode not in DP_MODES:
+                raise FederationError(f"round {server_round}: aggregation returned no model")
+            log.error(
+                "round %d: the privacy wrapper skipped the aggregate (see above); the global model is kept",
+                server_round,
+            )
+            summary["skipped"] = True
+        else:
+            arrays = arrays_to_numpy(new_arrays)
         audit.append(
             "round_aggregated",
             round=server_round,
             model_sha256=_sha(arrays),
             accepted=report.accepted if report else [],
         )
-        summary: dict[str, Any] = {
-            "round": server_round,
-            "accepted": report.accepted if report else [],
-            "rejected": [r.site for r in report.rejected] if report else [],
-        }
         if report and report.train_metrics:
-            losses = [
-                (m.get("train-loss", math.nan), m.get("num-examples", 0))
-                for m in report.train_metrics.values()
-            ]
-            losses = [(v, n) for v, n in losses if math.isfinite(v) and n > 0]
-            summary["train_loss"] = (
-                sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else math.nan
-            )
-        last = server_round == rounds
-        if server_round % int(cfg.eval_every) == 0 or last:
-            eval_cfg = config_record(cfg, **base, **({KM_GRID_KEY: km_grid} if last else {}))
-            eval_messages = list(
-                strategy.configure_evaluate(server_round, numpy_to_arrays(arrays), eval_cfg, grid)
-            )
-            eval_replies = list(grid.send_and_receive(eval_messages, timeout=float(cfg.round_timeout)))
-            strategy.aggregate_evaluate(server_round, eval_replies)
-            rows = _eval_rows(server_round, inner.last_eval, roles)
-            state.rows.extend(rows)
-            audit.append("round_evaluated", round=server_round, sites=sorted(inner.last_eval))
-            summary["holdout"] = role_summary(rows, "holdout")
-            summary["train"] = role_summary(rows, "train")
-            if last:
-                state.km = {
-                    site: {k: v for k, v in m.items() if k.startswith("km-") or k == "logrank-p"}
-                    for site, m in inner.last_eval.items()
-                    if roles.get(site) == "holdout" and "km-grid" in m
-                }
-        summary["seconds"] = time.perf_counter() - started
-        state.rounds.append(summary)
-        save(server_round)
-        _progress(summary, rounds)
+            summary["train_loss"] = _weighted_train_loss(report.train_metrics.values())
+        finish_round(server_round, arrays, summary, started)
     results = write_outputs(
         out,
         cfg,
@@ -486,17 +577,93 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+#: Privacy modes whose spent (epsilon, delta) is reported every round and checkpointed.
+DP_MODES = ("central_dp", "local_dp")
+
+
+def _privacy_mode(cfg: DictConfig) -> str:
+    return str((cfg.get("privacy") or {}).get("mode", "none"))
+
+
+def _weighted_train_loss(metrics: Any) -> float:
+    """Example-weighted mean of the sites' ``train-loss`` (NaN when none is finite)."""
+    pairs = [(m.get("train-loss", math.nan), m.get("num-examples", 0)) for m in metrics]
+    pairs = [(v, n) for v, n in pairs if math.isfinite(v) and n > 0]
+    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else math.nan
+
+
 def _with_privacy(strategy: Any, cfg: DictConfig, n_train: int) -> Any:
-    mode = str((cfg.get("privacy") or {}).get("mode", "none"))
-    if mode == "none":
+    mode = _privacy_mode(cfg)
+    if mode in ("none", "secagg"):  # secagg: the legacy workflow of _run_secagg_rounds aggregates
         return strategy
-    if mode == "secagg":
-        raise FederationError(
-            "privacy.mode=secagg runs on Flower's legacy path, which this ServerApp does not drive"
-        )
     from fedprog.federated.privacy import wrap_strategy
 
     return wrap_strategy(strategy, cfg.privacy, n_train)
+
+
+#: Strategies whose aggregate SecAgg+ can compute: the example-weighted mean of the site models.
+SECAGG_STRATEGIES = ("fedavg", "fedprox")
+
+
+def _run_secagg_rounds(
+    grid: Grid,
+    context: Context | None,
+    cfg: DictConfig,
+    arrays: dict[str, np.ndarray],
+    start: int,
+    train_sites: Sequence[SiteInfo],
+    train_config: ConfigRecord,
+    finish_round: Callable[[int, dict[str, np.ndarray], dict[str, Any], float], None],
+) -> dict[str, np.ndarray]:
+    """Rounds ``start + 1 .. cfg.rounds`` with SecAgg+ (``privacy.run_secagg``): training sites only.
+
+    The server sees only the masked sum, so per-site update screening (NaN, ``max_update_norm``) cannot run;
+    evaluation, privacy bookkeeping and checkpoints happen in ``finish_round`` after every round, as on the
+    Message-API path. Held-out sites never receive a training message (only their node ids are left out
+    of ``fit_client``) and still evaluate every ``eval_every`` rounds.
+    """
+    from fedprog.federated.privacy import run_secagg
+
+    name = str(cfg.strategy.name)
+    if name not in SECAGG_STRATEGIES:
+        raise FederationError(
+            f"privacy.mode=secagg gives the server only the weighted mean of the site models: use strategy "
+            f"{' or '.join(SECAGG_STRATEGIES)}, not {name!r}"
+        )
+    if str(cfg.weighting) != "examples":
+        raise FederationError(
+            f"privacy.mode=secagg weights sites by num-examples, not weighting={cfg.weighting}"
+        )
+    rounds = int(cfg.rounds)
+    if start >= rounds:
+        return arrays
+    config = dict(train_config)
+    if name == "fedprox":
+        config["proximal-mu"] = float(cfg.strategy.proximal_mu)
+    started = [time.perf_counter()]
+
+    def evaluate_fn(server_round: int, new_arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round <= start:  # the legacy workflow's evaluation of the initial model
+            return None
+        summary = {"round": server_round, "accepted": [s.site for s in train_sites], "rejected": []}
+        finish_round(server_round, arrays_to_numpy(new_arrays), summary, started[0])
+        started[0] = time.perf_counter()
+        return None
+
+    if context is None:
+        context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    final = run_secagg(
+        grid,
+        context,
+        cfg.privacy,
+        numpy_to_arrays(arrays),
+        rounds - start,
+        [s.node_id for s in train_sites],
+        train_config=config,
+        evaluate_fn=evaluate_fn,
+        start_round=start,
+    )
+    return arrays_to_numpy(final)
 
 
 def _audit_round(audit: Any, inner: HeldoutAwareMixin, server_round: int) -> Any:
@@ -547,4 +714,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point: resolve the config from the run config and run the federation."""
     cfg = config_from_run_config(context.run_config)
-    run_federation(grid, cfg)
+    run_federation(grid, cfg, context)

@@ -186,6 +186,7 @@ def write_outputs(
         "km": state.km,
         "bins": prep.get("bins"),
         "final_model_sha256": sha,
+        "privacy": _privacy_summary(cfg, state.rounds),
         "environment": environment_info(),
         **(dict(extra) if extra else {}),
     }
@@ -193,6 +194,27 @@ def write_outputs(
     save_run_config(cfg, out)
     _report(out, cfg, rows, results)
     return results
+
+
+def _privacy_summary(cfg: DictConfig, rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The privacy mode and, with DP, the (epsilon, delta) spent after the last completed round."""
+    mode = str((cfg.get("privacy") or {}).get("mode", "none"))
+    out: dict[str, Any] = {"mode": mode}
+    spent = [r["privacy"] for r in rounds if "privacy" in r]
+    if spent:
+        out.update(epsilon=spent[-1]["epsilon"], delta=spent[-1]["delta"])
+    return out
+
+
+def _privacy_sentence(privacy: Mapping[str, Any]) -> str:
+    if privacy.get("mode", "none") == "none":
+        return ""
+    if "epsilon" not in privacy:
+        return f" Privacy: {privacy['mode']}."
+    return (
+        f" Privacy: {privacy['mode']}, spent epsilon = {_fmt(privacy['epsilon'])} at delta = "
+        f"{privacy['delta']:.3g}."
+    )
 
 
 def _extra_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -233,7 +255,8 @@ def _report(out: Path, cfg: DictConfig, rows: pd.DataFrame, results: Mapping[str
         f"round(s){': ' + results['message'] if results['message'] else ''}. "
         f"Seed {results['seed']}, weighting by "
         f"{results['weighting']}. Held-out C-index (event-weighted over held-out sites): "
-        f"**{_fmt(head['heldout_c_index'])}**; training sites: {_fmt(head['train_c_index'])}.",
+        f"**{_fmt(head['heldout_c_index'])}**; training sites: {_fmt(head['train_c_index'])}."
+        + _privacy_sentence(results["privacy"]),
     )
     report.table("Sites", pd.DataFrame(results["sites"]))
     if len(rows):
@@ -244,6 +267,10 @@ def _report(out: Path, cfg: DictConfig, rows: pd.DataFrame, results: Mapping[str
         if rows["round"].nunique() > 1 or "model" not in rows.columns:
             figure = plot_rounds(rows, out / "cindex_rounds.png", title="C-index per round per site")
             report.figure("C-index per round", figure)
+    spent = [{"round": r["round"], **r["privacy"]} for r in results["rounds"] if "privacy" in r]
+    if spent:
+        title = f"Privacy spent ({results['privacy']['mode']}; NaN: no accountable guarantee)"
+        report.table(title, pd.DataFrame(spent))
     if results["rejections"]:
         report.table("Updates left out", pd.DataFrame(results["rejections"]))
     for site, km in sorted(results["km"].items()):
