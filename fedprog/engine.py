@@ -356,6 +356,8 @@ def evaluate(
     computed is NaN with its reason logged.
     """
     cfg = loss_cfg or TrainConfig()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     case_ids, logits, risk, survival = predict(model, data, device=device, batch_size=cfg.eval_batch_size)
     time_ = np.asarray(data.times, dtype=float)
     censorship = np.asarray(data.censorship, dtype=float)

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from fedprog.config import load_config
 from fedprog.deploy import processes, server, site
@@ -47,8 +51,7 @@ def started() -> Iterator[list[processes.ManagedProcess]]:
     try:
         yield running
     finally:
-        for process in reversed(running):
-            processes.stop_process(process, timeout=3)
+        processes.stop_processes(running, timeout=3)
 
 
 def _site_file(path: Path, **keys: object) -> Path:
@@ -83,6 +86,21 @@ def test_process_group_stopped_by_pid(tmp_path: Path, started: list[processes.Ma
     processes.stop_process(proc, timeout=5)
     assert not processes._group_alive(proc.pid)  # the grandchild `sleep` is gone too
     assert not (tmp_path / "p.pid").exists()
+
+
+def test_stop_processes_stops_all_at_once(tmp_path: Path) -> None:
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    stubborn = [
+        processes.start_process(
+            f"stubborn{i}", [sys.executable, "-c", script], env={}, log_path=tmp_path / "s.log"
+        )
+        for i in range(3)
+    ]
+    time.sleep(0.5)
+    started = time.monotonic()
+    processes.stop_processes(stubborn, timeout=1.0)  # one shared grace period, then SIGKILL
+    assert time.monotonic() - started < 2.5
+    assert not any(processes._group_alive(proc.pid) for proc in stubborn)
 
 
 def test_stale_pid_file_is_ignored(tmp_path: Path) -> None:
@@ -264,340 +282,384 @@ def test_site_missing_data_folder(tmp_path: Path) -> None:
         site.start_site(_site_settings(path))
 
 
-# ------------------------------------------------------------------------------------- loopback deployment
-
-PROBE_PYPROJECT = """
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-[project]
-name = "probeapp"
-version = "0.1.0"
-dependencies = ["numpy"]
-[tool.hatch.build.targets.wheel]
-packages = ["probeapp"]
-[tool.flwr.app]
-publisher = "fedprog-tests"
-[tool.flwr.app.components]
-serverapp = "probeapp.server_app:app"
-clientapp = "probeapp.client_app:app"
-[tool.flwr.app.config]
-rounds = 2
-out = ""
-resume = ""
-min-nodes = 2
-round-sleep = 0.0
-"""
-
-PROBE_CLIENT = '''
-"""Probe ClientApp: returns the weights plus one and its site name (from node-config)."""
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-
-app = ClientApp()
+# --------------------------------------------------------------------------------------------- app staging
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    arrays = [a + 1.0 for a in msg.content["arrays"].to_numpy_ndarrays()]
-    site = str(context.node_config.get("site", "?"))
-    content = {"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": 1}),
-               "site": ConfigRecord({"site": site})}
-    return Message(RecordDict(content), reply_to=msg)
-'''
-
-PROBE_SERVER = '''
-"""Probe ServerApp: rounds of averaging over the nodes; rounds.csv, checkpoints, results.json in out."""
-import json
-import time
-from pathlib import Path
-
-import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid, ServerApp
-
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg = context.run_config
-    out = Path(str(cfg["out"]))
-    out.mkdir(parents=True, exist_ok=True)
-    start, weights = 0, [np.zeros(3)]
-    if cfg.get("resume"):
-        newest = sorted((Path(str(cfg["resume"])) / "checkpoints").glob("round-*/state.json"))[-1]
-        state = json.loads(newest.read_text())
-        start, weights = state["round"], [np.array(state["w"])]
-    deadline = time.time() + 60
-    while len(grid.get_node_ids()) < int(cfg["min-nodes"]) and time.time() < deadline:
-        time.sleep(0.5)
-    for rnd in range(start + 1, int(cfg["rounds"]) + 1):
-        content = RecordDict({"arrays": ArrayRecord(weights)})
-        nodes = grid.get_node_ids()
-        msgs = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in nodes]
-        replies = [r for r in grid.send_and_receive(msgs, timeout=60) if not r.has_error()]
-        weights = [np.mean([r.content["arrays"].to_numpy_ndarrays()[0] for r in replies], axis=0)]
-        with (out / "rounds.csv").open("a") as handle:
-            handle.write("".join(f"{rnd},{r.content['site']['site']}\\n" for r in replies))
-        folder = out / "checkpoints" / f"round-{rnd:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "state.json").write_text(json.dumps({"round": rnd, "w": weights[0].tolist()}))
-        time.sleep(float(cfg["round-sleep"]))
-    (out / "results.json").write_text(json.dumps({"w": weights[0].tolist(), "rounds": int(cfg["rounds"])}))
-'''
-
-
-def _probe_app(root: Path) -> Path:
-    app = root / "probe"
-    (app / "probeapp").mkdir(parents=True)
-    (app / "pyproject.toml").write_text(PROBE_PYPROJECT)
-    (app / "probeapp" / "__init__.py").write_text('"""Probe Flower app for the deployment tests."""\n')
-    (app / "probeapp" / "client_app.py").write_text(textwrap.dedent(PROBE_CLIENT))
-    (app / "probeapp" / "server_app.py").write_text(textwrap.dedent(PROBE_SERVER))
-    return app
-
-
-class Deployment:
-    """A loopback consortium in ``root``: certificates, server and site configs (processes: ``started``)."""
-
-    def __init__(
-        self, root: Path, started: list[processes.ManagedProcess], sites: list[str], **server_keys: object
+def test_stage_app_snapshots_the_repository_app(tmp_path: Path) -> None:
+    """The repository root is the Flower app: the snapshot holds its code and configs, not tests/runs."""
+    summary = server.stage_app(REPO, tmp_path / "app")
+    app = tmp_path / "app"
+    for name in (
+        "fedprog/federated/server_app.py",
+        "fedprog/federated/client_app.py",
+        "configs/simulate.yaml",
     ):
-        self.root, self.started = root, started
+        assert (app / name).is_file(), name
+    assert not (app / "tests").exists() and not (app / "runs").exists() and not (app / ".venv").exists()
+    pyproject = (app / "pyproject.toml").read_text()
+    assert "fab-exclude" not in pyproject and 'serverapp = "fedprog.federated.server_app:app"' in pyproject
+    assert 'config-file = ""' in pyproject and 'overrides = ""' in pyproject
+    assert summary["fab_bytes"] < 2 * 1024 * 1024  # Flower's cap is 10 MB
+    with pytest.raises(server.AppStagingError, match="no pyproject.toml"):
+        server.stage_app(tmp_path / "app" / "configs", tmp_path / "other")
+
+
+def test_stage_app_applies_gitignore_and_fab_rules(tmp_path: Path) -> None:
+    app = tmp_path / "src"
+    for name in ("pkg/a.py", "pkg/data.csv", "skip/b.py", "ignored/c.py", ".hidden/d.py", "notes.txt"):
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_text("x = 1\n")
+    (app / ".gitignore").write_text("ignored/\n")
+    (app / "pyproject.toml").write_text(
+        textwrap.dedent(
+            """
+            [project]
+            name = "stageprobe"
+            version = "0.1.0"
+            description = "staging probe"
+            license = "Apache-2.0"
+            [tool.flwr.app]
+            publisher = "tests"
+            fab-exclude = ["skip/**", "nothing/**", "pkg/*.csv", "notes.txt", ".gitignore"]
+            [tool.flwr.app.components]
+            serverapp = "pkg.a:app"
+            clientapp = "pkg.a:app"
+            """
+        )
+    )
+    summary = server.stage_app(app, tmp_path / "out")
+    staged = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.*"))
+    assert staged == ["pkg/a.py", "pyproject.toml"]
+    assert summary["files"] == 1 and summary["unmatched_patterns"] == ["fab-exclude: nothing/**"]
+
+
+# --------------------------------------------------------------------------------------------- missed rounds
+
+
+def _fake_run(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [(1, "h0", "train"), (1, "h1", "train"), (1, "h2", "holdout"), (2, "h0", "train")]
+    rows += [(2, "h2", "holdout"), (3, "h0", "train"), (3, "h1", "train"), (3, "h2", "holdout")]
+    pd.DataFrame(rows, columns=["round", "site", "role"]).assign(c_index=0.6).to_csv(
+        out / "rounds.csv", index=False
+    )
+    results = {
+        "sites": [
+            {"site": "h0", "role": "train"},
+            {"site": "h1", "role": "train"},
+            {"site": "h2", "role": "holdout"},
+        ],
+        "rounds": [
+            {"round": 1, "accepted": ["h0", "h1"]},
+            {"round": 2, "accepted": ["h0"]},
+            {"round": 3, "accepted": ["h0"]},
+        ],
+    }
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "report.md").write_text("# fedprog simulate\n\n## Run\n\nStatus **completed**.\n")
+
+
+def test_collect_report_marks_missed_rounds(tmp_path: Path) -> None:
+    _fake_run(tmp_path)
+    table = server.missing_rounds(tmp_path).set_index("site")
+    assert table.loc["h1", "missed_eval_rounds"] == "2" and table.loc["h1", "missed_train_rounds"] == "2 3"
+    assert table.loc["h0", "missed_eval_rounds"] == "-" and table.loc["h2", "missed_train_rounds"] == "n/a"
+    hashes = server.collect_report(tmp_path)
+    assert set(hashes) == {"results.json", "report.md", "missing_rounds.csv"}
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# fedprog simulate") and report.count("## Rounds missed per site") == 1
+    assert "| h1 " in report and "2 3" in report
+    server.collect_report(tmp_path)  # idempotent: the section is replaced, not repeated
+    assert (tmp_path / "report.md").read_text() == report
+    assert server.missing_rounds(tmp_path / "none") is None and server.collect_report(tmp_path / "none") == {}
+    own = "# r\n\n## Rounds missed per site\n\n(written by the ServerApp)\n"
+    (tmp_path / "report.md").write_text(own)
+    server.collect_report(tmp_path)  # a report that has the table already is left alone
+    assert (tmp_path / "report.md").read_text() == own
+
+
+# ------------------------------------------------------------------------------------- loopback deployment
+#
+# One consortium per module (certificates, tiny data for three hospitals, a SuperLink with TLS and node
+# authentication, three warm SuperNodes) serves the two slow tests below, in file order: the main run (with
+# intruders and a site that leaves and rejoins), then a SuperLink restart with resume. Every process is
+# stopped by its PID when the module ends, also when a test fails.
+
+SITES = {"h0": ("c0", "train"), "h1": ("c1", "train"), "h2": ("c2", "holdout")}
+CANCERS = [
+    "data.synth.cancers=[c0,c1,c2]",
+    "data.synth.n_patients=[30,30,30]",
+    "data.synth.site_fractions=[1.0]",
+    "data.synth.patches=[4,8]",
+    "data.synth.n_genes=24",
+    "data.synth.n_pathways=4",
+    "data.synth.feature_dim=8",
+    "data.synth.survival.weibull_scale=[60.0,40.0,50.0]",
+    "data.synth.survival.weibull_shape=[1.2,1.0,1.1]",
+    "data.synth.survival.censoring=[0.4,0.5,0.5]",
+]
+TINY_RUN = [
+    "heldout=null",  # the documented way: each site's role comes from its node-config (role='holdout')
+    "expected_sites=3",
+    "node_wait_timeout=120",
+    "model.dim=8",
+    "model.attn_dim=8",
+    "model.head_hidden=8",
+    "training.epochs=1",
+    "training.grad_accum=1",
+    "round_timeout=120",
+]
+POLL_S = 0.05
+
+
+class Consortium:
+    """A loopback consortium in ``root``: certificates, data, server settings; processes go in ``running``."""
+
+    def __init__(self, root: Path, running: list[processes.ManagedProcess]) -> None:
+        self.root, self.running = root, running
         self.certs = root / "certs"
-        make_certificates(self.certs, ["localhost", "127.0.0.1"], [*sites, "rogue"])
+        make_certificates(self.certs, ["localhost", "127.0.0.1"], [*SITES, "rogue"])
+        self.data = root / "data"
+        cfg = load_config("simulate", [f"data.root={self.data}", f"out={root / 'unused'}", *CANCERS])
+        from fedprog.data.synth import ensure_generated
+
+        ensure_generated(cfg.data)
         self.port = processes.free_port()
-        keys: dict[str, object] = {
+        keys = {
             "certs": {
-                "ca": str(self.certs / "ca.crt"),
-                "cert": str(self.certs / "server.crt"),
-                "key": str(self.certs / "server.key"),
+                name: str(self.certs / f)
+                for name, f in (("ca", "ca.crt"), ("cert", "server.crt"), ("key", "server.key"))
             },
             "port": self.port,
             "database": str(root / "srv" / "state.db"),
             "flwr_home": str(root / "srv" / "home"),
             "state_dir": str(root / "srv"),
             "audit": str(root / "srv" / "audit.jsonl"),
-            "out": str(root / "report"),
-            "sites": {name: str(self.certs / f"nodes/{name}.pub") for name in sites},
+            "sites": {name: str(self.certs / f"nodes/{name}.pub") for name in SITES},
+            "app_dir": str(REPO),  # the real repository app (pyproject.toml at the root)
+            "run": {"config_name": "simulate", "overrides": [f"data.root={self.data}", *CANCERS, *TINY_RUN]},
             "echo": False,
+            "stop_timeout_s": 5,  # uvicorn waits for the streaming `flwr run` connection: SIGKILL after 5 s
         }
-        keys.update(server_keys)
         OmegaConf.save(OmegaConf.create(keys), root / "server.yaml")
         self.settings = server.load_settings(load_config("server", [f"config={root / 'server.yaml'}"]))
+        self.ports = {name: processes.free_port() for name in SITES}
 
     def start_link(self) -> processes.ManagedProcess:
         link = server.start_superlink(self.settings)
-        self.started.append(link)
+        self.running.append(link)
         return link
 
     def site(self, name: str, **keys: object) -> object:
+        cohort, role = SITES.get(name, ("c0", "train"))
         base: dict[str, object] = {
             "site": name,
-            "data_root": str(self.root),
-            "cohort": "x",
+            "data_root": str(self.data),
+            "cohort": cohort,
+            "role": role,
             "server": f"127.0.0.1:{self.port}",
             "ca": str(self.certs / "ca.crt"),
             "key": str(self.certs / f"nodes/{name}.key"),
-            "port": processes.free_port(),
+            "port": self.ports.get(name) or processes.free_port(),
             "state_dir": str(self.root / name),
-            "check_data": False,
             "startup_grace_s": 0.5,
-            "process_model": "per_message",
+            "process_model": "warm",
+            "torch_threads": 1,  # three sites share 2 cores
         }
         base.update(keys)
         return _site_settings(_site_file(self.root / f"{name}.yaml", **base))
 
-    def start_site(self, name: str, **keys: object) -> None:
-        self.started.extend(site.start_site(self.site(name, **keys)))
+    def start_site(self, name: str, **keys: object) -> list[processes.ManagedProcess]:
+        started = site.start_site(self.site(name, **keys))
+        self.running.extend(started)
+        return started
 
-    def intruders(self, **keys: object) -> dict[str, processes.ManagedProcess]:
-        """Start SuperNodes with an unregistered key, with no key and without the CA (all must be refused)."""
-        limits = {"max_retries": 1, "max_wait_time": 10, **keys}
-        variants = {
-            "unregistered key": self.site("rogue", **limits),
-            "no key": self.site("nokey", key=None, **limits),
-            "no CA": self.site("noca", ca=None, key=str(self.certs / "nodes/rogue.key"), **limits),
-        }
-        running = {}
-        for label, settings in variants.items():
-            proc = processes.start_process(
-                f"intruder ({label})",
-                site.supernode_argv(settings),
-                env=processes.flwr_env(settings.flwr_home),
-                log_path=self.root / f"intruder-{label.replace(' ', '-')}.log",
-            )
-            self.started.append(proc)
-            running[label] = proc
-        return running
+    def run_settings(self, name: str, *overrides: str, **keys: object) -> DictConfig:
+        """Server settings of one run: report in ``<root>/<name>``, extra Hydra overrides, extra keys."""
+        settings = OmegaConf.create(OmegaConf.to_container(self.settings))
+        settings.out = str(self.root / name)
+        settings.run.overrides = [*settings.run.overrides, *overrides]
+        for key, value in keys.items():
+            settings[key] = value
+        return settings  # type: ignore[return-value]
 
 
-def _assert_refused(intruders: dict[str, processes.ManagedProcess]) -> None:
-    for label, proc in intruders.items():
-        code = processes.wait_for_exit(proc, timeout=30)
-        assert code not in (None, 0), f"{label}: still running or exit 0\n{proc.log_tail()}"
-        assert processes.flower_exit_code(proc.log_path) == site.EXIT_REFUSED, f"{label}:\n{proc.log_tail()}"
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_loopback_probe_app_tls_node_auth(tmp_path: Path, started: list[processes.ManagedProcess]) -> None:
-    """SuperLink (TLS + node auth), a warm and a per-message SuperNode, 2 rounds; a rogue key is refused."""
-    dep = Deployment(
-        tmp_path, started, ["a", "b"], app_dir=str(_probe_app(tmp_path)), run={"config_name": None}
-    )
-    link = dep.start_link()
-    assert server.enrol_sites(dep.settings) == {"a": "registered", "b": "registered"}
-    dep.start_site("a", process_model="warm", warm_preload=["numpy"])
-    dep.start_site("b")
-    with pytest.raises(processes.ProcessError, match=r"supernode-rogue exited .*Flower exit code 305"):
-        site.start_site(dep.site("rogue", max_retries=0, max_wait_time=5, startup_grace_s=20))
-    assert server.start_run(dep.settings) == 0
-    rows = (tmp_path / "report" / "rounds.csv").read_text().split()
-    assert sorted(rows) == ["1,a", "1,b", "2,a", "2,b"]
-    assert json.loads((tmp_path / "report" / "results.json").read_text())["w"] == [2.0, 2.0, 2.0]
-    events = [
-        json.loads(line)["event"] for line in (tmp_path / "srv" / "audit.jsonl").read_text().splitlines()
-    ]
-    assert events[:3] == ["superlink_started", "supernode_enrolled", "supernode_enrolled"]
-    assert events[-1] == "run_finished" and verify(tmp_path / "srv" / "audit.jsonl").ok
-    assert server.collect_report(tmp_path / "report").keys() == {"results.json"}
-    assert server.stop_superlink(dep.settings) is True
-    assert not processes._group_alive(link.pid)
-    assert site.stop_site(dep.site("a")) is True and site.stop_site(dep.site("b")) is True
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_superlink_restart_resumes_from_checkpoint(
-    tmp_path: Path, started: list[processes.ManagedProcess]
-) -> None:
-    """The SuperLink is stopped mid-run and restarted on its database; `resume=auto` continues the run."""
-    import threading
-
-    dep = Deployment(
-        tmp_path,
-        started,
-        ["a", "b"],
-        app_dir=str(_probe_app(tmp_path)),
-        run={"config_name": None},
-        run_config={"rounds": 2, "round-sleep": 1.0},
-        resume="auto",
-    )
-    dep.start_link()
-    server.enrol_sites(dep.settings)
-    dep.start_site("a")
-    dep.start_site("b")
-    codes: list[int] = []
-    first = threading.Thread(target=lambda: codes.append(server.start_run(dep.settings)))
-    first.start()
-    checkpoint = tmp_path / "report" / "checkpoints" / "round-0001" / "state.json"
-    deadline = time.monotonic() + 90
-    while not checkpoint.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert checkpoint.exists(), "round 1 never finished"
-    assert server.stop_superlink(dep.settings)
-    assert not (tmp_path / "report" / "results.json").exists()
-    dep.start_link()  # same database: the keys are still registered, the sites reconnect by themselves
-    assert server.start_run(dep.settings) == 0
-    first.join(timeout=60)
-    print("interrupted run exit codes:", codes)
-    assert len(codes) == 1 and codes[0] != 0  # the interrupted `flwr run` did not report success
-    rounds = [int(row.split(",")[0]) for row in (tmp_path / "report" / "rounds.csv").read_text().split()]
-    assert sorted(rounds) == [1, 1, 2, 2]  # round 1 was not re-done after the restart
-    assert json.loads((tmp_path / "report" / "results.json").read_text())["w"] == [2.0, 2.0, 2.0]
-    config = (tmp_path / "srv" / "run_config.toml").read_text()
-    assert f'"resume" = "{(tmp_path / "report").resolve()}"' in config
-
-
-def _fedprog_app(root: Path) -> Path:
-    """A minimal app folder for `flwr run`: fedprog's components and run-config keys (code: the install)."""
-    app = root / "app"
-    app.mkdir()
-    (app / "pyproject.toml").write_text(
-        textwrap.dedent(
-            """
-            [project]
-            name = "fedprog-deploy-test"
-            version = "0.1.0"
-            description = "fedprog components for the loopback deployment test"
-            license = "Apache-2.0"
-            [tool.flwr.app]
-            publisher = "fedprog"
-            [tool.flwr.app.components]
-            serverapp = "fedprog.federated.server_app:app"
-            clientapp = "fedprog.federated.client_app:app"
-            [tool.flwr.app.config]
-            config-file = ""
-            config-name = "simulate"
-            overrides = ""
-            """
-        )
-    )
-    (app / "README.md").write_text("fedprog deployment test app\n")
-    return app
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_fedprog_deployment_with_intruders(tmp_path: Path, started: list[processes.ManagedProcess]) -> None:
-    """fedprog's ServerApp/ClientApp over TLS + node auth: 2 training sites and 1 held-out site with their own
-    generated data finish 2 rounds and write the report; three intruders are refused meanwhile."""
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
     pytest.importorskip("fedprog.federated.server_app")
-    pytest.importorskip("fedprog.federated.client_app")
-    from fed_helpers import tiny_config
+    running: list[processes.ManagedProcess] = []
+    try:
+        dep = Consortium(tmp_path_factory.mktemp("consortium"), running)
+        dep.start_link()
+        assert server.enrol_sites(dep.settings) == {name: "registered" for name in SITES}
+        for name in SITES:
+            dep.start_site(name)  # data checked first (check_data: true)
+        yield dep
+    finally:
+        processes.stop_processes(running, timeout=5)
 
-    from fedprog.federated import simulation
 
-    cancers = [
-        "data.synth.cancers=[c0,c1,c2]",
-        "data.synth.n_patients=[40,30,30]",
-        "data.synth.survival.weibull_scale=[60.0,40.0,50.0]",
-        "data.synth.survival.weibull_shape=[1.2,1.0,1.1]",
-        "data.synth.survival.censoring=[0.4,0.5,0.5]",
-        "heldout=null",
-    ]
-    data = tmp_path / "data"
-    tiny = tiny_config(data, tmp_path / "unused", *cancers)
-    simulation.prepare(tiny)
-    overrides = [
-        f"data.root={data}",
-        "rounds=2",
-        "node_wait_timeout=60",
-        *cancers,
-        *[
-            f"{key}={OmegaConf.select(tiny, key)}"
-            for key in ("model.dim", "model.attn_dim", "model.head_hidden", "training.grad_accum")
-        ],
-        *[
-            f"data.synth.{key}={OmegaConf.to_container(tiny.data.synth)[key]}".replace(" ", "")
-            for key in ("n_genes", "n_pathways", "feature_dim", "patches", "site_fractions")
-        ],
-    ]
-    sites = {"h0": ("c0", "train"), "h1": ("c1", "train"), "h2": ("c2", "holdout")}
-    dep = Deployment(
-        tmp_path,
-        started,
-        list(sites),
-        app_dir=str(_fedprog_app(tmp_path)),
-        run={"config_name": "simulate", "overrides": overrides},
-    )
-    dep.start_link()
-    server.enrol_sites(dep.settings)
-    for name, (cohort, role) in sites.items():
-        dep.start_site(
-            name, data_root=str(data), cohort=cohort, role=role, check_data=True, process_model="warm"
+def _wait_for(path: Path, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, (
+            f"{what} not reached within {timeout:.0f} s:\n{processes.log_tail(log)}"
         )
-    intruders = dep.intruders()
-    assert server.start_run(dep.settings) == 0, (tmp_path / "srv" / "run.log").read_text()[-4000:]
-    out = tmp_path / "report"
-    for name in ("results.json", "report.md", "rounds.csv", "checkpoints/round-0002/state.json"):
+        time.sleep(POLL_S)
+
+
+def _wait_for_line(path: Path, text: str, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while processes.log_tail(path, lines=10_000).count(text) < count:
+        assert time.monotonic() < deadline, (
+            f"{path}: {text!r} not logged {count}x:\n{processes.log_tail(path)}"
+        )
+        time.sleep(POLL_S)
+
+
+def _start_in_background(function, *args: object) -> tuple[threading.Thread, list[object]]:  # noqa: ANN001
+    outcome: list[object] = []
+
+    def target() -> None:
+        try:
+            outcome.append(function(*args))
+        except Exception as error:  # noqa: BLE001 - handed to the test thread, which asserts on it
+            outcome.append(error)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_deployment_with_intruders_and_a_site_that_leaves(
+    consortium: Consortium, started: list[processes.ManagedProcess]
+) -> None:
+    """The main deployment run over TLS + node authentication, 3 rounds.
+
+    Training sites h0 and h1 and held-out site h2 (role from its node-config, ``heldout=null``) with their own
+    generated data. Meanwhile a SuperNode with an unregistered key, one with no key and one without the CA
+    are refused (Flower exit code 305). h1 is stopped by PID after round 1 and restarted after round 2: the
+    ServerApp goes on without it (``min_train_sites=1``), its rows are missing from rounds.csv for round 2
+    only, and the report's "Rounds missed per site" table marks round 2 (evaluation) and 2-3 (training).
+    """
+    dep = consortium
+    settings = dep.run_settings("run", "rounds=3", "min_train_sites=1")
+    out, run_log = Path(settings.out), dep.root / "srv" / "run.log"
+    limits = {"max_retries": 1, "max_wait_time": 10, "process_model": "per_message", "check_data": False}
+    rogue_settings = dep.site("rogue", startup_grace_s=60, **limits)  # Hydra composes in this thread only
+
+    def rogue_start() -> list[processes.ManagedProcess]:
+        launched = site.start_site(rogue_settings)
+        started.extend(launched)  # not expected: refused before the grace period ends
+        return launched
+
+    rogue, rogue_outcome = _start_in_background(rogue_start)
+    intruders = {
+        "no key": dep.site("nokey", key=None, **limits),
+        "no CA": dep.site("noca", ca=None, key=str(dep.certs / "nodes/rogue.key"), **limits),
+    }
+    for label, intruder in intruders.items():
+        started.append(
+            processes.start_process(
+                f"intruder ({label})",
+                site.supernode_argv(intruder),
+                env=processes.flwr_env(intruder.flwr_home),
+                log_path=dep.root / f"intruder-{label.replace(' ', '-')}.log",
+            )
+        )
+    h1_settings, h1_log = dep.site("h1", check_data=False), dep.root / "h1" / site.SUPERNODE_LOG
+    runner, outcome = _start_in_background(server.start_run, settings)
+
+    _wait_for(out / "checkpoints/round-0001/state.json", 240, "round 1", run_log)
+    assert site.stop_site(h1_settings)  # SIGTERM by PID: the SuperNode leaves the SuperLink gracefully
+    _wait_for(out / "checkpoints/round-0002/state.json", 120, "round 2 without h1", run_log)
+    # Hold round 3 at h0 (a slow hospital) while h1 restarts, so that h1 is back before round 3's evaluation.
+    h0 = processes.read_pid_file(dep.root / "h0" / site.SUPERNODE_PID)
+    assert h0 is not None
+    os.kill(h0, signal.SIGSTOP)
+    try:
+        logged = processes.log_tail(h1_log, 10_000).count("SuperNode ID")
+        dep.running.extend(site.start_site(h1_settings))
+        _wait_for_line(h1_log, "SuperNode ID", logged + 1, 60)
+        _wait_for_line(dep.root / "h1" / site.SUPEREXEC_LOG, "warm SuperExec: preloaded", 2, 90)
+    finally:
+        os.kill(h0, signal.SIGCONT)
+    runner.join(timeout=240)
+    assert outcome == [0], (outcome, processes.log_tail(run_log, 80))
+
+    for name in (
+        "results.json",
+        "report.md",
+        "rounds.csv",
+        "missing_rounds.csv",
+        "checkpoints/round-0003/state.json",
+    ):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
-    assert results["status"] == "completed"
+    assert results["status"] == "completed" and results["rounds_completed"] == 3
+    assert {s["site"]: s["role"] for s in results["sites"]} == {
+        name: role for name, (_, role) in SITES.items()
+    }
+    assert [r["accepted"] for r in results["rounds"]] == [["h0", "h1"], ["h0"], ["h0"]]  # h2 never trains
     rounds = pd.read_csv(out / "rounds.csv")
-    assert set(rounds["site"]) == set(sites)
+    by_site = {name: sorted(rounds.loc[rounds.site == name, "round"]) for name in SITES}
+    assert by_site == {"h0": [1, 2, 3], "h1": [1, 3], "h2": [1, 2, 3]}  # h1: away in round 2, back in 3
     assert set(rounds.loc[rounds.site == "h2", "role"]) == {"holdout"}
-    _assert_refused(intruders)
-    assert verify(tmp_path / "srv" / "audit.jsonl").ok
+    missed = pd.read_csv(out / "missing_rounds.csv", dtype=str).set_index("site")
+    assert missed.loc["h1", "missed_eval_rounds"] == "2" and missed.loc["h1", "missed_train_rounds"] == "2 3"
+    assert set(missed.loc[["h0", "h2"], "missed_eval_rounds"]) == {"-"}
+    report = (out / "report.md").read_text()
+    assert re.search(r"\| h1 +\| train +\| +2 \| +2 3 \|", report), report[-800:]
+
+    rogue.join(timeout=60)
+    assert len(rogue_outcome) == 1 and isinstance(rogue_outcome[0], processes.ProcessError), rogue_outcome
+    assert re.search(r"supernode-rogue exited .*Flower exit code 305", str(rogue_outcome[0]))
+    for proc in started:
+        assert processes.wait_for_exit(proc, timeout=30) not in (None, 0), proc.log_tail()
+        assert processes.flower_exit_code(proc.log_path) == site.EXIT_REFUSED, proc.log_tail()
+
+    audit = dep.root / "srv" / "audit.jsonl"
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [e["event"] for e in events[:4]] == ["superlink_started", *["supernode_enrolled"] * 3]
+    submitted = next(e for e in events if e["event"] == "run_submitted")
+    assert submitted["staged"]["files"] > 10 and submitted["staged"]["fab_bytes"] < 2 * 1024 * 1024
+    assert events[-1]["event"] == "run_finished" and "missing_rounds.csv" in events[-1]["report"]
+    assert verify(audit).ok
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_superlink_restart_resumes_fedprog_run(consortium: Consortium) -> None:
+    """The SuperLink is stopped by PID after round 1 and restarted on its database; `server run` with
+    `resume: auto` continues the fedprog run from its round-1 checkpoint and completes it."""
+    dep = consortium
+    settings = dep.run_settings("restart", "rounds=2", "audit.enabled=true", resume="auto")
+    out = Path(settings.out)
+    run_log = dep.root / "srv" / "run.log"
+    first, outcome = _start_in_background(server.start_run, settings)
+    _wait_for(out / "checkpoints/round-0001/state.json", 240, "round 1", run_log)
+    assert server.stop_superlink(settings)
+    assert not (out / "results.json").exists()
+    dep.start_link()  # same database: keys still registered; the SuperNodes reconnect by themselves
+    assert server.start_run(settings) == 0, processes.log_tail(run_log, 80)
+    first.join(timeout=120)
+    assert len(outcome) == 1 and outcome[0] != 0  # the interrupted `flwr run` did not report success
+
+    composed = OmegaConf.load(dep.root / "srv" / "run_config.yaml")
+    assert composed.resume == str(out.resolve())
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    # The ServerApp's own audit trail: the resumed run started from the checkpoint and only trained round 2.
+    events = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    starts = [i for i, e in enumerate(events) if e["event"] == "run_started"]
+    assert len(starts) == 2 and events[starts[1]]["resume"] == str(out.resolve())
+    assert [e["round"] for e in events[starts[1] :] if e["event"] == "train_sent"] == [2]
+    assert verify(out / "audit.jsonl").ok
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert sorted(zip(rounds["round"], rounds["site"], strict=True)) == [
+        (r, s) for r in (1, 2) for s in sorted(SITES)
+    ]
+    assert (out / "checkpoints/round-0002/state.json").is_file()

@@ -82,6 +82,14 @@ def test_assign_roles_by_site_or_cohort():
         assign_roles(infos + [SiteInfo(3, "c0-A1", "train", "c0", 1, 1)], None)
 
 
+def test_a_site_declaring_itself_held_out_stays_held_out():
+    infos = [SiteInfo(1, "h0", "train", "c0", 10, 3), SiteInfo(2, "h2", "holdout", "c1", 10, 3)]
+    for heldout in (None, [], ["h0"]):
+        roles = {i.site: i.role for i in assign_roles(infos, heldout)}
+        assert roles["h2"] == "holdout"
+    assert {i.site: i.role for i in assign_roles(infos, ["h0"])}["h0"] == "holdout"
+
+
 def test_km_aggregates_are_grid_sized():
     n = 40
     time = RNG.exponential(20, size=n) + 0.1

@@ -228,7 +228,9 @@ def read_pid_file(pid_file: str | Path) -> int | None:
         logger.warning("ignoring unreadable PID file %s", pid_file)
         return None
     command = fields[1] if len(fields) > 1 else ""
-    if is_alive(pid) and (not command or command in _cmdline(pid)):
+    # An empty command line is a process between fork and exec (just started): it is the one recorded.
+    cmdline = _cmdline(pid) if command else ""
+    if is_alive(pid) and (not command or not cmdline.strip() or command in cmdline):
         return pid
     logger.info("removing stale PID file %s (PID %d is not running %s)", pid_file, pid, command or "it")
     pid_file.unlink(missing_ok=True)
@@ -280,6 +282,41 @@ def stop_process(
         managed.pid_file.unlink(missing_ok=True)
     logger.info("stopped %s (PID %d, exit code %s)", label, pid, code)
     return code
+
+
+def stop_processes(
+    running: Sequence[ManagedProcess | int], *, timeout: float = DEFAULT_STOP_TIMEOUT_S
+) -> None:
+    """Stop several processes (and their descendants) at once: SIGTERM to all, one shared wait, then SIGKILL.
+
+    Stopping them one by one costs up to ``timeout`` seconds each; this costs it once (test teardowns, a site
+    with a SuperNode and a SuperExec).
+
+    Parameters
+    ----------
+    running : Sequence[ManagedProcess or int]
+        What :func:`start_process` returned, or PIDs leading their own process group.
+    timeout : float
+        Seconds to wait after SIGTERM before SIGKILL.
+    """
+    managed = [p for p in running if isinstance(p, ManagedProcess)]
+    pids = [p.pid if isinstance(p, ManagedProcess) else int(p) for p in running]
+    targets = [t for pid in pids if is_alive(pid) for t in (pid, *_descendants(pid))]
+    if targets:
+        _signal_all(targets, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _any_alive(targets):
+            for process in managed:
+                if process.popen is not None:
+                    process.popen.poll()
+            time.sleep(DEFAULT_POLL_S / 2)
+        if _any_alive(targets):
+            logger.warning(
+                "%d process(es) did not stop within %.0f s of SIGTERM; sending SIGKILL", len(pids), timeout
+            )
+            _signal_all(targets, signal.SIGKILL)
+    for process in managed:
+        stop_process(process, timeout=timeout)  # reaps the children and removes their PID files
 
 
 def _descendants(pid: int) -> list[int]:

@@ -9,9 +9,12 @@ are relative to the working directory (the repository root).
   ``--disable-runtime-dependency-installation``; PID file ``<state_dir>/superlink.pid``; waits for
   ``/health``.
 - ``enrol``: ``flwr supernode register <pub> <connection>`` for every enrolled site (idempotent).
-- ``run``: ``flwr run <app_dir> <connection> --run-config <toml> --stream``; follows the run to its end, then
-  lists the report the ServerApp wrote to its ``out`` folder. ``resume=auto`` continues from the newest
-  checkpoint in ``out`` (after a SuperLink restart).
+- ``run``: ``flwr run <app> <connection> --run-config <toml> --stream``; follows the run to its end, then
+  lists the report the ServerApp wrote to its ``out`` folder and adds the "rounds missed per site" table
+  (from ``rounds.csv``) to it. ``resume=auto`` continues from the newest checkpoint in ``out`` (after a
+  SuperLink restart). With ``stage_app: true`` (default) the app is first snapshotted to
+  ``<state_dir>/app`` with Flower's FAB file rules (:func:`stage_app`), so ``flwr run`` never walks the
+  repository's ``.venv`` or ``runs/`` and tolerates ``fab-exclude`` patterns that match nothing.
 - ``stop``: stops the SuperLink (and the processes it spawned) by its PID.
 
 Every step is recorded in the audit log (:class:`fedprog.deploy.audit.AuditLog`).
@@ -22,10 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,11 @@ LOG_FILE = "superlink.log"
 RUN_LOG_FILE = "run.log"
 REPORT_FILES = ("results.json", "report.md")
 CHECKPOINT_STATE_GLOB = "checkpoints/round-*/state.json"
+ROUNDS_FILE = "rounds.csv"
+MISSING_ROUNDS_FILE = "missing_rounds.csv"
+STAGED_APP_DIR = "app"
+MISSING_ROUNDS_MARKER = "<!-- fedprog.deploy.server: rounds missed per site -->"
+MISSING_ROUNDS_TITLE = "Rounds missed per site"
 _EXIT_CODE = re.compile(r"Exit Code: (\d+)")
 
 
@@ -261,25 +271,36 @@ def _flwr(settings: DictConfig, args: list[str], *, timeout: float) -> subproces
 def enrol_sites(settings: DictConfig) -> dict[str, str]:
     """Register every enrolled site's public key with the running SuperLink.
 
+    The ``flwr supernode register`` calls run ``enrol_workers`` at a time (each spends ~2 s importing the
+    CLI); their outcomes are checked and audited in the config's site order.
+
     Returns
     -------
     dict[str, str]
         Site name -> outcome (``"registered"`` or ``"already registered"``).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     sites: Mapping[str, Any] = settings.get("sites") or {}
     if not sites:
         raise ServerConfigError("server config: no `sites` to enrol (site name -> public key file)")
-    write_connection(settings)
-    outcome: dict[str, str] = {}
-    for site, public_key in sites.items():
-        key_path = Path(str(public_key))
+    keys = {str(site): Path(str(public_key)) for site, public_key in sites.items()}
+    for site, key_path in keys.items():
         if not key_path.is_file():
             raise EnrolError(f"site {site!r}: public key {key_path} does not exist")
-        result = _flwr(
+    write_connection(settings)
+
+    def register(site: str) -> subprocess.CompletedProcess[str]:
+        return _flwr(
             settings,
-            ["supernode", "register", str(key_path.resolve()), str(settings.connection), "--name", str(site)],
+            ["supernode", "register", str(keys[site].resolve()), str(settings.connection), "--name", site],
             timeout=float(settings.cli_timeout_s),
         )
+
+    with ThreadPoolExecutor(max_workers=max(1, int(settings.get("enrol_workers") or 1))) as pool:
+        results = dict(zip(keys, pool.map(register, keys), strict=True))
+    outcome: dict[str, str] = {}
+    for site, result in results.items():
         text = (result.stdout + result.stderr).strip()
         if result.returncode == 0:
             outcome[site] = "registered"
@@ -287,14 +308,14 @@ def enrol_sites(settings: DictConfig) -> dict[str, str]:
             outcome[site] = "already registered"
         else:
             raise EnrolError(
-                f"site {site!r}: `flwr supernode register {key_path}` failed ({result.returncode}): {text}"
+                f"site {site!r}: `flwr supernode register {keys[site]}` failed ({result.returncode}): {text}"
             )
-        logger.info("site %s: %s (%s)", site, outcome[site], key_path)
+        logger.info("site %s: %s (%s)", site, outcome[site], keys[site])
         _record(
             settings,
             "supernode_enrolled",
-            site=str(site),
-            key_sha256=_fingerprint(key_path),
+            site=site,
+            key_sha256=_fingerprint(keys[site]),
             outcome=outcome[site],
         )
     return outcome
@@ -366,6 +387,159 @@ def run_config(settings: DictConfig) -> dict[str, bool | int | float | str]:
     return values
 
 
+class AppStagingError(ServerConfigError):
+    """The Flower app cannot be snapshotted into a FAB-sized folder; the message names the file or rule."""
+
+
+def _app_file_rules(app_dir: Path) -> tuple[dict[str, Any], Any, Any]:
+    """Return the app's pyproject, its user include spec and its user exclude spec (None when absent)."""
+    import tomllib
+
+    from flwr.cli.utils import build_pathspec
+
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        raise AppStagingError(f"app_dir={app_dir} has no pyproject.toml (not a Flower app)")
+    config = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    app = config.get("tool", {}).get("flwr", {}).get("app", {})
+    include = app.get("fab-include")
+    exclude = app.get("fab-exclude")
+    return (
+        config,
+        build_pathspec(include) if include else None,
+        build_pathspec(exclude) if exclude else None,
+    )
+
+
+def _walk_app(app_dir: Path, ignore: Any) -> list[str]:
+    """Relative POSIX paths of the app's files, never entering hidden or ``.gitignore``-d folders."""
+    found: list[str] = []
+    for folder, subdirs, files in os.walk(app_dir, followlinks=False):
+        rel = Path(folder).relative_to(app_dir)
+        subdirs[:] = [
+            name
+            for name in subdirs
+            if not name.startswith(".")
+            and name != "__pycache__"
+            and not ignore.match_file(f"{(rel / name).as_posix()}/")
+        ]
+        for name in files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                found.append((rel / name).as_posix())
+    return found
+
+
+def stage_app(app_dir: str | Path, dest: str | Path) -> dict[str, Any]:
+    """Snapshot a Flower app into ``dest`` with the files Flower would put in its FAB; return a summary.
+
+    The file rules are Flower 1.42's (``flwr build``): the root ``.gitignore``, the app's ``fab-include`` /
+    ``fab-exclude`` and Flower's built-in include (``*.py *.toml *.md *.yaml *.yml *.json *.jsonl LICENSE``)
+    and exclude lists. Two differences make it usable on a repository root: hidden and ``.gitignore``-d
+    folders (``.venv``, ``runs``...) are never walked (``flwr run .`` walks all ~50k files of a ``.venv``),
+    and a ``fab-exclude`` pattern that matches nothing is logged instead of refused (plain ``flwr run``
+    refuses it).
+    The snapshot's ``pyproject.toml`` is the app's own minus ``fab-include``/``fab-exclude`` (they have been
+    applied). ``dest`` is replaced.
+
+    Parameters
+    ----------
+    app_dir : str or Path
+        Folder whose ``pyproject.toml`` has ``[tool.flwr.app]`` (e.g. the repository root).
+    dest : str or Path
+        Snapshot folder (e.g. ``<state_dir>/app``).
+
+    Returns
+    -------
+    dict
+        ``files`` (int), ``bytes`` (int, uncompressed), ``fab_bytes`` (int, size of the FAB Flower builds
+        from ``dest``), ``fab_sha256`` (str) and ``unmatched_patterns`` (list[str]).
+
+    Raises
+    ------
+    AppStagingError
+        No pyproject, or the FAB would exceed Flower's size limit (the largest files are named).
+    """
+    with warnings.catch_warnings():  # pathspec deprecates the 'gitwildmatch' style Flower 1.42 builds on
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _stage_app(Path(app_dir).resolve(), Path(dest).resolve())
+
+
+def _stage_app(app_dir: Path, dest: Path) -> dict[str, Any]:
+    import shutil
+
+    import tomli_w
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+    from flwr.common.constant import FAB_EXCLUDE_PATTERNS, FAB_INCLUDE_PATTERNS, FAB_MAX_SIZE
+
+    config, include, exclude = _app_file_rules(app_dir)
+    gitignore = app_dir / ".gitignore"
+    ignore = build_pathspec(load_gitignore_patterns(gitignore.read_bytes() if gitignore.is_file() else b""))
+    paths = [p for p in _walk_app(app_dir, ignore) if not ignore.match_file(p)]
+    unmatched = []
+    for key, spec in (("fab-include", include), ("fab-exclude", exclude)):
+        if spec is None:
+            continue
+        for pattern in config["tool"]["flwr"]["app"][key]:
+            if not any(build_pathspec([pattern]).match_file(p) for p in paths):
+                unmatched.append(f"{key}: {pattern}")
+    if unmatched:
+        logger.warning(
+            "%s/pyproject.toml: pattern(s) %s match no file; plain `flwr run %s` refuses such patterns",
+            app_dir,
+            unmatched,
+            app_dir,
+        )
+    built_in_include = build_pathspec(FAB_INCLUDE_PATTERNS)
+    built_in_exclude = build_pathspec(FAB_EXCLUDE_PATTERNS)
+    chosen = sorted(
+        p
+        for p in paths
+        if (include is None or include.match_file(p))
+        and (exclude is None or not exclude.match_file(p))
+        and built_in_include.match_file(p)
+        and not built_in_exclude.match_file(p)
+    )
+    if dest.exists():
+        shutil.rmtree(dest)
+    sizes = {}
+    for rel in chosen:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(app_dir / rel, target)
+        sizes[rel] = target.stat().st_size
+    app = config["tool"]["flwr"]["app"]
+    for key in ("fab-include", "fab-exclude"):
+        app.pop(key, None)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "pyproject.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+    try:
+        fab = build_fab_from_disk(dest)
+    except ValueError as error:
+        largest = sorted(sizes, key=sizes.__getitem__, reverse=True)[:5]
+        raise AppStagingError(
+            f"app {app_dir}: Flower cannot build a FAB from its {len(chosen)} file(s) "
+            f"({sum(sizes.values())} bytes; largest {largest}): {error}"
+        ) from error
+    summary = {
+        "files": len(chosen),
+        "bytes": int(sum(sizes.values())),
+        "fab_bytes": len(fab),
+        "fab_sha256": hashlib.sha256(fab).hexdigest(),
+        "unmatched_patterns": unmatched,
+    }
+    logger.info(
+        "staged app %s -> %s: %d files, FAB %.0f kB (limit %.0f kB)",
+        app_dir,
+        dest,
+        summary["files"],
+        summary["fab_bytes"] / 1024,
+        FAB_MAX_SIZE / 1024,
+    )
+    return summary
+
+
 def start_run(settings: DictConfig) -> int:
     """Submit the run with ``flwr run ... --stream``, follow it to the end and list the report.
 
@@ -383,8 +557,12 @@ def start_run(settings: DictConfig) -> int:
         "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in values.items()), encoding="utf-8"
     )
     app_dir = Path(str(settings.app_dir)).resolve()
-    argv = ["flwr", "run", str(app_dir), str(settings.connection), "--run-config", str(toml_path), "--stream"]
-    _record(settings, "run_submitted", app_dir=str(app_dir), run_config=values)
+    run_dir, staged = app_dir, None
+    if settings.get("stage_app", True):
+        run_dir = state / STAGED_APP_DIR
+        staged = stage_app(app_dir, run_dir)
+    argv = ["flwr", "run", str(run_dir), str(settings.connection), "--run-config", str(toml_path), "--stream"]
+    _record(settings, "run_submitted", app_dir=str(app_dir), run_config=values, staged=staged)
     started = time.monotonic()
     log_path = state / RUN_LOG_FILE
     with log_path.open("a", encoding="utf-8") as log:
@@ -446,11 +624,120 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def collect_report(out: str | Path) -> dict[str, str]:
-    """Return ``{file name: sha256}`` of the report files the ServerApp wrote to ``out`` (empty if none)."""
+def _round_list(rounds: Any) -> str:
+    return " ".join(str(int(r)) for r in sorted(rounds)) or "-"
+
+
+def missing_rounds(out: str | Path) -> Any:
+    """Return the rounds each site missed, from the ServerApp's ``rounds.csv`` and ``results.json``.
+
+    A site *missed* an evaluation round when ``rounds.csv`` (one row per evaluated round and site) has rows
+    for that round but none for the site - it was disconnected or did not answer in time. A training site
+    *missed* a training round when it is not among that round's accepted updates in ``results.json``
+    (``rounds[i].accepted``); rejected updates are listed in the report's "Updates left out" table.
+
+    Parameters
+    ----------
+    out : str or Path
+        The run's report folder.
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        One row per site: ``site`` (str), ``role`` (str), ``missed_eval_rounds`` / ``missed_train_rounds``
+        (str, space-separated round numbers, ``-`` for none; training is ``n/a`` for held-out sites) and
+        ``n_missed_eval`` (int). None when ``out`` holds no ``rounds.csv`` with ``round`` and ``site``
+        columns.
+    """
+    import pandas as pd
+
     out = Path(out)
+    path = out / ROUNDS_FILE
+    if not path.is_file():
+        return None
+    try:
+        rows = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:
+        logger.warning("%s is not readable as a table (%s); no missed-rounds table", path, error)
+        return None
+    if not {"round", "site"} <= set(rows.columns):
+        return None
+    results: dict[str, Any] = {}
+    if (out / "results.json").is_file():
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    roles = {str(s["site"]): str(s.get("role", "?")) for s in results.get("sites", []) if "site" in s}
+    if "role" in rows.columns:
+        for site, role in zip(rows["site"], rows["role"], strict=True):
+            roles.setdefault(str(site), str(role))
+    evaluated = set(int(r) for r in rows["round"].unique())
+    trained = {int(r["round"]): set(r.get("accepted", [])) for r in results.get("rounds", []) if "round" in r}
+    table = []
+    for site in sorted(roles):
+        seen = set(int(r) for r in rows.loc[rows["site"].astype(str) == site, "round"])
+        missed_train = (
+            "n/a"
+            if roles[site] == "holdout" or not trained
+            else _round_list(r for r, accepted in trained.items() if site not in accepted)
+        )
+        table.append(
+            {
+                "site": site,
+                "role": roles[site],
+                "missed_eval_rounds": _round_list(evaluated - seen),
+                "missed_train_rounds": missed_train,
+                "n_missed_eval": len(evaluated - seen),
+            }
+        )
+    return pd.DataFrame(
+        table, columns=["site", "role", "missed_eval_rounds", "missed_train_rounds", "n_missed_eval"]
+    )
+
+
+def _add_missing_rounds(out: Path) -> None:
+    """Write ``missing_rounds.csv`` and (re)write the "Rounds missed per site" section of ``report.md``."""
+    from fedprog.report import markdown_table
+
+    table = missing_rounds(out)
+    if table is None:
+        return
+    table.to_csv(out / MISSING_ROUNDS_FILE, index=False)
+    report = out / "report.md"
+    if not report.is_file():
+        return
+    text = report.read_text(encoding="utf-8").split(MISSING_ROUNDS_MARKER)[0].rstrip()
+    if f"## {MISSING_ROUNDS_TITLE}" in text:  # the ServerApp's report already has the table
+        return
+    missed = (table["n_missed_eval"] > 0) | ~table["missed_train_rounds"].isin(["-", "n/a"])
+    sentence = (
+        "Rounds in which a site sent no evaluation (disconnected or too slow: its rows are absent from "
+        "rounds.csv) or no accepted model update."
+        if missed.any()
+        else "Every site answered every evaluated round and every training round."
+    )
+    section = (
+        f"\n\n{MISSING_ROUNDS_MARKER}\n## {MISSING_ROUNDS_TITLE}\n\n{sentence}\n\n"
+        f"{markdown_table(table.drop(columns=['n_missed_eval']))}\n"
+    )
+    report.write_text(text + section, encoding="utf-8")
+
+
+def collect_report(out: str | Path) -> dict[str, str]:
+    """Add the missed-rounds table to the report in ``out``; return ``{file: sha256}`` of the report files.
+
+    Parameters
+    ----------
+    out : str or Path
+        The run's report folder (the ServerApp's ``out``).
+
+    Returns
+    -------
+    dict[str, str]
+        SHA-256 of each of ``results.json``, ``report.md`` and ``missing_rounds.csv`` found (empty if none).
+    """
+    out = Path(out)
+    _add_missing_rounds(out)
     found = {}
-    for name in REPORT_FILES:
+    for name in (*REPORT_FILES, MISSING_ROUNDS_FILE):
         path = out / name
         if path.is_file():
             found[name] = hashlib.sha256(path.read_bytes()).hexdigest()

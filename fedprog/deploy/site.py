@@ -18,8 +18,19 @@ Process model (``process_model``):
   (``python -m fedprog.deploy.site warm-superexec``) that imports torch, Flower and the modules listed in
   ``warm_preload`` once, then *forks* a child per message that runs Flower's own ``run_clientapp``. Each
   message then starts in milliseconds with the imports (and whatever those modules cache at import) already in
-  memory. Flower 1.42's open-source ``flower-superexec`` also needs ``--isolation process`` but still launches
-  a new ``flwr-clientapp`` per message (its warm pool is Kubernetes-only), so it would not save the imports.
+  memory. ``warm_preload`` includes ``torch._dynamo`` because ``torch.optim`` imports it lazily (~3 s per
+  training message otherwise); ``torch_threads`` caps torch's threads in every task (evaluation sets none, and
+  oversubscribed OpenMP threads made a 0.1 s evaluation take 6 s with three sites on 2 cores);
+  ``task_poll_s`` is how often the SuperExec asks its SuperNode for a new task (Flower's default: 1 s).
+  Flower 1.42's open-source ``flower-superexec`` also needs ``--isolation process`` but still launches a new
+  ``flwr-clientapp`` per message (its warm pool is Kubernetes-only), so it would not save the imports.
+
+Leaving and rejoining: ``fedprog site stop`` (SIGTERM by PID) deactivates the node at once, so the server
+leaves it out of the next round (messages already sent to it come back as "node unavailable") and the same
+key can rejoin immediately - the node keeps its id. A SuperNode killed without warning (SIGKILL, power loss)
+stays "online" on the SuperLink until its heartbeat expires (2 x 30 s in Flower 1.42); until then the server
+waits ``round_timeout`` for it, and a restarted SuperNode with that key is refused activation (HTTP 412, exit
+code 305; read from Flower 1.42's link state, not exercised by the tests), so restart it after about a minute.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from fedprog.deploy.processes import (
     read_pid_file,
     start_process,
     stop_process,
+    stop_processes,
     wait_for_exit,
 )
 
@@ -56,6 +68,7 @@ SUPERNODE_PID = "supernode.pid"
 SUPEREXEC_PID = "superexec.pid"
 SUPERNODE_LOG = "supernode.log"
 SUPEREXEC_LOG = "superexec.log"
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's SuperExec reads its task poll period here
 EXIT_REFUSED = (
     305  # Flower's exit code (logged; the process status is 1) when the SuperLink refuses a SuperNode
 )
@@ -199,6 +212,8 @@ def superexec_argv(settings: DictConfig, supernode_pid: int) -> list[str]:
     ]
     for module in settings.get("warm_preload") or []:
         argv += ["--preload", str(module)]
+    if settings.get("torch_threads"):
+        argv += ["--torch-threads", str(int(settings.torch_threads))]
     return argv
 
 
@@ -252,7 +267,7 @@ def start_site(settings: DictConfig) -> list[ManagedProcess]:
                 start_process(
                     f"superexec-{settings.site}",
                     superexec_argv(settings, supernode.pid),
-                    env=env,
+                    env={**env, TASK_POLL_ENV: str(float(settings.get("task_poll_s") or 1.0))},
                     log_path=state / SUPEREXEC_LOG,
                     pid_file=state / SUPEREXEC_PID,
                 )
@@ -288,14 +303,14 @@ def start_site(settings: DictConfig) -> list[ManagedProcess]:
 def stop_site(settings: DictConfig) -> bool:
     """Stop this site's SuperNode and SuperExec by their PID files; return False when none was running."""
     state = Path(str(settings.state_dir))
-    stopped = False
+    pids = [
+        pid for name in (SUPEREXEC_PID, SUPERNODE_PID) if (pid := read_pid_file(state / name)) is not None
+    ]
+    stopped = bool(pids)
+    if pids:  # SIGTERM to both at once: the SuperNode deactivates its node, then both exit
+        stop_processes(pids, timeout=float(settings.stop_timeout_s))
+        logger.info("site %s: stopped PID(s) %s", settings.site, pids)
     for name in (SUPEREXEC_PID, SUPERNODE_PID):
-        pid = read_pid_file(state / name)
-        if pid is not None:
-            stop_process(
-                pid, timeout=float(settings.stop_timeout_s), name=f"{name.split('.')[0]}-{settings.site}"
-            )
-            stopped = True
         (state / name).unlink(missing_ok=True)
     audit = _audit(settings)
     if stopped and audit is not None:
@@ -357,12 +372,17 @@ def _warm_superexec(argv: Sequence[str]) -> None:
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--preload", action="append", default=[])
+    parser.add_argument("--torch-threads", type=int, default=None)
     args = parser.parse_args(argv)
     started = time.monotonic()
     import importlib
 
     for module in args.preload:
         importlib.import_module(module)
+    if args.torch_threads:  # inherited by every forked task (the evaluation path sets no thread count)
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     from flwr.supercore.superexec import run_superexec as flwr_superexec
     from flwr.supercore.superexec.executor.types import LaunchResult
     from flwr.supernode.runtime.run_clientapp import run_clientapp

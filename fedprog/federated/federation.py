@@ -230,7 +230,9 @@ def assign_roles(infos: Sequence[SiteInfo], heldout: Sequence[str] | None) -> li
     out = []
     for info in infos:
         held = info.site in heldout or info.cohort in heldout if heldout is not None else False
-        role = info.role if heldout is None else ("holdout" if held else "train")
+        # The run's list can add held-out sites but never turn a site that declares itself held out into a
+        # training site (a hospital's own role=holdout always wins).
+        role = "holdout" if info.role == "holdout" or held else info.role
         if role not in ROLES:
             raise FitError(f"site {info.site}: role {role!r} is not one of {ROLES}")
         out.append(SiteInfo(info.node_id, info.site, role, info.cohort, info.n_cases, info.n_events))
