@@ -28,7 +28,7 @@ def config_dir() -> Path:
 
 
 def sites_dir() -> Path:
-    """Return the ``sites/`` folder, whose ``federation/`` sub-folder is the Hydra group of site partitions."""
+    """Return ``sites/``; its ``federation/`` sub-folder is the Hydra group of site partitions."""
     return _resource_dir("sites")
 
 

@@ -227,7 +227,7 @@ def train(
     Parameters
     ----------
     model : nn.Module
-        A model from :func:`fedprog.models.create_model`; ``model(batch)`` gives logits (n_bins) or log-risk (1).
+        From :func:`fedprog.models.create_model`; ``model(batch)`` gives logits (n_bins) or log-risk (1).
     train_data : SurvivalDataset
         Training patients; bags are read lazily, ``max_patches`` of them sampled per patient.
     cfg : TrainConfig
@@ -269,7 +269,7 @@ def train(
                 with _autocast(device, cfg):
                     outputs = model(batch)
                 if cfg.loss == "cox" and bool((batch.censorship > 0).all()):
-                    loss = outputs.float().sum() * 0.0  # no event: no Cox risk set (counted, not warned per batch)
+                    loss = outputs.float().sum() * 0.0  # no event, no Cox risk set: counted, not warned
                     history.no_event_batches += 1
                 else:
                     loss = survival_loss(outputs.float(), batch, cfg)

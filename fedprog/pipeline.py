@@ -146,7 +146,7 @@ def n_outputs_for(loss: str, bins: SurvivalBins) -> int:
 
 
 def build_model(model_cfg: Mapping[str, Any], data: SurvivalDataset, *, loss: str) -> nn.Module:
-    """Create the configured model for the inputs of ``data`` (group index, strong modality kind and width)."""
+    """Create the configured model for the inputs of ``data`` (group index, strong modality and width)."""
     return create_model(
         model_cfg,
         group_index=data.group_index or [],

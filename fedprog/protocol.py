@@ -20,7 +20,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog.data import Cohort, DatasetLayout, load_cohorts
-from fedprog.engine import EvalResult, TrainConfig, evaluate, resolve_device, train
+from fedprog.engine import EvalResult, TrainConfig, evaluate, resolve_device, seed_everything, train
 from fedprog.pipeline import PooledDataset, build_model, fit_preprocessing, make_dataset
 from fedprog.report import ReportBuilder, create_run_dir, environment_info, save_run_config, write_json
 from fedprog.survival.metrics import harrell_cindex, plot_km
@@ -96,6 +96,7 @@ def run_source(
     train_data = PooledDataset([dataset(n, s[0]) for n, s in splits.items()])
     val_data = PooledDataset([dataset(n, s[1]) for n, s in splits.items() if s[1]])
     device = resolve_device(cfg.device)
+    seed_everything(seed)  # the initial weights depend on the seed only, not on what ran before
     model = build_model(cfg.model, train_data, loss=train_cfg.loss)
     label = f"{'+'.join(source)} seed {seed}: "
     history = train(model, train_data, train_cfg, val_data=val_data, device=device, log_prefix=label)
@@ -168,10 +169,11 @@ def write_outputs(cfg: DictConfig, out_dir: Path, records: Sequence[Mapping[str,
     report = ReportBuilder(out_dir, "fedprog cross-cancer protocol")
     report.section(
         "Protocol",
-        f"Data `{cfg.data.get('name') or cfg.data.root}`, backbone `{cfg.model.name}`, modules `{modules_label(cfg.model)}`, "
-        f"seeds {list(cfg.seeds)}. Each source is split {1 - cfg.val_fraction:.0%}/{cfg.val_fraction:.0%} "
-        "into train/validation (model selection on the source validation split only); targets are evaluated on "
-        "all their cases with the source's preprocessing and bins. C-index: Harrell's; mean over seeds.",
+        f"Data `{cfg.data.get('name') or cfg.data.root}`, backbone `{cfg.model.name}`, "
+        f"modules `{modules_label(cfg.model)}`, seeds {list(cfg.seeds)}. Each source is split "
+        f"{1 - cfg.val_fraction:.0%}/{cfg.val_fraction:.0%} into train/validation (model selection on the "
+        "source validation split only); targets are evaluated on all their cases with the source's "
+        "preprocessing and bins. C-index: Harrell's; mean over seeds.",
     )
     report.table("Cross-cancer C-index (source -> target)", targets.drop(columns=["split"]))
     pivot = targets.pivot_table(index="source", columns="target", values="c_index")

@@ -1,11 +1,11 @@
 """Benchmark: training cost per epoch per 100 patients, bag-reading share, peak memory (issue #3).
 
 For bags of 512 and 4,096 patches of dimension 1,024 (CONCH/UNI-sized features), writes 100 synthetic
-patients in the fedprog format to a temporary folder, trains one epoch of the SurvPath backbone with the shared
-engine and reports:
+patients in the fedprog format to a temporary folder, trains one epoch of the SurvPath backbone with the
+shared engine and reports:
 
 - wall time of the epoch (per 100 patients),
-- the share of that time spent reading bags (measured by reading every bag once, the same work the loader does),
+- the share of that time spent reading bags (reading every bag once, the same work the loader does),
 - peak memory of one training step on one bag (each measurement in a fresh subprocess: peak RSS minus the RSS
   before the step), and the same for a cohort 4x larger, to show memory does not grow with the cohort.
 
@@ -89,7 +89,7 @@ def write_dataset(
 
 
 def measure(root: str, mode: str, overrides: list[str]) -> dict:
-    """Run in a fresh process: ``epoch`` (time an epoch and the bag reads) or ``step`` (peak RSS of one step)."""
+    """In a fresh process: ``epoch`` (time an epoch and the bag reads) or ``step`` (peak RSS of a step)."""
     from fedprog.config import load_config
     from fedprog.data import DatasetLayout, load_cohorts
     from fedprog.engine import TrainConfig, resolve_device, train

@@ -79,7 +79,7 @@ def read_bag(path: Path, *, case_id: str = "?", cohort: str = "?") -> torch.Tens
     if bag.shape[0] == 0:
         raise BagError(f"{where}: empty bag (0 patches)")
     bag = bag.to(torch.float32)
-    # A finite sum proves every value finite (NaN/inf propagate) at a fraction of an element-wise check's cost;
+    # A finite sum proves every value finite (NaN/inf propagate) at a fraction of an element-wise check;
     # only when the sum overflows or is NaN is the element-wise check needed.
     if not torch.isfinite(bag.sum()) and not torch.isfinite(bag).all():
         raise BagError(f"{where}: contains NaN or infinite values")

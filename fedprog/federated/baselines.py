@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,7 +21,7 @@ from fedprog import engine
 from fedprog.data import DatasetLayout, Site, SurvivalDataset, build_sites
 from fedprog.federated.federation import derived_seed, km_aggregates
 from fedprog.federated.server_app import RunState
-from fedprog.pipeline import Preprocessing, build_model, fit_preprocessing
+from fedprog.pipeline import PooledDataset, Preprocessing, build_model, fit_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ def train_and_evaluate(
     """
     prep = fit_preprocessing(layout, cohorts, _cases_by_cohort(train_sites), n_bins=int(cfg.n_bins))
     train_sets = [_dataset(s, cohorts[s.cohort], s.case_ids, prep, cfg) for s in train_sites]
-    train_ds = train_sets[0] if len(train_sets) == 1 else _Union(train_sets)
+    train_ds = train_sets[0] if len(train_sets) == 1 else PooledDataset(train_sets)
     torch.manual_seed(int(cfg.seed))
     model = build_model(
         OmegaConf.to_container(cfg.model, resolve=True), train_sets[0], loss=str(cfg.training.loss)
@@ -115,34 +114,6 @@ def _cases_by_cohort(sites: list[Site]) -> dict[str, list[str]]:
     for site in sites:
         out.setdefault(site.cohort, []).extend(site.case_ids)
     return out
-
-
-class _Union(torch.utils.data.ConcatDataset):
-    """Concatenated training sites with the ``SurvivalDataset`` attributes the engine uses (strata, bins)."""
-
-    def __init__(self, parts: list[SurvivalDataset]) -> None:
-        super().__init__(parts)
-        self.parts = parts
-        self.bins = parts[0].bins
-
-    def strata(self) -> np.ndarray:  # noqa: D102
-        return np.concatenate([p.strata() for p in self.parts])
-
-    @property
-    def n_events(self) -> int:  # noqa: D102
-        return sum(p.n_events for p in self.parts)
-
-    def train(self, mode: bool = True) -> _Union:  # noqa: D102
-        for part in self.parts:
-            part.train(mode)
-        return self
-
-    def eval(self) -> _Union:  # noqa: D102
-        return self.train(False)
-
-    def set_epoch(self, epoch: int) -> None:  # noqa: D102
-        for part in self.parts:
-            part.set_epoch(epoch)
 
 
 def run_baseline(cfg: DictConfig) -> dict[str, Any]:
