@@ -25,7 +25,7 @@ from torch import nn
 
 from fedprog import engine
 from fedprog.config import from_run_config, to_run_config
-from fedprog.data import DatasetLayout, Site, SurvivalDataset, build_sites
+from fedprog.data import Cohort, DatasetLayout, Site, SurvivalDataset, build_sites, load_cohort
 from fedprog.data.dataset import expression_frame
 from fedprog.data.groups import GeneGroups
 from fedprog.data.transforms import expression_transform_for, tabular_transform_for
@@ -109,6 +109,7 @@ class SiteHandle:
 
 _SITES: dict[tuple[str, ...], SiteHandle] = {}
 _DATA: dict[tuple[str, ...], tuple[SurvivalDataset | None, SurvivalDataset]] = {}
+_FEDERATIONS: dict[tuple[str, ...], tuple[list[Site], dict[str, Cohort]]] = {}
 
 
 def _data_cfg(cfg: DictConfig, node_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -145,13 +146,11 @@ def resolve_site(cfg: DictConfig, context: Context) -> SiteHandle:
         "site" in node_config and "cohort" in node_config
     ):  # deployment: the node config is the source of truth
         cohort_name = str(node_config["cohort"])
-        from fedprog.data import load_cohort
-
         cohort = load_cohort(layout, cohort_name)
         role = str(node_config.get("role", "train"))
         site = Site(str(node_config["site"]), cohort_name, role, tuple(cohort.labels.index))
     else:
-        sites = build_sites(layout, fed, heldout_list)
+        sites, cohorts = _federation(layout, fed, heldout_list, key[:3])
         name = resolve_site_name(node_config, [s.name for s in sites])
         matches = [s for s in sites if s.name == name]
         if not matches:
@@ -161,12 +160,23 @@ def resolve_site(cfg: DictConfig, context: Context) -> SiteHandle:
         site = matches[0]
         if "role" in node_config:
             site = Site(site.name, site.cohort, str(node_config["role"]), site.case_ids, site.test_ids)
-        cohort = site.load_cohort(layout)
+        cohort = cohorts[site.cohort]
     device = str(node_config.get("device", cfg.training.get("device", "cpu") if "training" in cfg else "cpu"))
     handle = SiteHandle(site, layout, cohort, device)
     _SITES[key] = handle
     log.info("node %s is site %s (%s, %d cases)", context.node_id, site.name, site.role, len(site.all_ids))
     return handle
+
+
+def _federation(
+    layout: DatasetLayout, fed: Mapping[str, Any], heldout: list[str] | None, key: tuple[str, ...]
+) -> tuple[list[Site], dict[str, Cohort]]:
+    """The site table and its loaded cohorts, built once per process and shared by every node it serves."""
+    if key not in _FEDERATIONS:
+        names = list(fed.get("cohorts") or layout.cohorts)
+        cohorts = {name: load_cohort(layout, name) for name in names}
+        _FEDERATIONS[key] = (build_sites(layout, fed, heldout, cohorts=cohorts), cohorts)
+    return _FEDERATIONS[key]
 
 
 def _eval_ids(site: Site) -> tuple[str, ...]:
@@ -419,3 +429,4 @@ def clear_caches() -> None:
     _CONFIGS.clear()
     _SITES.clear()
     _DATA.clear()
+    _FEDERATIONS.clear()
