@@ -37,7 +37,7 @@ from fedprog.federated.federation import (
     resolve_site_name,
     time_grid,
 )
-from fedprog.pipeline import Preprocessing, build_model, training_groups
+from fedprog.pipeline import Preprocessing, build_model, make_dataset, training_groups
 
 log = logging.getLogger(__name__)
 
@@ -192,18 +192,10 @@ def site_datasets(
     key = (handle.site.name, str(handle.layout.root), digest, str(cfg.training.get("max_patches")))
     if key not in _DATA:
         prep = Preprocessing.from_state_dict(json.loads(prep_json))
-        max_patches = cfg.training.get("max_patches")
 
         def make(ids: tuple[str, ...]) -> SurvivalDataset:
-            return SurvivalDataset(
-                handle.cohort,
-                list(ids),
-                expression_transform=prep.expression,
-                strong_transform=prep.strong,
-                bins=prep.bins,
-                groups=prep.groups,
-                max_patches=max_patches,
-                seed=int(cfg.seed),
+            return make_dataset(
+                handle.cohort, ids, prep, max_patches=cfg.training.get("max_patches"), seed=int(cfg.seed)
             )
 
         train_ds = (
