@@ -44,6 +44,19 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Site keys for tests that stop before connecting: a real CA and 0600 node key, any app, no TLS dial."""
+    certs = tmp_path_factory.mktemp("certs")
+    make_certificates(certs, ["localhost"], ["h0", "h9"])
+    return {
+        "ca": str(certs / "ca.crt"),
+        "key": str(certs / "nodes/h0.key"),
+        "allow_any_app": True,
+        "tls_check_timeout_s": 0,
+    }
+
+
 @pytest.fixture
 def started() -> Iterator[list[processes.ManagedProcess]]:
     """Every process a test starts goes in this list and is stopped by PID, also when the test fails."""
@@ -134,6 +147,10 @@ def test_flwr_env(tmp_path: Path) -> None:
 def test_server_config_and_superlink_command(tmp_path: Path) -> None:
     settings = server.load_settings(load_config("server", [f"config={REPO / 'server/server.yaml'}"]))
     argv = server.superlink_argv(settings)
+    assert argv[:3] == [sys.executable, "-m", "fedprog.deploy.gate"]  # Flower's SuperLink behind the gate
+    assert argv[argv.index("--public-host") + 1] == "0.0.0.0"
+    assert argv[argv.index("--public-port") + 1] == "9093"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "9092"
     for flag in (
         "--ssl-ca-certfile",
         "--ssl-certfile",
@@ -143,12 +160,11 @@ def test_server_config_and_superlink_command(tmp_path: Path) -> None:
         "--disable-runtime-dependency-installation",
     ):
         assert flag in argv
-    assert argv[argv.index("--port") + 1] == "9093"
     assert set(settings.sites) == {"blca", "brca", "hnsc", "stad"}
     settings.flwr_home = str(tmp_path / "home")
     text = server.write_connection(settings).read_text()
     assert (
-        'default = "fedprog"' in text and 'address = "localhost:9093"' in text and "root-certificates" in text
+        'default = "fedprog"' in text and 'address = "127.0.0.1:9092"' in text and "root-certificates" in text
     )
 
 
@@ -234,6 +250,7 @@ def test_site_config_errors(tmp_path: Path) -> None:
 )
 def test_site_start_refuses_bad_data(
     tiny_data: Path,
+    creds: dict[str, object],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     corrupt,
@@ -248,9 +265,9 @@ def test_site_start_refuses_bad_data(
         site="h0",
         data_root=str(data),
         cohort="c0",
-        ca=None,
         state_dir=str(tmp_path / "state"),
         port=processes.free_port(),
+        **creds,
     )
 
     def forbidden(*args: object, **kwargs: object) -> None:
@@ -274,9 +291,9 @@ def test_site_data_check_passes_on_good_data(tiny_data: Path, tmp_path: Path) ->
     assert summary is not None
 
 
-def test_site_missing_data_folder(tmp_path: Path) -> None:
+def test_site_missing_data_folder(creds: dict[str, object], tmp_path: Path) -> None:
     path = _site_file(
-        tmp_path / "s.yaml", site="h9", data_root=str(tmp_path / "nowhere"), cohort="c0", ca=None
+        tmp_path / "s.yaml", site="h9", data_root=str(tmp_path / "nowhere"), cohort="c0", **creds
     )
     with pytest.raises(site.SiteDataError, match=r"site h9: data folder .*nowhere does not exist"):
         site.start_site(_site_settings(path))
