@@ -461,6 +461,8 @@ class Consortium:
         OmegaConf.save(OmegaConf.create(keys), root / "server.yaml")
         self.settings = server.load_settings(load_config("server", [f"config={root / 'server.yaml'}"]))
         self.ports = {name: processes.free_port() for name in SITES}
+        # Every site pins the app `server run` submits (the repository snapshot): any other app is refused.
+        self.app_hash = str(server.stage_app(REPO, root / "pinned-app")["fab_sha256"])
 
     def start_link(self) -> processes.ManagedProcess:
         link = server.start_superlink(self.settings)
@@ -482,6 +484,7 @@ class Consortium:
             "startup_grace_s": 0.5,
             "process_model": "warm",
             "torch_threads": 1,  # three sites share 2 cores
+            "app_hashes": [self.app_hash],
         }
         base.update(keys)
         return _site_settings(_site_file(self.root / f"{name}.yaml", **base))
@@ -644,6 +647,15 @@ def test_deployment_with_intruders_and_a_site_that_leaves(
     assert submitted["staged"]["files"] > 10 and submitted["staged"]["fab_bytes"] < 2 * 1024 * 1024
     assert events[-1]["event"] == "run_finished" and "missing_rounds.csv" in events[-1]["report"]
     assert verify(audit).ok
+    # Audit in deployment by default: the ServerApp's own log holds every round, anchored in the launcher's.
+    run_audit = out / "audit.jsonl"
+    run_events = [json.loads(line) for line in run_audit.read_text().splitlines()]
+    assert [e["round"] for e in run_events if e["event"] == "train_sent"] == [1, 2, 3]
+    assert [e["round"] for e in run_events if e["event"] == "round_evaluated"] == [1, 2, 3]
+    assert any(e["event"] == "update_accepted" for e in run_events)
+    anchor = events[-1]["run_audit"]
+    assert anchor["entries"] == len(run_events)
+    assert verify(run_audit, expect_hash=anchor["last_hash"], expect_entries=anchor["entries"]).ok
 
 
 @pytest.mark.slow
@@ -652,7 +664,7 @@ def test_superlink_restart_resumes_fedprog_run(consortium: Consortium) -> None:
     """The SuperLink is stopped by PID after round 1 and restarted on its database; `server run` with
     `resume: auto` continues the fedprog run from its round-1 checkpoint and completes it."""
     dep = consortium
-    settings = dep.run_settings("restart", "rounds=2", "audit.enabled=true", resume="auto")
+    settings = dep.run_settings("restart", "rounds=2", resume="auto")  # audited by default
     out = Path(settings.out)
     run_log = dep.root / "srv" / "run.log"
     first, outcome = _start_in_background(server.start_run, settings)

@@ -88,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("flower_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else list(args.flower_args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if flower_args[:1] == ["flower-supernode"]:  # the launcher names the command it wraps
+        flower_args = flower_args[1:]
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
 
     def on_refused(run_id: int, digest: str) -> None:
         if args.audit:

@@ -660,10 +660,35 @@ def start_run(settings: DictConfig) -> int:
         code = next(value for value in flower_codes if value)
         logger.error("the run failed with Flower exit code %d (ServerApp error); see %s", code, log_path)
     report = collect_report(settings.out)
-    _record(settings, "run_finished", exit_code=code, wall_s=round(elapsed, 1), report=report)
+    _record(
+        settings,
+        "run_finished",
+        exit_code=code,
+        wall_s=round(elapsed, 1),
+        report=report,
+        run_audit=run_audit_anchor(settings.out),
+    )
     if code != 0:
         logger.error("flwr run exited with %d after %.0f s; see %s", code, elapsed, log_path)
     return code
+
+
+def run_audit_anchor(out: str | Path) -> dict[str, Any] | None:
+    """Return the anchor of the ServerApp's ``<out>/audit.jsonl`` (None when absent; ``error`` when broken).
+
+    The launcher stores it in its own log: a later truncation or rewrite of the run's log is then caught by
+    ``fedprog audit verify <out>/audit.jsonl expect_hash=... expect_entries=...``.
+    """
+    from fedprog.deploy.audit import AuditError, audit_anchor
+
+    path = Path(out) / "audit.jsonl"
+    if not path.is_file():
+        return None
+    try:
+        return audit_anchor(path)
+    except AuditError as error:
+        logger.error("%s", error)
+        return {"error": str(error)}
 
 
 def _check_app_keys(app_dir: Path, values: Mapping[str, Any]) -> None:
