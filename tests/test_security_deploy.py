@@ -169,6 +169,13 @@ def test_site_missing_key_and_bad_ca_named_in_one_line(
         site.start_site(_site_settings(tmp_path, certs, ca=str(server_cert)))
 
 
+def test_server_certificate_always_covers_the_loopback_control_api(certs: Path) -> None:
+    from fedprog.deploy.certs import check_server_files
+
+    files = [certs / name for name in ("ca.crt", "server.crt", "server.key")]
+    assert check_server_files(*files, hosts=["localhost", "127.0.0.1"]) == []  # made with hosts=[localhost]
+
+
 def test_server_wrong_certificate_or_key_named_in_one_line(
     certs: Path, other_certs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -855,7 +855,10 @@ def start_main(cfg: DictConfig) -> int:
 
     def action(settings: DictConfig) -> int:
         process = start_superlink(settings)
-        print(f"SuperLink running at {superlink_url(settings)} (PID {process.pid}, log {process.log_path})")
+        print(
+            f"SuperLink running: Fleet API for the hospitals at {superlink_url(settings)}, Control API at "
+            f"{control_url(settings)} (this machine only) (PID {process.pid}, log {process.log_path})"
+        )
         return 0
 
     return _guarded("start", cfg, action)

@@ -2,12 +2,19 @@
 
 One config file per hospital (merged over the defaults of ``configs/site.yaml``): site name, data folder,
 cohort, role (``train`` | ``holdout``), device, SuperLink address, consortium CA, the site's node private key,
-the local Runtime API port and the audit log. ``start`` first runs the same checks as ``fedprog data check``
-on the local cohort and refuses to connect - starting no process at all - when they fail, with the data
-layer's error (which names the file, column, case or site). Then it starts::
+the local Runtime API port, the pinned app hash(es) and the audit log. ``start`` refuses - starting no
+process at all, with one line naming the key or file - when the CA or key is missing or unusable, the key
+file is readable by group/others, no app is pinned (``app_hashes``), the Runtime API host is not loopback,
+or the SuperLink's certificate fails verification with the site's CA. It then runs the same checks as
+``fedprog data check`` on the local cohort and refuses to connect when they fail, with the data layer's error
+(which names the file, column, case or site). Then it starts::
 
-    flower-supernode --root-certificates CA --auth-supernode-private-key KEY --superlink HOST:PORT --port P
+    python -m fedprog.deploy.pinned_supernode --app-hash H -- flower-supernode --root-certificates CA
+        --auth-supernode-private-key KEY --superlink HOST:PORT --host 127.0.0.1 --port P
         --node-config "site='..' data-root='..' cohort='..' role='..' device='..'"
+
+(Flower's own SuperNode; the wrapper refuses any run whose FAB SHA-256 is not pinned, see
+:mod:`fedprog.deploy.pinned_supernode`.)
 
 Process model (``process_model``):
 
