@@ -206,6 +206,10 @@ def test_site_refuses_to_start_without_a_pinned_app(
         site.start_site(_site_settings(tmp_path, certs, app_hashes=[]))
     with pytest.raises(site.SiteConfigError, match="not a SHA-256 hex digest"):
         _site_settings(tmp_path, certs, app_hashes=["v1.0"])
+    example = REPO / "sites/examples/synth_c0.yaml"  # examples pin nothing: the hash comes with the release
+    assert list(site.load_settings(load_config("site", [f"config={example}"])).app_hashes) == []
+    pinned = site.load_settings(load_config("site", [f"config={example}", f"app_hashes=[{HASH_A}]"]))
+    assert list(pinned.app_hashes) == [HASH_A]
     argv = site.supernode_argv(_site_settings(tmp_path, certs))
     assert argv[1:3] == ["-m", "fedprog.deploy.pinned_supernode"]
     assert argv[argv.index("--app-hash") + 1] == HASH_A and "flower-supernode" in argv
@@ -295,6 +299,12 @@ def link(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[Link
         processes.stop_processes(running, timeout=5)
 
 
+def _nodes(listing: subprocess.CompletedProcess[str]) -> list[tuple[str, str]]:
+    """``(node id, status)`` of every node in ``flwr supernode list --format json`` output."""
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    return sorted((n["node-id"], n["status"]) for n in json.loads(listing.stdout)["nodes"])
+
+
 def _listening_addresses(port: int) -> set[str]:
     """Local IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
     found = set()
@@ -320,8 +330,18 @@ def test_ca_holder_cannot_reach_the_control_api(link: Link, tmp_path: Path) -> N
         f'root-certificates = "{link.certs / "ca.crt"}"\n'
     )
     rogue_pub = str(link.certs / "nodes/rogue.pub")
-    attempt = link.flwr(home, "supernode", "register", rogue_pub, "target")
-    assert attempt.returncode != 0, attempt.stdout + attempt.stderr
+    legit_home = Path(str(link.settings.flwr_home))
+    nodes = _nodes(link.flwr(legit_home, "supernode", "list", "fedprog", "--format", "json"))
+    assert len(nodes) == 1  # h0, enrolled by the fixture through the loopback Control API
+    for attack in (
+        ["supernode", "register", rogue_pub, "target"],
+        ["supernode", "unregister", nodes[0][0], "target"],
+        ["run", str(_toy_app(tmp_path / "evil_app", "evil")), "target"],
+    ):
+        attempt = link.flwr(home, *attack)
+        assert attempt.returncode != 0, (attack, attempt.stdout)
+        assert "not served on the public Fleet address" in attempt.stdout + attempt.stderr, attack
+    assert _nodes(link.flwr(legit_home, "supernode", "list", "fedprog", "--format", "json")) == nodes
     for path in (
         "/v1/control/register-node",
         "/v1/control/start-run",
