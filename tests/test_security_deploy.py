@@ -145,6 +145,8 @@ def test_gate_serves_only_fleet_and_health_off_the_control_port() -> None:
         assert gate.allows(scope(path, 9092)), path
         assert not gate.allows(scope(path, 9092, client="10.0.0.7")), path  # control port, remote peer
     assert gate.allows(scope("/v1/fleet/pull-messages", 9093)) and gate.allows(scope("/health", 9093))
+    for sneaky in ("/v1/fleet/../control/start-run", "/v1/fleet//x", "/v1/fleet/./pull-messages"):
+        assert not gate.allows(scope(sneaky, 9093)), sneaky
     assert is_loopback("localhost") and is_loopback("::1") and not is_loopback("0.0.0.0")
 
 
@@ -349,6 +351,7 @@ def test_ca_holder_cannot_reach_the_control_api(link: Link, tmp_path: Path) -> N
         "/v1/control/list-nodes",
         "/v1/runtime/pull-messages",  # ServerAppIo
         "/openapi.json",
+        "/v1/fleet/../control/start-run",
     ):
         assert link.post(fleet, path) == (404, GATE_404), path
         assert link.post(control, path)[1] != GATE_404, path  # Flower answers it, but only on loopback

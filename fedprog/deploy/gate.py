@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import posixpath
 import socket
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -39,7 +40,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 def is_public_path(path: str) -> bool:
-    """Return True for the paths served on the public (Fleet) socket."""
+    """Return True for the paths served on the public (Fleet) socket (normalised paths only, no ``..``)."""
+    if posixpath.normpath(path) != path.rstrip("/") or "//" in path:
+        return False
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PATH_PREFIXES)
 
 
