@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from fedprog.config import load_config
 from fedprog.deploy.audit import (
     GENESIS_HASH,
     AuditError,
     AuditLog,
+    audit_anchor,
+    canonical_json,
     entry_hash,
     sha256_arrays,
     verify,
@@ -151,9 +153,70 @@ def test_sha256_arrays_accepts_flower_arrayrecord() -> None:
 def test_verify_main_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "audit.jsonl"
     _write_log(path, 3)
-    assert verify_main(OmegaConf.create({"path": str(path)})) == 0
+    assert verify_main(load_config("audit", [f"path={path}"])) == 0
     assert "OK, 3 entries" in capsys.readouterr().out
     lines = _lines(path)
     path.write_text(lines[0] + lines[2], encoding="utf-8")
-    assert verify_main(OmegaConf.create({"path": str(path)})) == 1
+    assert verify_main(load_config("audit", [f"path={path}"])) == 1
     assert "BROKEN at line 2" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ anchors (issue 8, finding 8)
+
+
+def test_empty_log_never_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_text("", encoding="utf-8")
+    result = verify(path)
+    assert not result.ok and result.first_bad == 0 and "empty" in result.reason
+    with pytest.raises(AuditError, match="empty"):
+        audit_anchor(path)
+
+
+def test_truncated_log_fails_against_its_anchor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Deleting the last lines leaves a valid chain, which only the anchor (hash + count) exposes."""
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 5)
+    anchor = audit_anchor(path)
+    assert anchor == {"last_hash": verify(path).last_hash, "entries": 5}
+    path.write_text("".join(_lines(path)[:3]), encoding="utf-8")
+    assert verify(path).ok  # the chain alone cannot tell
+    by_count = verify(path, expect_hash=anchor["last_hash"], expect_entries=anchor["entries"])
+    assert not by_count.ok and "2 entr(y/ies) were deleted at the end" in by_count.reason
+    by_hash = verify(path, expect_hash=anchor["last_hash"])
+    assert not by_hash.ok and "not in the chain" in by_hash.reason
+    cfg = load_config("audit", [f"path={path}", f"expect_hash={anchor['last_hash']}", "expect_entries=5"])
+    assert verify_main(cfg) == 1 and "deleted at the end" in capsys.readouterr().out
+
+
+def test_rewritten_chain_fails_against_its_anchor(tmp_path: Path) -> None:
+    """An entry is edited and every hash after it recomputed: the chain verifies, the anchor does not."""
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 4)
+    anchor = audit_anchor(path)
+    entries = [json.loads(line) for line in _lines(path)]
+    entries[1]["site"] = "forged"
+    prev = GENESIS_HASH
+    for entry in entries:
+        entry["prev_hash"] = prev
+        entry["hash"] = prev = entry_hash(entry)
+    path.write_text("".join(canonical_json(e) + "\n" for e in entries), encoding="utf-8")
+    assert verify(path).ok
+    result = verify(path, expect_hash=anchor["last_hash"], expect_entries=anchor["entries"])
+    assert not result.ok and "rewritten" in result.reason
+
+
+def test_entries_after_the_anchor_are_accepted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 3)
+    anchor = audit_anchor(path)
+    (tmp_path / "results.json").write_text(json.dumps({"status": "completed", "audit": anchor}))
+    AuditLog(path).append("run_finished", status="completed")
+    assert verify(path, expect_hash=anchor["last_hash"], expect_entries=anchor["entries"]).ok
+    assert verify_main(load_config("audit", [f"path={path}", f"expect={tmp_path}"])) == 0
+    assert "matches its anchor" in capsys.readouterr().out
+    path.write_text("".join(_lines(path)[:2]), encoding="utf-8")
+    assert verify_main(load_config("audit", [f"path={path}", f"expect={tmp_path / 'results.json'}"])) == 1
+    (tmp_path / "results.json").write_text(json.dumps({"status": "completed"}))
+    assert verify_main(load_config("audit", [f"path={path}", f"expect={tmp_path}"])) == 2
+    assert "no audit anchor" in capsys.readouterr().out

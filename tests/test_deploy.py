@@ -44,6 +44,19 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Site keys for tests that stop before connecting: a real CA and 0600 node key, any app, no TLS dial."""
+    certs = tmp_path_factory.mktemp("certs")
+    make_certificates(certs, ["localhost"], ["h0", "h9"])
+    return {
+        "ca": str(certs / "ca.crt"),
+        "key": str(certs / "nodes/h0.key"),
+        "allow_any_app": True,
+        "tls_check_timeout_s": 0,
+    }
+
+
 @pytest.fixture
 def started() -> Iterator[list[processes.ManagedProcess]]:
     """Every process a test starts goes in this list and is stopped by PID, also when the test fails."""
@@ -134,6 +147,10 @@ def test_flwr_env(tmp_path: Path) -> None:
 def test_server_config_and_superlink_command(tmp_path: Path) -> None:
     settings = server.load_settings(load_config("server", [f"config={REPO / 'server/server.yaml'}"]))
     argv = server.superlink_argv(settings)
+    assert argv[:3] == [sys.executable, "-m", "fedprog.deploy.gate"]  # Flower's SuperLink behind the gate
+    assert argv[argv.index("--public-host") + 1] == "0.0.0.0"
+    assert argv[argv.index("--public-port") + 1] == "9093"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "9092"
     for flag in (
         "--ssl-ca-certfile",
         "--ssl-certfile",
@@ -143,12 +160,11 @@ def test_server_config_and_superlink_command(tmp_path: Path) -> None:
         "--disable-runtime-dependency-installation",
     ):
         assert flag in argv
-    assert argv[argv.index("--port") + 1] == "9093"
     assert set(settings.sites) == {"blca", "brca", "hnsc", "stad"}
     settings.flwr_home = str(tmp_path / "home")
     text = server.write_connection(settings).read_text()
     assert (
-        'default = "fedprog"' in text and 'address = "localhost:9093"' in text and "root-certificates" in text
+        'default = "fedprog"' in text and 'address = "127.0.0.1:9092"' in text and "root-certificates" in text
     )
 
 
@@ -234,6 +250,7 @@ def test_site_config_errors(tmp_path: Path) -> None:
 )
 def test_site_start_refuses_bad_data(
     tiny_data: Path,
+    creds: dict[str, object],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     corrupt,
@@ -248,9 +265,9 @@ def test_site_start_refuses_bad_data(
         site="h0",
         data_root=str(data),
         cohort="c0",
-        ca=None,
         state_dir=str(tmp_path / "state"),
         port=processes.free_port(),
+        **creds,
     )
 
     def forbidden(*args: object, **kwargs: object) -> None:
@@ -274,9 +291,9 @@ def test_site_data_check_passes_on_good_data(tiny_data: Path, tmp_path: Path) ->
     assert summary is not None
 
 
-def test_site_missing_data_folder(tmp_path: Path) -> None:
+def test_site_missing_data_folder(creds: dict[str, object], tmp_path: Path) -> None:
     path = _site_file(
-        tmp_path / "s.yaml", site="h9", data_root=str(tmp_path / "nowhere"), cohort="c0", ca=None
+        tmp_path / "s.yaml", site="h9", data_root=str(tmp_path / "nowhere"), cohort="c0", **creds
     )
     with pytest.raises(site.SiteDataError, match=r"site h9: data folder .*nowhere does not exist"):
         site.start_site(_site_settings(path))
@@ -444,6 +461,8 @@ class Consortium:
         OmegaConf.save(OmegaConf.create(keys), root / "server.yaml")
         self.settings = server.load_settings(load_config("server", [f"config={root / 'server.yaml'}"]))
         self.ports = {name: processes.free_port() for name in SITES}
+        # Every site pins the app `server run` submits (the repository snapshot): any other app is refused.
+        self.app_hash = str(server.stage_app(REPO, root / "pinned-app")["fab_sha256"])
 
     def start_link(self) -> processes.ManagedProcess:
         link = server.start_superlink(self.settings)
@@ -465,6 +484,7 @@ class Consortium:
             "startup_grace_s": 0.5,
             "process_model": "warm",
             "torch_threads": 1,  # three sites share 2 cores
+            "app_hashes": [self.app_hash],
         }
         base.update(keys)
         return _site_settings(_site_file(self.root / f"{name}.yaml", **base))
@@ -627,6 +647,15 @@ def test_deployment_with_intruders_and_a_site_that_leaves(
     assert submitted["staged"]["files"] > 10 and submitted["staged"]["fab_bytes"] < 2 * 1024 * 1024
     assert events[-1]["event"] == "run_finished" and "missing_rounds.csv" in events[-1]["report"]
     assert verify(audit).ok
+    # Audit in deployment by default: the ServerApp's own log holds every round, anchored in the launcher's.
+    run_audit = out / "audit.jsonl"
+    run_events = [json.loads(line) for line in run_audit.read_text().splitlines()]
+    assert [e["round"] for e in run_events if e["event"] == "train_sent"] == [1, 2, 3]
+    assert [e["round"] for e in run_events if e["event"] == "round_evaluated"] == [1, 2, 3]
+    assert any(e["event"] == "update_accepted" for e in run_events)
+    anchor = events[-1]["run_audit"]
+    assert anchor["entries"] == len(run_events)
+    assert verify(run_audit, expect_hash=anchor["last_hash"], expect_entries=anchor["entries"]).ok
 
 
 @pytest.mark.slow
@@ -635,7 +664,7 @@ def test_superlink_restart_resumes_fedprog_run(consortium: Consortium) -> None:
     """The SuperLink is stopped by PID after round 1 and restarted on its database; `server run` with
     `resume: auto` continues the fedprog run from its round-1 checkpoint and completes it."""
     dep = consortium
-    settings = dep.run_settings("restart", "rounds=2", "audit.enabled=true", resume="auto")
+    settings = dep.run_settings("restart", "rounds=2", resume="auto")  # audited by default
     out = Path(settings.out)
     run_log = dep.root / "srv" / "run.log"
     first, outcome = _start_in_background(server.start_run, settings)

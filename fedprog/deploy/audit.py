@@ -9,9 +9,12 @@ Flower's own audit logging is an Enterprise feature, so fedprog keeps its own. E
 ``prev_hash`` is the ``hash`` of the previous entry (64 zeros for the first). Changing, deleting, inserting or
 reordering any line therefore breaks the chain at that line, and :func:`verify` names the first broken line.
 
-Limits (stated plainly): a chain cannot show that lines were cut off *at the end*; compare the last ``hash``
-with one recorded elsewhere (the run report stores it) to detect truncation. The chain shows tampering, it
-does not prevent someone with write access from rewriting the whole file consistently.
+Limits (stated plainly): a chain alone cannot show that lines were cut off *at the end*, nor a whole file
+rewritten with recomputed hashes. Both are caught against an *anchor* (:func:`audit_anchor`: the last
+``hash`` and the entry count) recorded elsewhere - ``results.json`` (key ``audit``), the launcher's own log -
+with ``fedprog audit verify LOG expect_hash=H [expect_entries=N]`` or ``expect=results.json``. An anchor
+stored in a file the attacker can also rewrite proves nothing; keep a copy off the machine. An empty log
+never verifies.
 """
 
 from __future__ import annotations
@@ -181,6 +184,10 @@ class AuditLog:
             raise AuditError(f"audit event {event!r}: field name(s) {sorted(clash)} are reserved")
         if not event:
             raise AuditError(f"audit log {self.path}: event name must be a non-empty string")
+        try:  # refuse a bad value before the file is touched (a failed first append leaves no empty log)
+            canonical_json(fields)
+        except (TypeError, ValueError) as error:
+            raise AuditError(f"audit event {event!r}: {error}") from error
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a+b") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
@@ -208,26 +215,35 @@ class AuditLog:
         return entry
 
 
-def verify(path: str | Path) -> VerifyResult:
-    """Check the hash chain of an audit log.
+def verify(
+    path: str | Path, *, expect_hash: str | None = None, expect_entries: int | None = None
+) -> VerifyResult:
+    """Check the hash chain of an audit log, and optionally that it still holds an anchored head.
 
     Parameters
     ----------
     path : str or Path
         The ``.jsonl`` audit log.
+    expect_hash : str, optional
+        An anchored ``last_hash`` (:func:`audit_anchor`): the chain must contain an entry with this hash -
+        at index ``expect_entries - 1`` when that is given. Entries appended after the anchor are accepted.
+    expect_entries : int, optional
+        The anchored entry count; the log must hold at least this many entries.
 
     Returns
     -------
     VerifyResult
         ``first_bad`` is the 1-based line number of the first line that does not parse, has a wrong ``seq``,
         a ``prev_hash`` that is not the previous line's hash, or a ``hash`` that does not match its content.
-        A missing file is reported as broken at line 0.
+        A missing or empty file is broken at line 0; a log that lost or rewrote its anchored head is broken
+        at the line after its last entry.
     """
     path = Path(path)
     if not path.is_file():
         return VerifyResult(False, 0, 0, f"audit log {path} does not exist")
     prev_hash = GENESIS_HASH
     n_entries = 0
+    hashes: list[str] = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -241,7 +257,59 @@ def verify(path: str | Path) -> VerifyResult:
             if reason:
                 return VerifyResult(False, n_entries, number, reason, prev_hash)
             prev_hash = entry["hash"]
+            hashes.append(prev_hash)
+    if n_entries == 0:
+        return VerifyResult(False, 0, 0, f"audit log {path} is empty (an audit log always has entries)")
+    reason = _anchor_problem(hashes, expect_hash, expect_entries)
+    if reason:
+        return VerifyResult(False, n_entries, n_entries + 1, reason, prev_hash)
     return VerifyResult(True, n_entries, None, "", prev_hash)
+
+
+def _anchor_problem(hashes: list[str], expect_hash: str | None, expect_entries: int | None) -> str:
+    """Return why a valid chain does not match its anchor ("" when it does or when there is none)."""
+    n = len(hashes)
+    if expect_entries is not None and n < int(expect_entries):
+        return (
+            f"the log holds {n} entries but its anchor recorded {int(expect_entries)}: "
+            f"{int(expect_entries) - n} entr(y/ies) were deleted at the end"
+        )
+    if expect_hash is None:
+        return ""
+    expect_hash = str(expect_hash).lower()
+    if expect_entries is not None:
+        if hashes[int(expect_entries) - 1] != expect_hash:
+            return (
+                f"entry {int(expect_entries)} has hash {hashes[int(expect_entries) - 1][:12]}..., its anchor "
+                f"says {expect_hash[:12]}...: the chain was rewritten (hashes recomputed)"
+            )
+        return ""
+    if expect_hash not in hashes:
+        return (
+            f"the anchored hash {expect_hash[:12]}... is not in the chain (head {hashes[-1][:12]}...): "
+            "entries were deleted at the end or the chain was rewritten"
+        )
+    return ""
+
+
+def audit_anchor(path: str | Path) -> dict[str, Any]:
+    """Return the anchor of an intact audit log: ``{"last_hash": str, "entries": int}``.
+
+    Store it where the log's writer cannot silently rewrite it together with the log (``results.json``
+    under ``audit``, the report, the launcher's own log); :func:`verify` with ``expect_hash`` /
+    ``expect_entries`` then detects truncation and rewriting.
+
+    Raises
+    ------
+    AuditError
+        The log is missing, empty or broken (the message names the line).
+    """
+    result = verify(path)
+    if not result.ok:
+        raise AuditError(
+            f"audit log {path}: cannot anchor, broken at line {result.first_bad}: {result.reason}"
+        )
+    return {"last_hash": result.last_hash, "entries": result.n_entries}
 
 
 def _entry_problem(entry: Any, *, expected_seq: int, prev_hash: str) -> str:
@@ -298,25 +366,56 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def read_anchor(expect: str | Path) -> dict[str, Any]:
+    """Read the anchor ``{"last_hash", "entries"}`` from a ``results.json`` (key ``audit``) or its folder."""
+    path = Path(expect)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise AuditError(f"anchor file {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        anchor = data["audit"]
+        return {"last_hash": str(anchor["last_hash"]), "entries": int(anchor["entries"])}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise AuditError(
+            f"{path}: no audit anchor (key 'audit' with 'last_hash' and 'entries'): {error}"
+        ) from error
+
+
 def verify_main(cfg: DictConfig) -> int:
-    """``fedprog audit verify PATH``: print the verification result; exit code 1 on a broken chain.
+    """``fedprog audit verify PATH [expect_hash=H] [expect_entries=N] [expect=results.json]``.
 
     Parameters
     ----------
     cfg : DictConfig
-        Composed ``configs/audit.yaml``; ``cfg.path`` is the log to verify.
+        Composed ``configs/audit.yaml``; ``cfg.path`` is the log to verify; ``expect_hash`` /
+        ``expect_entries`` or ``expect`` (a ``results.json`` or run folder) give the anchor.
 
     Returns
     -------
     int
-        0 when the chain is intact, 1 otherwise.
+        0 when the chain is intact (and matches its anchor), 1 otherwise, 2 on a usage error.
     """
     if cfg.get("path") in (None, "", "???"):
         print("fedprog audit verify: give the log to check, e.g. `fedprog audit verify runs/audit.jsonl`")
         return 2
-    result = verify(str(cfg.path))
+    expect_hash, expect_entries = cfg.expect_hash, cfg.expect_entries
+    if cfg.expect:
+        try:
+            anchor = read_anchor(str(cfg.expect))
+        except AuditError as error:
+            print(f"fedprog audit verify: {error}")
+            return 2
+        expect_hash, expect_entries = anchor["last_hash"], anchor["entries"]
+    result = verify(
+        str(cfg.path),
+        expect_hash=None if expect_hash is None else str(expect_hash),
+        expect_entries=None if expect_entries is None else int(expect_entries),
+    )
+    anchored = " (matches its anchor)" if expect_hash or expect_entries else " (no anchor given)"
     if result.ok:
-        print(f"audit log {cfg.path}: OK, {result.n_entries} entries, head {result.last_hash}")
+        print(f"audit log {cfg.path}: OK, {result.n_entries} entries, head {result.last_hash}{anchored}")
         return 0
     print(
         f"audit log {cfg.path}: BROKEN at line {result.first_bad} "

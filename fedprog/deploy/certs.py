@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 
 logger = logging.getLogger(__name__)
 
+LOOPBACK_HOST = "127.0.0.1"  # always a SAN: the coordinator's own CLI dials the loopback Control API
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SERVER_CERT = "server.crt"
@@ -182,7 +183,8 @@ def make_server_cert(
     ca_cert, ca_key
         The issuing consortium CA.
     hosts : Sequence[str]
-        Names and addresses the SuperNodes use to reach the SuperLink (at least one).
+        Names and addresses the SuperNodes use to reach the SuperLink (at least one); ``127.0.0.1`` is
+        always added (the loopback Control API that ``fedprog server enrol|run`` dials).
     validity_days : int
         Days from ``now`` until expiry (capped at the CA's expiry).
     now : datetime, optional
@@ -205,7 +207,10 @@ def make_server_cert(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(_san_entries(hosts)), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(_san_entries(list(dict.fromkeys([*hosts, LOOPBACK_HOST])))),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
@@ -527,6 +532,46 @@ def check_certificates(
     return problems
 
 
+def check_server_files(
+    ca_path: str | Path, cert_path: str | Path, key_path: str | Path, hosts: Sequence[str] = ()
+) -> list[str]:
+    """Check the SuperLink's own TLS files (as named in its config): every problem, each naming its file.
+
+    The CA must be a readable PEM certificate; the server certificate must be signed by it, currently valid
+    and cover ``hosts``; the key must be an unencrypted PEM key that matches the certificate, mode 0600.
+    """
+    problems: list[str] = []
+    ca = _load_cert(Path(ca_path), problems)
+    cert = _load_cert(Path(cert_path), problems)
+    if cert is None:
+        return problems
+    _check_validity(Path(cert_path), cert, datetime.now(UTC), 0, problems)
+    if ca is not None:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            problems.append(
+                f"{cert_path}: not signed by the CA {ca_path} (wrong CA file, or a certificate of another "
+                "consortium)"
+            )
+    problems += _check_hosts(Path(cert_path), cert, hosts)
+    problems += _check_server_key(Path(key_path), cert, cert_path=Path(cert_path))
+    return problems
+
+
+def check_ca_file(ca_path: str | Path) -> list[str]:
+    """Check that ``ca_path`` is a readable PEM CA certificate (what a SuperNode passes to Flower)."""
+    problems: list[str] = []
+    ca = _load_cert(Path(ca_path), problems)
+    if ca is not None:
+        try:
+            if not ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+                problems.append(f"{ca_path}: not a CA certificate (basicConstraints CA=false)")
+        except x509.ExtensionNotFound:
+            problems.append(f"{ca_path}: no basicConstraints extension, so it is not a CA certificate")
+    return problems
+
+
 def _check_hosts(path: Path, cert: x509.Certificate, hosts: Sequence[str]) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -546,7 +591,7 @@ def _check_hosts(path: Path, cert: x509.Certificate, hosts: Sequence[str]) -> li
     return problems
 
 
-def _check_server_key(path: Path, cert: x509.Certificate) -> list[str]:
+def _check_server_key(path: Path, cert: x509.Certificate, *, cert_path: Path | None = None) -> list[str]:
     if not path.is_file():
         return [f"{path}: missing"]
     try:
@@ -556,7 +601,7 @@ def _check_server_key(path: Path, cert: x509.Certificate) -> list[str]:
     problems: list[str] = []
     _check_private_mode(path, problems)
     if key.public_key() != cert.public_key():
-        problems.append(f"{path}: does not match the certificate {path.with_name(SERVER_CERT)}")
+        problems.append(f"{path}: does not match the certificate {cert_path or path.with_name(SERVER_CERT)}")
     return problems
 
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -87,12 +88,16 @@ def flwr_env(flwr_home: str | Path, extra: Mapping[str, str] | None = None) -> d
     Returns
     -------
     dict[str, str]
-        A copy of ``os.environ`` with ``FLWR_HOME``, ``FLWR_TELEMETRY_ENABLED=0``,
-        ``FLWR_DISABLE_UPDATE_CHECK=1`` and ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``.
+        A copy of ``os.environ`` (this interpreter's script folder first on ``PATH``) with ``FLWR_HOME``,
+        ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1`` and
+        ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``.
     """
     home = Path(flwr_home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    scripts = str(Path(sys.executable).parent)  # flower-superexec & co. sit beside this interpreter
+    if scripts not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = os.pathsep.join(p for p in (scripts, env.get("PATH", "")) if p)
     env.update(FLWR_ENV_DEFAULTS)
     env["FLWR_HOME"] = str(home)
     env.update(extra or {})

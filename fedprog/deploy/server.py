@@ -5,10 +5,13 @@ SuperLink listens, which TLS files it uses, where its persistent state database 
 enrolled (name -> OpenSSH public key), the run-config of the run, and where the report goes. Relative paths
 are relative to the working directory (the repository root).
 
-- ``start``: ``flower-superlink`` with TLS, ``--enable-supernode-auth``, ``--database``,
-  ``--disable-runtime-dependency-installation``; PID file ``<state_dir>/superlink.pid``; waits for
-  ``/health``.
-- ``enrol``: ``flwr supernode register <pub> <connection>`` for every enrolled site (idempotent).
+- ``start``: Flower's SuperLink with TLS, ``--enable-supernode-auth``, ``--database``,
+  ``--disable-runtime-dependency-installation``, behind :mod:`fedprog.deploy.gate`: the hospitals' address
+  (``address:port``) serves only the Fleet API; the Control and Runtime (ServerAppIo) APIs listen on
+  ``control_host:control_port`` (loopback only). The CA, certificate and key are checked first (one line
+  naming the file). PID file ``<state_dir>/superlink.pid``; waits for ``/health`` on both sockets.
+- ``enrol``: ``flwr supernode register <pub> <connection>`` for every enrolled site (idempotent), over the
+  loopback Control API: ``enrol`` and ``run`` are run on the coordinator itself.
 - ``run``: ``flwr run <app> <connection> --run-config <toml> --stream``; follows the run to its end, then
   lists the report the ServerApp wrote to its ``out`` folder and adds the "rounds missed per site" table
   (from ``rounds.csv``) to it. ``resume=auto`` continues from the newest checkpoint in ``out`` (after a
@@ -98,7 +101,17 @@ def load_settings(cfg: DictConfig) -> DictConfig:
     else:
         settings = defaults
     OmegaConf.resolve(settings)
-    for key in ("address", "port", "certs", "database", "flwr_home", "state_dir", "connection"):
+    for key in (
+        "address",
+        "port",
+        "control_host",
+        "control_port",
+        "certs",
+        "database",
+        "flwr_home",
+        "state_dir",
+        "connection",
+    ):
         if OmegaConf.is_missing(settings, key) or settings.get(key) in (None, ""):
             raise ServerConfigError(f"server config {path or '(defaults)'}: key {key!r} is not set")
     return settings  # type: ignore[return-value]
@@ -119,8 +132,13 @@ def superlink_url(settings: DictConfig) -> str:
     return f"{settings.public_host}:{int(settings.port)}"
 
 
+def control_url(settings: DictConfig) -> str:
+    """Return the loopback ``host:port`` of the Control API (``flwr run``, ``flwr supernode register``)."""
+    return f"{settings.control_host}:{int(settings.control_port)}"
+
+
 def write_connection(settings: DictConfig) -> Path:
-    """Write ``$FLWR_HOME/config.toml`` with one TLS connection to the SuperLink and make it the default.
+    """Write ``$FLWR_HOME/config.toml`` with one TLS connection to the loopback Control API (the default).
 
     Returns
     -------
@@ -136,7 +154,7 @@ def write_connection(settings: DictConfig) -> Path:
     text = (
         "# written by fedprog.deploy.server (fedprog server ...)\n"
         f'[superlink]\ndefault = "{name}"\n\n'
-        f'[superlink.{name}]\naddress = "{superlink_url(settings)}"\nroot-certificates = "{ca}"\n'
+        f'[superlink.{name}]\naddress = "{control_url(settings)}"\nroot-certificates = "{ca}"\n'
     )
     path = home / "config.toml"
     path.write_text(text, encoding="utf-8")
@@ -174,9 +192,22 @@ def _fingerprint(public_key_path: Path) -> str:
 
 
 def superlink_argv(settings: DictConfig) -> list[str]:
-    """Return the ``flower-superlink`` command line for ``settings`` (TLS, node auth, persistent state)."""
+    """Return the SuperLink command line: Flower's SuperLink behind :mod:`fedprog.deploy.gate`.
+
+    Flower's ``--host/--port`` (every API: Control, Runtime/ServerAppIo, Fleet) is
+    ``control_host:control_port`` on loopback; ``address:port`` serves only the Fleet API and ``/health``
+    (TLS, node authentication, persistent state either way).
+    """
+    _check_control_plane(settings)
     argv = [
-        "flower-superlink",
+        sys.executable,
+        "-m",
+        "fedprog.deploy.gate",
+        "--public-host",
+        str(settings.address),
+        "--public-port",
+        str(int(settings.port)),
+        "--",
         "--ssl-ca-certfile",
         str(Path(str(settings.certs.ca)).resolve()),
         "--ssl-certfile",
@@ -184,9 +215,9 @@ def superlink_argv(settings: DictConfig) -> list[str]:
         "--ssl-keyfile",
         str(Path(str(settings.certs.key)).resolve()),
         "--host",
-        str(settings.address),
+        str(settings.control_host),
         "--port",
-        str(int(settings.port)),
+        str(int(settings.control_port)),
         "--database",
         str(Path(str(settings.database)).resolve()),
         "--disable-runtime-dependency-installation",
@@ -195,6 +226,33 @@ def superlink_argv(settings: DictConfig) -> list[str]:
         argv.append("--enable-supernode-auth")
     argv += [str(arg) for arg in settings.get("extra_args") or []]
     return argv
+
+
+def _check_control_plane(settings: DictConfig) -> None:
+    """Refuse a Control API host that is not loopback, or one port for both listeners."""
+    from fedprog.deploy.gate import is_loopback
+
+    if not is_loopback(str(settings.control_host)):
+        raise ServerConfigError(
+            f"server config: control_host={settings.control_host!r} must be a loopback address (127.0.0.1): "
+            "the Control API has no authentication and must never face the hospitals"
+        )
+    if int(settings.control_port) == int(settings.port):
+        raise ServerConfigError(
+            f"server config: control_port={settings.control_port} must differ from the Fleet "
+            f"port={settings.port}"
+        )
+
+
+def _check_tls_files(settings: DictConfig) -> None:
+    """One line naming the file when the server's CA/certificate/key do not fit together or miss a host."""
+    from fedprog.deploy.certs import check_server_files
+
+    hosts = [str(settings.public_host), str(settings.control_host)]
+    problems = check_server_files(settings.certs.ca, settings.certs.cert, settings.certs.key, hosts)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ServerConfigError(f"server TLS: {problems[0]}{more}")
 
 
 def start_superlink(settings: DictConfig) -> ManagedProcess:
@@ -211,6 +269,7 @@ def start_superlink(settings: DictConfig) -> ManagedProcess:
         The running SuperLink (stop it with :func:`stop_superlink` or ``fedprog server stop``).
     """
     _check_files(settings, ("ca", "cert", "key"))
+    _check_tls_files(settings)
     state = _state_dir(settings)
     Path(str(settings.database)).parent.mkdir(parents=True, exist_ok=True)
     write_connection(settings)
@@ -228,6 +287,12 @@ def start_superlink(settings: DictConfig) -> ManagedProcess:
             ca_file=str(settings.certs.ca),
             timeout=float(settings.health_timeout_s),
         )
+        wait_for_health(
+            process,
+            f"https://{control_url(settings)}/health",
+            ca_file=str(settings.certs.ca),
+            timeout=float(settings.health_timeout_s),
+        )
     except ProcessError:
         stop_process(process, timeout=float(settings.stop_timeout_s))
         raise
@@ -236,6 +301,7 @@ def start_superlink(settings: DictConfig) -> ManagedProcess:
         "superlink_started",
         pid=process.pid,
         address=superlink_url(settings),
+        control=control_url(settings),
         ready_s=round(elapsed, 2),
     )
     return process
@@ -369,6 +435,9 @@ def run_config(settings: DictConfig) -> dict[str, bool | int | float | str]:
         if resume:
             overrides.append(f"resume={resume}")
         composed = OmegaConf.create(to_container(load_config(str(settings.run.config_name), overrides)))
+        user_choice = any(item.lstrip("+~").startswith("audit.enabled") for item in overrides)
+        if settings.run_audit and "audit" in composed and not user_choice:
+            composed.audit.enabled = True  # every deployment round is audited unless the operator says not
         path = _state_dir(settings) / "run_config.yaml"
         OmegaConf.save(composed, path)
         values[str(keys.config_file)] = str(path.resolve())
@@ -591,10 +660,35 @@ def start_run(settings: DictConfig) -> int:
         code = next(value for value in flower_codes if value)
         logger.error("the run failed with Flower exit code %d (ServerApp error); see %s", code, log_path)
     report = collect_report(settings.out)
-    _record(settings, "run_finished", exit_code=code, wall_s=round(elapsed, 1), report=report)
+    _record(
+        settings,
+        "run_finished",
+        exit_code=code,
+        wall_s=round(elapsed, 1),
+        report=report,
+        run_audit=run_audit_anchor(settings.out),
+    )
     if code != 0:
         logger.error("flwr run exited with %d after %.0f s; see %s", code, elapsed, log_path)
     return code
+
+
+def run_audit_anchor(out: str | Path) -> dict[str, Any] | None:
+    """Return the anchor of the ServerApp's ``<out>/audit.jsonl`` (None when absent; ``error`` when broken).
+
+    The launcher stores it in its own log: a later truncation or rewrite of the run's log is then caught by
+    ``fedprog audit verify <out>/audit.jsonl expect_hash=... expect_entries=...``.
+    """
+    from fedprog.deploy.audit import AuditError, audit_anchor
+
+    path = Path(out) / "audit.jsonl"
+    if not path.is_file():
+        return None
+    try:
+        return audit_anchor(path)
+    except AuditError as error:
+        logger.error("%s", error)
+        return {"error": str(error)}
 
 
 def _check_app_keys(app_dir: Path, values: Mapping[str, Any]) -> None:
@@ -761,7 +855,10 @@ def start_main(cfg: DictConfig) -> int:
 
     def action(settings: DictConfig) -> int:
         process = start_superlink(settings)
-        print(f"SuperLink running at {superlink_url(settings)} (PID {process.pid}, log {process.log_path})")
+        print(
+            f"SuperLink running: Fleet API for the hospitals at {superlink_url(settings)}, Control API at "
+            f"{control_url(settings)} (this machine only) (PID {process.pid}, log {process.log_path})"
+        )
         return 0
 
     return _guarded("start", cfg, action)

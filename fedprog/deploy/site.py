@@ -2,12 +2,19 @@
 
 One config file per hospital (merged over the defaults of ``configs/site.yaml``): site name, data folder,
 cohort, role (``train`` | ``holdout``), device, SuperLink address, consortium CA, the site's node private key,
-the local Runtime API port and the audit log. ``start`` first runs the same checks as ``fedprog data check``
-on the local cohort and refuses to connect - starting no process at all - when they fail, with the data
-layer's error (which names the file, column, case or site). Then it starts::
+the local Runtime API port, the pinned app hash(es) and the audit log. ``start`` refuses - starting no
+process at all, with one line naming the key or file - when the CA or key is missing or unusable, the key
+file is readable by group/others, no app is pinned (``app_hashes``), the Runtime API host is not loopback,
+or the SuperLink's certificate fails verification with the site's CA. It then runs the same checks as
+``fedprog data check`` on the local cohort and refuses to connect when they fail, with the data layer's error
+(which names the file, column, case or site). Then it starts::
 
-    flower-supernode --root-certificates CA --auth-supernode-private-key KEY --superlink HOST:PORT --port P
+    python -m fedprog.deploy.pinned_supernode --app-hash H -- flower-supernode --root-certificates CA
+        --auth-supernode-private-key KEY --superlink HOST:PORT --host 127.0.0.1 --port P
         --node-config "site='..' data-root='..' cohort='..' role='..' device='..'"
+
+(Flower's own SuperNode; the wrapper refuses any run whose FAB SHA-256 is not pinned, see
+:mod:`fedprog.deploy.pinned_supernode`.)
 
 Process model (``process_model``):
 
@@ -38,7 +45,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
+import socket
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -61,6 +71,7 @@ from fedprog.deploy.processes import (
 )
 
 logger = logging.getLogger(__name__)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 ROLES = ("train", "holdout")
 PROCESS_MODELS = ("warm", "per_message")
@@ -128,6 +139,16 @@ def load_settings(cfg: DictConfig) -> DictConfig:
         raise SiteConfigError(
             f"{where}: process_model={settings.process_model!r}, expected one of {list(PROCESS_MODELS)}"
         )
+    from fedprog.deploy.gate import is_loopback
+
+    if not is_loopback(str(settings.runtime_host)):
+        raise SiteConfigError(
+            f"{where}: runtime_host={settings.runtime_host!r} must be a loopback address (127.0.0.1): the "
+            "SuperNode's local Runtime API hands out tasks and data without authentication"
+        )
+    for value in settings.app_hashes or []:
+        if not _HEX64.fullmatch(str(value).lower()):
+            raise SiteConfigError(f"{where}: app_hashes entry {value!r} is not a SHA-256 hex digest")
     for key in ("site", "cohort", "data_root", "role", "device"):
         if "'" in str(settings[key]):
             raise SiteConfigError(f"{where}: {key}={settings[key]!r} must not contain a single quote")
@@ -180,8 +201,20 @@ def node_config(settings: DictConfig) -> str:
 
 
 def supernode_argv(settings: DictConfig) -> list[str]:
-    """Return the ``flower-supernode`` command line for ``settings``."""
-    argv = ["flower-supernode", "--superlink", str(settings.server)]
+    """Return the SuperNode command line for ``settings``.
+
+    With ``app_hashes`` set: Flower's ``flower-supernode`` behind :mod:`fedprog.deploy.pinned_supernode`,
+    which runs only those FABs; with ``allow_any_app: true`` and no hashes: plain ``flower-supernode``.
+    The local Runtime API is always on ``runtime_host`` (loopback, checked by :func:`load_settings`).
+    """
+    argv = []
+    if settings.app_hashes:
+        argv = [sys.executable, "-m", "fedprog.deploy.pinned_supernode", "--site", str(settings.site)]
+        argv += [arg for value in settings.app_hashes for arg in ("--app-hash", str(value).lower())]
+        if settings.get("audit"):
+            argv += ["--audit", str(Path(str(settings.audit)).resolve())]
+        argv.append("--")
+    argv += ["flower-supernode", "--superlink", str(settings.server)]
     if settings.get("ca"):
         argv += ["--root-certificates", str(Path(str(settings.ca)).resolve())]
     if settings.get("key"):
@@ -222,10 +255,62 @@ def _audit(settings: DictConfig) -> AuditLog | None:
 
 
 def _check_files(settings: DictConfig) -> None:
+    """One line naming the file: missing CA/key, a key readable by others, an unusable CA or key."""
+    from fedprog.deploy.certs import check_ca_file, check_node_key
+
+    where = f"site {settings.site}"
     for key in ("ca", "key"):
         value = settings.get(key)
         if value and not Path(str(value)).is_file():
-            raise SiteConfigError(f"site {settings.site}: {key}={value} does not exist")
+            raise SiteConfigError(f"{where}: {key}={value} does not exist")
+    if not settings.get("ca"):
+        raise SiteConfigError(f"{where}: ca is not set (the consortium CA file, e.g. runs/certs/ca.crt)")
+    if not settings.get("key"):
+        raise SiteConfigError(f"{where}: key is not set (this site's node private key, nodes/<site>.key)")
+    key_path = Path(str(settings.key))
+    mode = key_path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise SiteConfigError(
+            f"{where}: key file {key_path} is readable by group/others (mode {mode:o}); "
+            f"run: chmod 600 {key_path}"
+        )
+    problems = check_ca_file(str(settings.ca)) + check_node_key(key_path, None)
+    if problems:
+        raise SiteConfigError(f"{where}: {problems[0]}")
+
+
+def _check_app_pins(settings: DictConfig) -> None:
+    if not settings.app_hashes and not settings.allow_any_app:
+        raise SiteConfigError(
+            f"site {settings.site}: app_hashes is empty: name the app (FAB SHA-256) the consortium pinned "
+            "(`python -m fedprog.deploy.site fab-hash <app folder>`), or allow_any_app: true for a rehearsal"
+        )
+
+
+def check_superlink_certificate(settings: DictConfig) -> str:
+    """Dial the SuperLink once with the site's CA; raise :class:`SiteConfigError` when TLS verification fails.
+
+    Returns
+    -------
+    str
+        ``"verified"``, or ``"unreachable"`` when nothing answers yet (the SuperNode then keeps retrying).
+    """
+    host, _, port = str(settings.server).rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=str(settings.ca))
+    try:
+        with socket.create_connection((host, int(port)), timeout=float(settings.tls_check_timeout_s)) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                return "verified"
+    except ssl.SSLCertVerificationError as error:
+        raise SiteConfigError(
+            f"site {settings.site}: the SuperLink at {settings.server} failed TLS verification with "
+            f"ca={settings.ca} ({error.verify_message}): wrong CA file, or a server certificate without "
+            f"{host!r}"
+        ) from error
+    except (OSError, ssl.SSLError) as error:
+        logger.warning("site %s: SuperLink %s not reachable yet (%s)", settings.site, settings.server, error)
+        return "unreachable"
 
 
 def start_site(settings: DictConfig) -> list[ManagedProcess]:
@@ -241,6 +326,9 @@ def start_site(settings: DictConfig) -> list[ManagedProcess]:
         ``[supernode]`` or ``[supernode, superexec]``.
     """
     _check_files(settings)
+    _check_app_pins(settings)
+    if settings.tls_check_timeout_s:
+        check_superlink_certificate(settings)
     audit = _audit(settings)
     if settings.check_data:
         try:
@@ -296,6 +384,7 @@ def start_site(settings: DictConfig) -> list[ManagedProcess]:
             pid=supernode.pid,
             server=str(settings.server),
             process_model=str(settings.process_model),
+            app_hashes=[str(h) for h in settings.app_hashes or []] or "any",
         )
     return processes
 
@@ -361,6 +450,18 @@ def stop_main(cfg: DictConfig) -> int:
         return 1
     print(f"site {settings.site}: " + ("stopped" if stop_site(settings) else "nothing was running"))
     return 0
+
+
+def print_fab_hash(app_dir: str | Path) -> str:
+    """Print and return the FAB SHA-256 ``fedprog server run`` submits for ``app_dir`` (what sites pin)."""
+    import tempfile
+
+    from fedprog.deploy.server import stage_app
+
+    with tempfile.TemporaryDirectory() as folder:
+        digest = str(stage_app(app_dir, Path(folder) / "app")["fab_sha256"])
+    print(digest)
+    return digest
 
 
 # --------------------------------------------------------------------------------------------- warm SuperExec
@@ -444,11 +545,14 @@ def _warm_superexec(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "warm-superexec":
+    if len(sys.argv) > 1 and sys.argv[1] == "fab-hash":  # the hash a site pins: print_fab_hash(folder)
+        print_fab_hash(sys.argv[2] if len(sys.argv) > 2 else ".")
+    elif len(sys.argv) > 1 and sys.argv[1] == "warm-superexec":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
         _warm_superexec(sys.argv[2:])
     else:
         raise SystemExit(
-            f"usage: python -m fedprog.deploy.site warm-superexec ... ({shlex.join(sys.argv[1:])})"
+            "usage: python -m fedprog.deploy.site fab-hash [APP_DIR] | warm-superexec ... "
+            f"({shlex.join(sys.argv[1:])})"
         )
