@@ -63,3 +63,30 @@ def test_main_through_hydra_config(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(cfg) == 0
     assert main(load_config("data_check", [f"data.root={tmp_path / 'missing'}"])) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def _one_error_line(cfg, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(cfg) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def test_header_only_labels_is_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layout = write_cohort(tmp_path / "ds")
+    path = layout.cohort_file("c0", "labels.csv")
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    line = _one_error_line(OmegaConf.create({"data": {"root": str(layout.root)}}), capsys)
+    assert str(path) in line and "header only" in line
+
+
+def test_truncated_gzip_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    layout = write_cohort(tmp_path / "ds", n_genes=400, n_cases=60)
+    path = layout.cohort_file("c0", "rna.csv.gz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    line = _one_error_line(OmegaConf.create({"data": {"root": str(layout.root)}}), capsys)
+    assert str(path) in line and "unreadable" in line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +95,9 @@ def read_table_file(path: Path) -> pd.DataFrame:
             frame = pd.read_csv(path, low_memory=False)
     except ImportError as exc:
         raise CohortError(f"file {path}: cannot read Parquet ({exc}); install pyarrow or use CSV") from exc
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise CohortError(f"file {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    except (OSError, EOFError, ValueError, zlib.error, pd.errors.ParserError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else "truncated or corrupt file"
+        raise CohortError(f"file {path}: unreadable ({type(exc).__name__}: {detail})") from exc
     unnamed = [c for c in frame.columns if str(c).startswith("Unnamed:") or str(c) == ""]
     return frame.drop(columns=unnamed)
 
@@ -170,6 +172,8 @@ def read_labels(
     """
     frame = read_table_file(path)
     _require_columns(frame, [CASE, TIME, CENSOR], path)
+    if frame.empty:
+        raise InvalidValueError(f"file {path}: no case (the labels file holds a header only)")
     frame[CASE] = _case_ids(frame, path)
     slides: dict[str, list[str]] = {}
     if SLIDE in frame.columns:
@@ -409,8 +413,9 @@ def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | N
         log.warning("cohort %s: dropped %d of %d case(s): %s", cohort, len(dropped), len(labels), listing)
     keep = labels.index.difference(pd.Index(list(reasons)), sort=False)
     if len(keep) == 0:
+        example = "; ".join(f"{c}: {r}" for c, r in list(reasons.items())[:3]) or "no labelled case"
         raise MissingFeaturesError(
-            f"cohort {cohort!r}: no case left after dropping {len(dropped)} (e.g. {listing})"
+            f"cohort {cohort!r}: no case left after dropping {len(dropped)} (e.g. {example})"
         )
     labels = labels.loc[keep]
     aligned = {name: table.loc[keep] for name, table in loaded.items()}
