@@ -83,7 +83,9 @@ def test_header_only_labels_is_one_line_naming_the_file(
     assert str(path) in line and "header only" in line
 
 
-def test_truncated_gzip_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_truncated_gzip_is_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     layout = write_cohort(tmp_path / "ds", n_genes=400, n_cases=60)
     path = layout.cohort_file("c0", "rna.csv.gz")
     data = path.read_bytes()

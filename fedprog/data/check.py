@@ -16,6 +16,7 @@ from fedprog.data.bags import bag_shape
 from fedprog.data.cohort import CENSOR, SITE, TIME, Cohort, load_cohorts
 from fedprog.data.errors import BagError, CohortError
 from fedprog.data.groups import GeneGroups, load_groups
+from fedprog.data.harmonize import feature_genes
 from fedprog.data.layout import MANIFEST, DatasetLayout
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,11 @@ def check_dataset(layout: DatasetLayout) -> DatasetSummary:
     cohorts = load_cohorts(layout)
     notes = []
     groups: GeneGroups | None = None
-    genes = next(iter(cohorts.values())).genes
+    genes: list[str] = []
+    if layout.expression is not None:
+        lists = {name: c.genes for name, c in cohorts.items()}
+        genes = feature_genes(lists, layout.gene_policy)
+        notes += _gene_notes(lists, genes, layout.gene_policy)
     if layout.groups is not None and layout.expression is not None:
         groups = load_groups(layout).restrict(genes)
     dim: int | None = None
@@ -217,6 +222,19 @@ def check_dataset(layout: DatasetLayout) -> DatasetSummary:
             f"{len(groups.gene_order)} of {len(genes)} genes are in a group"
         )
     return DatasetSummary(layout.name, layout.root, rows, total, notes)
+
+
+def _gene_notes(lists: dict[str, list[str]], genes: list[str], policy: str) -> list[str]:
+    """One note per cohort lacking some of the genes every cohort would train on together."""
+    notes = []
+    for name, own in lists.items():
+        lacking = len(set(genes) - set(own))
+        if lacking:
+            notes.append(
+                f"{name}: lacks {lacking} of the {len(genes)} genes (gene_policy={policy}); as a held-out "
+                "site its missing genes are imputed at the training mean (see max_missing_genes_fraction)"
+            )
+    return notes
 
 
 def layout_from_config(cfg: DictConfig) -> DatasetLayout:

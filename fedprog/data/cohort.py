@@ -23,7 +23,8 @@ from fedprog.data.errors import (
     MissingFeaturesError,
     preview,
 )
-from fedprog.data.layout import DatasetLayout, TablePart, TableSpec
+from fedprog.data.harmonize import feature_genes
+from fedprog.data.layout import TIME_UNITS, DatasetLayout, TablePart, TableSpec
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +160,19 @@ def numeric_columns(
 
 
 def read_labels(
-    path: Path, cohort: str, site_column: str | None
+    path: Path,
+    cohort: str,
+    site_column: str | None,
+    *,
+    time_unit: str = "months",
+    pseudo_sites: int | None = None,
+    pseudo_seed: int = 0,
 ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Read and validate a labels table.
+
+    Times in ``time_unit`` (days | months | years) are converted to months (a warning names the file when
+    their distribution looks like another unit, see :func:`check_time_unit`). Without a site column and with
+    ``pseudo_sites`` N, cases get seeded pseudo sites (:func:`pseudo_site_labels`).
 
     Returns
     -------
@@ -209,7 +220,10 @@ def read_labels(
             "not in {0, 1} "
             f"(1 = censored, 0 = event) for case(s) {preview(cens.index[bad_cens].unique())}"
         )
-    frame[TIME] = times.to_numpy()
+    if time_unit not in TIME_UNITS:
+        raise LayoutError(f"file {path}: time_unit={time_unit!r} is not one of {list(TIME_UNITS)}")
+    frame[TIME] = times.to_numpy() * TIME_UNITS[time_unit]
+    check_time_unit(frame[TIME].to_numpy(), path, time_unit)
     frame[CENSOR] = cens.to_numpy().astype(np.int64)
     if SLIDE in frame.columns:
         conflict = frame.groupby(CASE)[[TIME, CENSOR]].nunique().max(axis=1) > 1
@@ -219,11 +233,62 @@ def read_labels(
                 f"{TIME}/{CENSOR}"
             )
         frame = frame.drop(columns=[SLIDE]).drop_duplicates(CASE)
-    frame[SITE] = _sites(frame, path, cohort, site_column)
+    if pseudo_sites is not None and not (site_column and site_column in frame.columns):
+        frame[SITE] = pseudo_site_labels(frame[CASE], cohort, pseudo_sites, pseudo_seed).to_numpy()
+        log.info(
+            "%s: no %r column; %d seeded pseudo site(s) p1..p%d",
+            path,
+            site_column,
+            pseudo_sites,
+            pseudo_sites,
+        )
+    else:
+        frame[SITE] = _sites(frame, path, cohort, site_column)
     frame[COHORT] = cohort
     labels = frame.set_index(CASE)
     labels.index.name = CASE
     return labels, slides
+
+
+# Survival times converted to months that look like another unit (warning only): longer than 50 years look
+# like days; a median under 6 and a maximum under 25 "months" look like years.
+_DAYS_LIKE_MAX_MONTHS = 600.0
+_YEARS_LIKE_MEDIAN, _YEARS_LIKE_MAX = 6.0, 25.0
+
+
+def check_time_unit(months: np.ndarray, path: Path, time_unit: str) -> str | None:
+    """Warn (and return the message) when times converted to months look like another unit, else None."""
+    if not len(months):
+        return None
+    top, median = float(np.max(months)), float(np.median(months))
+    message = None
+    if top > _DAYS_LIKE_MAX_MONTHS:
+        message = (
+            f"file {path}, column {TIME}: times read as {time_unit} reach {top:.0f} months (> 50 years); "
+            "they look like days: set time_unit: days"
+        )
+    elif median < _YEARS_LIKE_MEDIAN and top < _YEARS_LIKE_MAX and time_unit != "days":
+        message = (
+            f"file {path}, column {TIME}: times read as {time_unit} have median {median:.2f} and maximum "
+            f"{top:.2f} months; they look like years: set time_unit: years if so"
+        )
+    if message:
+        log.warning(message)
+    return message
+
+
+def pseudo_site_labels(case_ids: pd.Series, cohort: str, n_sites: int, seed: int = 0) -> pd.Series:
+    """Seeded pseudo hospitals ``p1..pN`` for a cohort without a site column.
+
+    Rule: the sorted unique case ids are permuted by ``numpy.random.default_rng([seed, crc32(cohort)])`` and
+    dealt round-robin to ``p1..pN`` (sizes differ by at most one); every row of a case gets its site. The same
+    cases, cohort name, N and seed always give the same sites, whatever the file's row order.
+    """
+    unique = np.array(sorted(set(case_ids.astype(str))))
+    rng = np.random.default_rng([int(seed), zlib.crc32(cohort.encode())])
+    order = rng.permutation(len(unique))
+    site_of = {unique[j]: f"p{rank % n_sites + 1}" for rank, j in enumerate(order)}
+    return case_ids.astype(str).map(site_of)
 
 
 def tss_code(case_id: str) -> str | None:
@@ -364,7 +429,14 @@ def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | N
     folder = layout.cohort_dir(cohort)
     if not folder.is_dir():
         raise CohortError(f"cohort {cohort!r}: folder {folder} not found")
-    labels, slides = read_labels(layout.cohort_file(cohort, layout.labels), cohort, layout.site_column)
+    labels, slides = read_labels(
+        layout.cohort_file(cohort, layout.labels),
+        cohort,
+        layout.site_column,
+        time_unit=layout.cohort_time_unit(cohort),
+        pseudo_sites=layout.cohort_pseudo_sites(cohort),
+        pseudo_seed=layout.pseudo_site_seed,
+    )
     reasons: dict[str, str] = {}
     names = list(layout.used_tables if tables is None else tables)
     loaded: dict[str, pd.DataFrame] = {}
@@ -423,55 +495,31 @@ def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | N
     return Cohort(cohort, labels, aligned, bag_paths, dropped, layout)
 
 
-def load_cohorts(
-    layout: DatasetLayout, cohorts: Sequence[str] | None = None, *, gene_policy: str | None = None
-) -> dict[str, Cohort]:
-    """Load several cohorts and harmonize their expression genes (see :func:`harmonize_genes`)."""
-    loaded = {name: load_cohort(layout, name) for name in (cohorts or layout.cohorts)}
-    if layout.expression is not None:
-        harmonize_genes(loaded, gene_policy or layout.gene_policy)
-    return loaded
+def load_cohorts(layout: DatasetLayout, cohorts: Sequence[str] | None = None) -> dict[str, Cohort]:
+    """Load several cohorts, each with its own expression genes.
+
+    Genes are NOT harmonized here: the training sites fix the features when the preprocessing is fitted and
+    every other site is aligned to them (:mod:`fedprog.data.harmonize`), so the features never depend on
+    which other cohorts sit in the data folder.
+    """
+    return {name: load_cohort(layout, name) for name in (cohorts or layout.cohorts)}
 
 
 def harmonize_genes(cohorts: Mapping[str, Cohort], policy: str = "intersection") -> list[str]:
-    """Give every cohort the same expression genes, in the first cohort's column order.
+    """Restrict every cohort's expression table, in place, to the genes ``policy`` keeps over ALL of them.
 
-    Parameters
-    ----------
-    cohorts : mapping of str to Cohort
-        Modified in place (their expression tables are restricted to the shared genes).
-    policy : {"intersection", "strict"}
-        ``strict`` raises :class:`GeneMismatchError` when the gene sets differ; ``intersection`` keeps the
-        shared genes and logs the overlap and a few missing genes per cohort.
-
-    Returns
-    -------
-    list of str
-        The shared genes.
+    Only for analyses where every given cohort trains (e.g. a pooled reference); models use
+    :func:`fedprog.data.harmonize.feature_genes` over their training sites instead. ``union`` is not
+    possible in place (nothing to impute with) and raises.
     """
     if not cohorts:
         return []
-    first = next(iter(cohorts.values()))
-    expr = first.layout.expression
+    expr = next(iter(cohorts.values())).layout.expression
     if expr is None:
         return []
-    gene_sets = {name: c.genes for name, c in cohorts.items()}
-    shared_set = set.intersection(*(set(g) for g in gene_sets.values()))
-    shared = [g for g in gene_sets[first.name] if g in shared_set]
-    union = set.union(*(set(g) for g in gene_sets.values()))
-    if len(shared) == len(union):
-        return shared
-    report = "; ".join(
-        f"{name} lacks {len(union) - len(genes)} (e.g. {preview(sorted(union - set(genes)), 3)})"
-        for name, genes in gene_sets.items()
-        if len(genes) < len(union)
-    )
-    message = f"expression genes differ between cohorts: {len(shared)} shared of {len(union)}; {report}"
-    if policy == "strict":
-        raise GeneMismatchError(message + " (gene_policy=strict)")
-    if not shared:
-        raise GeneMismatchError(message + ": no gene is shared")
-    log.warning("%s; keeping the %d shared genes (gene_policy=intersection)", message, len(shared))
+    if policy == "union":
+        raise GeneMismatchError("harmonize_genes: gene_policy=union needs imputation; use feature_genes")
+    shared = feature_genes({name: c.genes for name, c in cohorts.items()}, policy)
     for cohort in cohorts.values():
         cohort.tables[expr] = cohort.tables[expr][shared]
     return shared
