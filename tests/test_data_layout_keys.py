@@ -99,3 +99,35 @@ def test_folder_without_root_names_the_setting() -> None:
     cfg = load_config("data_check", ["data=folder"])
     with pytest.raises(LayoutError, match=r"data\.root=DIR"):
         DatasetLayout.load(cfg.data)
+
+
+def test_optional_clinical_part_uses_what_each_cohort_has(tmp_path: Path) -> None:
+    from fedprog.data import TabularTransform
+
+    write_cohort(tmp_path / "ds", "c0", with_bags=False)
+    layout = write_cohort(tmp_path / "ds", "c1", with_bags=False, seed=1)
+    c0 = load_cohort(layout, "c0")
+    pd.DataFrame({"case_id": c0.case_ids, "stage": ["I", "II"] * 10}).to_csv(
+        layout.cohort_file("c0", "clin.csv"), index=False
+    )
+    part = {"path": "clin.csv", "columns": ["stage"], "categorical": ["stage"], "missing": "keep"}
+    clinical = [{"path": "labels.csv", "columns": ["age"], "duplicates": "identical"}]
+    with pytest.raises(LayoutError, match=r"optional: true needs"):
+        _manifest(
+            layout,
+            tables={"clinical": [*clinical, {**part, "path": "x.csv", "optional": True, "missing": "error"}]},
+        )
+    layout = _manifest(
+        layout,
+        tables={"clinical": [*clinical, {**part, "optional": True}]},
+        expression=None,
+        strong="clinical",
+        features=None,
+        groups=None,
+    )
+    tables = {name: load_cohort(layout, name).tables["clinical"] for name in ("c0", "c1")}
+    assert list(tables["c1"].columns) == ["age", "stage"] and tables["c1"]["stage"].isna().all()
+    encoded = TabularTransform(["stage"]).fit(pd.concat(tables.values()))
+    assert "stage=<missing>" in encoded.feature_names
+    with pytest.raises(Exception, match=r"clin\.csv not found"):
+        load_cohort(_manifest(layout, tables={"clinical": [*clinical, part]}), "c1")

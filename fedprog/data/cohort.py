@@ -334,8 +334,21 @@ def read_table(
     """
     merged: pd.DataFrame | None = None
     dropped: list[tuple[str, str]] = []
+    absent: list[str] = []
     for part in spec.parts:
-        frame, part_dropped = _read_part(layout.cohort_file(cohort, part.path), part)
+        path = layout.cohort_file(cohort, part.path)
+        if part.optional and not path.is_file():
+            log.info(
+                "cohort %s: optional %s absent; column(s) %s are missing for every case",
+                cohort,
+                path,
+                list(part.columns or ()),
+            )
+            absent += list(part.columns or ())
+            continue
+        frame, part_dropped = _read_part(path, part)
+        if part.optional and part.columns is not None:
+            absent += [c for c in part.columns if c not in frame.columns]
         dropped.extend(part_dropped)
         if merged is None:
             merged = frame
@@ -346,8 +359,16 @@ def read_table(
                 f"table {spec.name!r}: column(s) {sorted(clash)} appear in two parts ({part.path})"
             )
         merged = merged.join(frame, how="outer")
-    assert merged is not None  # a TableSpec always has a part
-    return merged, dropped
+    if merged is None:
+        raise MissingFeaturesError(
+            f"cohort {cohort!r}: table {spec.name!r} has no file (every part is optional and absent: "
+            f"{', '.join(str(layout.cohort_file(cohort, p.path)) for p in spec.parts)})"
+        )
+    for col in absent:  # "use what the cohort has": NaN, imputed by the tabular transform (documented rule)
+        merged[col] = np.nan
+    order = [c for part in spec.parts for c in (part.columns or []) if c in merged.columns]
+    rest = [c for c in merged.columns if c not in order]
+    return merged[order + rest], dropped
 
 
 def _read_part(path: Path, part: TablePart) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
@@ -355,6 +376,8 @@ def _read_part(path: Path, part: TablePart) -> tuple[pd.DataFrame, list[tuple[st
     _require_columns(frame, [CASE], path)
     frame[CASE] = _case_ids(frame, path)
     columns = list(part.columns) if part.columns is not None else [c for c in frame.columns if c != CASE]
+    if part.optional:
+        columns = [c for c in columns if c in frame.columns]
     _require_columns(frame, columns, path)
     frame = frame[[CASE, *columns]]
     dup = frame[CASE].duplicated(keep=False)

@@ -45,6 +45,11 @@ class TablePart:
     missing : {"error", "drop", "keep"}
         NaN in ``columns``: an error naming file/column/case, drop the case (see ``Cohort.dropped``), or
         keep the NaN (``TabularTransform`` then imputes numeric columns and gives categories a missing level).
+    optional : bool
+        Per-cohort "use what the cohort has": a cohort folder without this file, or a file without some of
+        ``columns`` (which must then be listed), gets those columns as missing (NaN) for every case. The
+        tabular transform imputes a numeric one at the training mean with a ``<column>__missing`` indicator
+        and gives a categorical one the ``<missing>`` level. Needs ``missing: keep``.
     """
 
     path: str
@@ -52,6 +57,7 @@ class TablePart:
     categorical: tuple[str, ...] = ()
     duplicates: str = "error"
     missing: str = "error"
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -289,6 +295,7 @@ class DatasetLayout:
                     "categorical": list(part.categorical),
                     "duplicates": part.duplicates,
                     "missing": part.missing,
+                    "optional": part.optional,
                 }
                 for part in spec.parts
             ]
@@ -405,7 +412,7 @@ def _table_spec(name: str, spec: Any, where: str) -> TableSpec:
             raw = {"path": raw}
         if not isinstance(raw, Mapping) or not raw.get("path"):
             raise LayoutError(f"{where}: table {name!r}: each part needs a 'path', got {raw!r}")
-        extra = set(raw) - {"path", "columns", "categorical", "duplicates", "missing"}
+        extra = set(raw) - {"path", "columns", "categorical", "duplicates", "missing", "optional"}
         if extra:
             raise LayoutError(f"{where}: table {name!r}: unknown key(s) {sorted(extra)}")
         columns = raw.get("columns")
@@ -415,9 +422,15 @@ def _table_spec(name: str, spec: Any, where: str) -> TableSpec:
             categorical=tuple(str(c) for c in raw.get("categorical") or ()),
             duplicates=str(raw.get("duplicates") or "error"),
             missing=str(raw.get("missing") or "error"),
+            optional=bool(raw.get("optional") or False),
         )
         _choice(part.duplicates, DUPLICATE_POLICIES, f"tables.{name}.duplicates", where)
         _choice(part.missing, MISSING_POLICIES, f"tables.{name}.missing", where)
+        if part.optional and (part.columns is None or part.missing != "keep"):
+            raise LayoutError(
+                f"{where}: table {name!r} part {part.path}: optional: true needs its 'columns' listed and "
+                "missing: keep"
+            )
         if part.columns is not None:
             stray = set(part.categorical) - set(part.columns)
             if stray:
