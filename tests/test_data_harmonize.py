@@ -132,3 +132,39 @@ def test_pooled_and_local_baselines_with_differing_genes(tmp_path: Path, strateg
     results = json.loads((out / "results.json").read_text())
     assert {s["site"]: s["missing_genes"] for s in results["sites"]}["c2"] == 1
     assert np.isfinite(results["headline"]["heldout_c_index"])
+
+
+def test_federated_heldout_site_lacking_genes_evaluates(tmp_path: Path) -> None:
+    from fed_helpers import DirectGrid
+
+    from fedprog.federated import client_app
+    from fedprog.federated.server_app import run_federation
+    from fedprog.federated.simulation import prepare
+
+    layout = _folder(tmp_path / "ds", {"c2": ["G005"]}, n_genes=24)
+    client_app.clear_caches()
+    cfg = prepare(
+        load_config(
+            "simulate",
+            [
+                "data=folder",
+                f"data.root={layout.root}",
+                "data.strong=clinical",
+                "data.features=null",
+                f"out={tmp_path / 'run'}",
+                "heldout=[c2]",
+                "federation.partition=cohort",
+                "rounds=1",
+                "n_bins=2",
+                "model=snn",
+                "model.dim=8",
+                "training.epochs=1",
+                "node_wait_timeout=5",
+            ],
+        )
+    )
+    results = run_federation(DirectGrid(int(cfg.expected_sites)), cfg)
+    rounds = pd.read_csv(tmp_path / "run" / "rounds.csv")
+    held = rounds[rounds["site"] == "c2"]
+    assert len(held) == 1 and np.isfinite(held["c_index"]).all()  # imputed, not dropped
+    assert results["status"] == "completed"

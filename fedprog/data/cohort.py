@@ -446,8 +446,9 @@ def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | N
         )
     if not layout.root.is_dir():
         raise CohortError(
-            f"dataset folder {layout.root} not found (data.root of layout {layout.name!r}; "
-            "the generated default is written by `fedprog synth out=DIR`)"
+            f"dataset folder {layout.root} not found (layout {layout.name!r}): give data.root=DIR "
+            "(your own folder: data=folder data.root=DIR), set FEDPROG_SHARED to the folder holding "
+            "data/tcga (data=tcga), or write the generated default with `fedprog synth out=DIR`"
         )
     folder = layout.cohort_dir(cohort)
     if not folder.is_dir():
