@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedprog.data import cache as table_cache
 from fedprog.data.bags import find_bag
 from fedprog.data.errors import (
     CohortError,
@@ -129,7 +130,7 @@ def numeric_columns(
     unless ``allow_nan``.
     """
     out = frame.loc[:, list(columns)]
-    bad_dtype = [c for c in out.columns if not pd.api.types.is_numeric_dtype(out[c])]
+    bad_dtype = [c for c, dtype in out.dtypes.items() if not pd.api.types.is_numeric_dtype(dtype)]
     if bad_dtype:
         converted = out[bad_dtype].apply(pd.to_numeric, errors="coerce")
         for col in bad_dtype:
@@ -372,6 +373,18 @@ def read_table(
 
 
 def _read_part(path: Path, part: TablePart) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """A validated table part, from the table cache when the file and spec are unchanged (cache.py)."""
+    key = table_cache.part_key(path, part)
+    cached = None if key is None else table_cache.load(key)
+    if cached is not None:
+        return cached
+    table, dropped = _read_part_file(path, part)
+    if key is not None:
+        table_cache.save(key, table, dropped)
+    return table, dropped
+
+
+def _read_part_file(path: Path, part: TablePart) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     frame = read_table_file(path)
     _require_columns(frame, [CASE], path)
     frame[CASE] = _case_ids(frame, path)
