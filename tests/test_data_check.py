@@ -92,3 +92,14 @@ def test_truncated_gzip_is_one_line_naming_the_file(
     path.write_bytes(data[: len(data) // 2])
     line = _one_error_line(OmegaConf.create({"data": {"root": str(layout.root)}}), capsys)
     assert str(path) in line and "unreadable" in line
+
+
+def test_notes_count_the_genes_each_cohort_lacks(tmp_path: Path) -> None:
+    write_cohort(tmp_path / "ds", "c0", n_genes=20)
+    layout = write_cohort(tmp_path / "ds", "c1", n_genes=20, seed=2)
+    path = layout.cohort_file("c1", "rna.csv.gz")
+    pd.read_csv(path).drop(columns=["G001", "G002", "G003"]).to_csv(path, index=False)
+    summary = check_dataset(layout)
+    assert summary.to_frame()["genes"].to_dict() == {"c0": 20, "c1": 17, "total": 17}
+    (note,) = [n for n in summary.notes if n.startswith("c1:")]
+    assert "lacks 3 of the 20 genes" in note and "refused" in note  # 15 % > 10 %

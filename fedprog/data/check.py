@@ -16,7 +16,7 @@ from fedprog.data.bags import bag_shape
 from fedprog.data.cohort import CENSOR, SITE, TIME, Cohort, load_cohorts
 from fedprog.data.errors import BagError, CohortError
 from fedprog.data.groups import GeneGroups, load_groups
-from fedprog.data.harmonize import feature_genes
+from fedprog.data.harmonize import feature_genes, max_missing_fraction
 from fedprog.data.layout import MANIFEST, DatasetLayout
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def check_dataset(layout: DatasetLayout) -> DatasetSummary:
     if layout.expression is not None:
         lists = {name: c.genes for name, c in cohorts.items()}
         genes = feature_genes(lists, layout.gene_policy)
-        notes += _gene_notes(lists, genes, layout.gene_policy)
+        notes += _gene_notes(lists, max_missing_fraction(layout))
     if layout.groups is not None and layout.expression is not None:
         groups = load_groups(layout).restrict(genes)
     dim: int | None = None
@@ -224,16 +224,23 @@ def check_dataset(layout: DatasetLayout) -> DatasetSummary:
     return DatasetSummary(layout.name, layout.root, rows, total, notes)
 
 
-def _gene_notes(lists: dict[str, list[str]], genes: list[str], policy: str) -> list[str]:
-    """One note per cohort lacking some of the genes every cohort would train on together."""
+def _gene_notes(lists: dict[str, list[str]], max_fraction: float) -> list[str]:
+    """One note per cohort lacking genes that other cohorts have (a held-out site imputes or refuses them)."""
+    union = set().union(*(set(g) for g in lists.values()))
     notes = []
     for name, own in lists.items():
-        lacking = len(set(genes) - set(own))
-        if lacking:
-            notes.append(
-                f"{name}: lacks {lacking} of the {len(genes)} genes (gene_policy={policy}); as a held-out "
-                "site its missing genes are imputed at the training mean (see max_missing_genes_fraction)"
-            )
+        lacking = len(union - set(own))
+        if not lacking:
+            continue
+        fraction = lacking / len(union)
+        verdict = (
+            f"above max_missing_genes_fraction={max_fraction:g}: refused where the training sites have them"
+            if fraction > max_fraction
+            else "imputed at the training mean where the training sites have them"
+        )
+        notes.append(
+            f"{name}: lacks {lacking} of the {len(union)} genes of all cohorts ({fraction:.1%}; {verdict})"
+        )
     return notes
 
 
