@@ -131,3 +131,22 @@ def test_optional_clinical_part_uses_what_each_cohort_has(tmp_path: Path) -> Non
     assert "stage=<missing>" in encoded.feature_names
     with pytest.raises(Exception, match=r"clin\.csv not found"):
         load_cohort(_manifest(layout, tables={"clinical": [*clinical, part]}), "c1")
+
+
+def test_gene_map_turns_probes_into_genes(tmp_path: Path) -> None:
+    layout = write_cohort(tmp_path / "ds", "c0", n_genes=6, with_bags=False)
+    path = layout.cohort_file("c0", "rna.csv.gz")
+    rna = pd.read_csv(path)
+    probes = rna.rename(columns={f"G00{i}": f"p{i}" for i in range(6)})
+    probes["p0b"] = probes["p0"] + 2.0  # a second probe of G000
+    probes.to_csv(path, index=False)
+    mapping = pd.DataFrame(
+        {"probe": [*(f"p{i}" for i in range(5)), "p0b"], "gene": [*(f"G00{i}" for i in range(5)), "G000"]}
+    )
+    mapping.to_csv(layout.root / "probes.csv", index=False)
+    expression = load_cohort(_manifest(layout, gene_map={"path": "probes.csv"}), "c0").tables["rna"]
+    assert list(expression.columns) == ["G000", "G001", "G002", "G003", "G004", "p5"]  # p5 unmapped: kept
+    np.testing.assert_allclose(expression["G000"].to_numpy(), rna["G000"].to_numpy() + 1.0)  # probes averaged
+    np.testing.assert_allclose(expression["G003"].to_numpy(), rna["G003"].to_numpy())
+    with pytest.raises(LayoutError, match=r"gene_map: unknown key"):
+        _manifest(layout, gene_map={"path": "probes.csv", "probes": "x"})

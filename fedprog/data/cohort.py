@@ -430,6 +430,42 @@ def _read_part_file(path: Path, part: TablePart) -> tuple[pd.DataFrame, list[tup
     return out, dropped
 
 
+def map_probes(table: pd.DataFrame, layout: DatasetLayout, cohort: str) -> pd.DataFrame:
+    """Expression columns renamed through the layout's ``gene_map`` (probe -> gene symbol table).
+
+    Rule: a column found in the map's ``probe_column`` takes the gene of ``gene_column``; a column not in the
+    map keeps its name (cohorts already in gene symbols can share the map); columns that end up with the same
+    gene are averaged (several probes of one gene); a probe listed twice takes its last row. Logged: how
+    many columns were mapped and merged.
+    """
+    spec = layout.gene_map
+    assert spec is not None
+    path = layout.root_file(str(spec["path"]))
+    frame = read_table_file(path)
+    probe_col, gene_col = str(spec.get("probe_column") or "probe"), str(spec.get("gene_column") or "gene")
+    _require_columns(frame, [probe_col, gene_col], path)
+    frame = frame.dropna(subset=[probe_col, gene_col])
+    mapping = dict(
+        zip(frame[probe_col].astype(str).str.strip(), frame[gene_col].astype(str).str.strip(), strict=True)
+    )
+    genes = [mapping.get(str(c), str(c)) for c in table.columns]
+    mapped = sum(str(c) in mapping for c in table.columns)
+    out = (
+        table.T.groupby(pd.Index(genes, name="gene"), sort=False).mean().T
+        if len(set(genes)) < len(genes)
+        else table.set_axis(genes, axis=1)
+    )
+    log.info(
+        "cohort %s: gene_map %s mapped %d of %d expression columns to %d genes",
+        cohort,
+        path.name,
+        mapped,
+        table.shape[1],
+        out.shape[1],
+    )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- cohort
 def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | None = None) -> Cohort:
     """Load one cohort: validated labels, the modality tables joined on case_id, and bag paths.
@@ -495,6 +531,8 @@ def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | N
             log.info(
                 "cohort %s: %d row(s) of table %r have no labels and are ignored", cohort, len(extra), name
             )
+        if name == layout.expression and layout.gene_map is not None:
+            table = map_probes(table, layout, cohort)
         loaded[name] = table
     bag_paths: dict[str, list[Path]] = {}
     if layout.strong_kind == "wsi":

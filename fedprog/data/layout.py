@@ -96,7 +96,9 @@ class DatasetLayout:
     error; default 1), ``time_unit`` (``days`` | ``months`` | ``years``, or a mapping cohort -> unit; labels
     are converted to months on load), ``pseudo_sites`` (N: a cohort whose labels have no site column is
     split into N seeded pseudo hospitals ``p1..pN``, see :func:`fedprog.data.cohort.pseudo_site_labels`;
-    or a mapping cohort -> N) with ``pseudo_site_seed``.
+    or a mapping cohort -> N) with ``pseudo_site_seed``, ``gene_map`` (``{path, probe_column: probe,
+    gene_column: gene}``: a CSV relative to ``root`` renaming probe-level expression columns to gene symbols,
+    see :func:`fedprog.data.cohort.map_probes`).
     """
 
     name: str
@@ -120,6 +122,7 @@ class DatasetLayout:
     time_unit: str | Mapping[str, str] = "months"
     pseudo_sites: int | Mapping[str, int] | None = None
     pseudo_site_seed: int = 0
+    gene_map: Mapping[str, Any] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -204,6 +207,7 @@ class DatasetLayout:
             time_unit=_plain_value(keys.get("time_unit") or "months"),
             pseudo_sites=_plain_value(keys.get("pseudo_sites")),
             pseudo_site_seed=int(keys.get("pseudo_site_seed") or 0),
+            gene_map=_gene_map(keys.get("gene_map"), where),
         )
         layout.validate()
         return layout
@@ -327,6 +331,7 @@ class DatasetLayout:
             "time_unit": _plain_value(self.time_unit),
             "pseudo_sites": _plain_value(self.pseudo_sites),
             "pseudo_site_seed": self.pseudo_site_seed,
+            "gene_map": _plain_value(self.gene_map),
         }
 
 
@@ -439,6 +444,19 @@ def _table_spec(name: str, spec: Any, where: str) -> TableSpec:
     if not parts:
         raise LayoutError(f"{where}: table {name!r} has no parts")
     return TableSpec(name=name, parts=tuple(parts))
+
+
+def _gene_map(raw: Any, where: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    if not isinstance(raw, Mapping) or not raw.get("path"):
+        raise LayoutError(f"{where}: 'gene_map' needs a 'path' (probe -> gene CSV), got {raw!r}")
+    extra = set(raw) - {"path", "probe_column", "gene_column"}
+    if extra:
+        raise LayoutError(f"{where}: gene_map: unknown key(s) {sorted(extra)}")
+    return dict(raw)
 
 
 def _group_spec(raw: Any, where: str) -> GroupSpec:
