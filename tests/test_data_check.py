@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,7 @@ from data_factory import write_cohort
 from omegaconf import OmegaConf
 
 from fedprog.config import config_dir, load_config
-from fedprog.data import check_dataset
+from fedprog.data import CohortError, check_dataset
 from fedprog.data.check import main, median_followup
 
 
@@ -103,3 +104,40 @@ def test_notes_count_the_genes_each_cohort_lacks(tmp_path: Path) -> None:
     assert summary.to_frame()["genes"].to_dict() == {"c0": 20, "c1": 17, "total": 17}
     (note,) = [n for n in summary.notes if n.startswith("c1:")]
     assert "lacks 3 of the 20 genes" in note and "refused" in note  # 15 % > 10 %
+
+
+def test_add_cohort_registers_a_checked_folder(tmp_path: Path) -> None:
+    from fedprog.data.check import add_cohort
+    from fedprog.data.layout import DatasetLayout
+
+    root = tmp_path / "ds"
+    write_cohort(root, "c0", with_bags=False)
+    write_cohort(tmp_path / "other", "ext", with_bags=False, seed=4)  # a new hospital's folder
+    shutil.copytree(tmp_path / "other" / "ext", root / "ext")
+    labels = pd.read_csv(root / "ext" / "labels.csv").drop(columns=["site"])
+    labels["survival_months"] = (labels["survival_months"] * 30.4375).round(1)  # this hospital counts days
+    labels.to_csv(root / "ext" / "labels.csv", index=False)
+    summary = add_cohort(root, "ext", time_unit="days", pseudo_sites=2)
+    assert summary.to_frame().loc["ext", "sites"] == 2
+    layout = DatasetLayout.load(root)
+    assert layout.cohorts == ("c0", "ext") and layout.cohort_time_unit("ext") == "days"
+    assert layout.cohort_time_unit("c0") == "months" and layout.cohort_pseudo_sites("c0") is None
+    before = (root / "fedprog.yaml").read_text()
+    (root / "bad").mkdir()
+    (root / "bad" / "labels.csv").write_text("case_id,survival_months,censorship\n")
+    with pytest.raises(CohortError, match=r"header only"):
+        add_cohort(root, "bad")
+    assert (root / "fedprog.yaml").read_text() == before  # nothing registered on failure
+
+
+def test_add_main_through_its_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedprog.data.check import add_main
+
+    root = tmp_path / "ds"
+    write_cohort(root, "c0", with_bags=False)
+    write_cohort(tmp_path / "other", "c1", with_bags=False, seed=4)
+    shutil.copytree(tmp_path / "other" / "c1", root / "c1")
+    cfg = load_config("data_add", [f"data.root={root}", "cohort=c1"])
+    assert add_main(cfg) == 0 and "cohort c1 added" in capsys.readouterr().out
+    assert add_main(load_config("data_add", [f"data.root={root}", "cohort=nope"])) == 2
+    assert "cohort folder" in capsys.readouterr().err
