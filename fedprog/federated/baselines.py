@@ -84,7 +84,14 @@ def train_and_evaluate(
     for site in all_sites:
         ids = site.test_ids if site.test_ids else site.all_ids
         data = _dataset(site, cohorts[site.cohort], ids, prep, cfg)
-        result = engine.evaluate(model, data, bins=prep.bins, loss_cfg=train_cfg)
+        result = engine.evaluate(
+            model,
+            data,
+            bins=prep.bins,
+            loss_cfg=train_cfg,
+            train_times=train_ds.times,  # censoring reference of the IPCW metrics: the training cases
+            train_censorship=train_ds.censorship,
+        )
         m = result.metrics
         rows.append(
             {
