@@ -87,7 +87,7 @@ def save(key: str, table: pd.DataFrame, dropped: list[tuple[str, str]]) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f"{key}.{os.getpid()}.tmp.npz"
-        np.savez_compressed(tmp, **_encode(table, dropped))
+        np.savez(tmp, **_encode(table, dropped))
         os.replace(tmp, folder / f"{key}.npz")
     except (OSError, ValueError) as exc:
         log.debug("table cache not written to %s (%s)", folder, exc)
