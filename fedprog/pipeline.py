@@ -115,6 +115,21 @@ def fit_expression(
     return groups, expression
 
 
+def site_expression_moments(
+    layout: DatasetLayout, cohort: Cohort, genes: Sequence[str], case_ids: Sequence[str], *, site: str
+) -> dict[str, Any]:
+    """One training site's expression moments over the server's feature ``genes`` (federated fit).
+
+    The site's missing feature genes (``gene_policy: union``) are checked against
+    ``max_missing_genes_fraction`` and count no case (``gene_count``); summing ``count``, ``gene_count``,
+    ``sum`` and ``sumsq`` over the training sites and calling ``ExpressionTransform.from_moments(...,
+    gene_count=...)`` gives exactly :func:`fit_expression` on the pooled cases.
+    """
+    missing_genes(site, cohort.genes, genes, max_missing_fraction(layout))
+    frame = align_expression(expression_frame(cohort, None, case_ids), genes)
+    return expression_transform_for(layout).moments(frame)
+
+
 def fit_preprocessing(
     layout: DatasetLayout,
     cohorts: Mapping[str, Cohort],

@@ -168,3 +168,25 @@ def test_federated_heldout_site_lacking_genes_evaluates(tmp_path: Path) -> None:
     held = rounds[rounds["site"] == "c2"]
     assert len(held) == 1 and np.isfinite(held["c_index"]).all()  # imputed, not dropped
     assert results["status"] == "completed"
+
+
+def test_site_moments_summed_equal_the_pooled_union_fit(tmp_path: Path) -> None:
+    from fedprog.pipeline import fit_expression, site_expression_moments
+
+    layout = _folder(tmp_path / "ds", {"c1": ["G002"]}, gene_policy="union", max_missing_genes_fraction=0.1)
+    cohorts = load_cohorts(layout)
+    parts = {name: (cohorts[name], cohorts[name].case_ids) for name in ("c0", "c1")}
+    groups, pooled = fit_expression(layout, parts)
+    genes = groups.gene_order if groups is not None else pooled.genes
+    moments = [site_expression_moments(layout, c, genes, ids, site=n) for n, (c, ids) in parts.items()]
+    assert moments[1]["gene_count"][genes.index("G002")] == 0
+    federated = ExpressionTransform.from_moments(
+        sum(m["count"] for m in moments),
+        np.sum([m["sum"] for m in moments], axis=0),
+        np.sum([m["sumsq"] for m in moments], axis=0),
+        genes=genes,
+        gene_count=np.sum([m["gene_count"] for m in moments], axis=0),
+        **layout.transform,
+    )
+    np.testing.assert_allclose(federated.mean, pooled.mean)
+    np.testing.assert_allclose(federated.std, pooled.std)
