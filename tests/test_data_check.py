@@ -42,8 +42,8 @@ def test_median_followup_reverse_km() -> None:
 
 def test_main_ok_and_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     layout = write_cohort(tmp_path / "ds")
-    cfg = OmegaConf.create({"data": {"root": str(layout.root), "cohorts": ["ignored"]}})
-    assert main(cfg) == 0  # the manifest alone gives the layout
+    cfg = OmegaConf.create({"data": {"root": str(layout.root), "cohorts": ["ignored"], "synth": {}}})
+    assert main(cfg) == 0  # the generated default's keys never override a manifest
     assert "total" in capsys.readouterr().out
     path = layout.cohort_file("c0", "labels.csv")
     labels = pd.read_csv(path)
@@ -141,3 +141,12 @@ def test_add_main_through_its_config(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert add_main(cfg) == 0 and "cohort c1 added" in capsys.readouterr().out
     assert add_main(load_config("data_add", [f"data.root={root}", "cohort=nope"])) == 2
     assert "cohort folder" in capsys.readouterr().err
+
+
+def test_folder_overrides_apply_over_the_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    layout = write_cohort(tmp_path / "ds")
+    ok = load_config("data_check", ["data=folder", f"data.root={layout.root}"])
+    assert main(ok) == 0
+    capsys.readouterr()
+    bad = load_config("data_check", ["data=folder", f"data.root={layout.root}", "data.time_unit=weeks"])
+    assert main(bad) == 2 and "time_unit='weeks'" in capsys.readouterr().err

@@ -247,12 +247,17 @@ def _gene_notes(lists: dict[str, list[str]], max_fraction: float) -> list[str]:
 
 
 def layout_from_config(cfg: DictConfig) -> DatasetLayout:
-    """The layout of ``cfg.data``; if ``<data.root>/fedprog.yaml`` exists, that manifest alone gives it."""
+    """The layout of ``cfg.data``.
+
+    When ``<data.root>/fedprog.yaml`` exists, the manifest gives the layout; the keys of ``data=folder`` (and
+    its overrides, e.g. ``data.time_unit=days``) are merged over it, while the generated default's keys
+    (``data=synth``, the command's default, recognized by its ``synth`` key) are ignored.
+    """
     data = cfg.get("data")
-    if data is None or data.get("root") is None:
+    if data is None or data.get("root") is None or str(data.get("root")) == "???":
         raise CohortError("no dataset given: pass DIR (fedprog data check DIR) or data.root=DIR")
     root = Path(str(data.root))
-    if (root / MANIFEST).is_file():
+    if (root / MANIFEST).is_file() and "synth" in data:
         return DatasetLayout.load(root)
     return DatasetLayout.load(OmegaConf.to_container(data, resolve=True))  # type: ignore[arg-type]
 
