@@ -150,3 +150,11 @@ def test_gene_map_turns_probes_into_genes(tmp_path: Path) -> None:
     np.testing.assert_allclose(expression["G003"].to_numpy(), rna["G003"].to_numpy())
     with pytest.raises(LayoutError, match=r"gene_map: unknown key"):
         _manifest(layout, gene_map={"path": "probes.csv", "probes": "x"})
+
+
+def test_missing_tcga_folder_names_the_settings(tmp_path: Path) -> None:
+    from fedprog.data import CohortError
+
+    layout = DatasetLayout.load(load_config("data_check", ["data=tcga", f"shared={tmp_path / 'none'}"]).data)
+    with pytest.raises(CohortError, match=r"data\.root=DIR.*FEDPROG_SHARED"):
+        load_cohort(layout, "brca")
