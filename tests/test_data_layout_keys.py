@@ -158,3 +158,9 @@ def test_missing_tcga_folder_names_the_settings(tmp_path: Path) -> None:
     layout = DatasetLayout.load(load_config("data_check", ["data=tcga", f"shared={tmp_path / 'none'}"]).data)
     with pytest.raises(CohortError, match=r"data\.root=DIR.*FEDPROG_SHARED"):
         load_cohort(layout, "brca")
+
+
+def test_pseudo_sites_never_replace_tss_barcodes(tmp_path: Path) -> None:
+    layout = write_cohort(tmp_path / "ds", "c0", with_bags=False)
+    sites = load_cohort(_manifest(layout, site_column="tss", pseudo_sites=2), "c0").labels["site"]
+    assert set(sites) == {"A1", "B2", "C3"}

@@ -172,8 +172,9 @@ def read_labels(
     """Read and validate a labels table.
 
     Times in ``time_unit`` (days | months | years) are converted to months (a warning names the file when
-    their distribution looks like another unit, see :func:`check_time_unit`). Without a site column and with
-    ``pseudo_sites`` N, cases get seeded pseudo sites (:func:`pseudo_site_labels`).
+    their distribution looks like another unit, see :func:`check_time_unit`). Without a site column (or, with
+    ``site_column: tss``, without TCGA-like barcodes) and with ``pseudo_sites`` N, cases get seeded pseudo
+    sites (:func:`pseudo_site_labels`).
 
     Returns
     -------
@@ -234,7 +235,10 @@ def read_labels(
                 f"{TIME}/{CENSOR}"
             )
         frame = frame.drop(columns=[SLIDE]).drop_duplicates(CASE)
-    if pseudo_sites is not None and not (site_column and site_column in frame.columns):
+    use_pseudo = pseudo_sites is not None and not (site_column and site_column in frame.columns)
+    if use_pseudo and site_column == TSS and frame[CASE].map(tss_code).notna().all():
+        use_pseudo = False  # barcodes carry their tissue source site: real sites win over pseudo ones
+    if use_pseudo:
         frame[SITE] = pseudo_site_labels(frame[CASE], cohort, pseudo_sites, pseudo_seed).to_numpy()
         log.info(
             "%s: no %r column; %d seeded pseudo site(s) p1..p%d",
