@@ -28,6 +28,7 @@ from fedprog.data import (
     load_groups,
 )
 from fedprog.data.dataset import expression_frame
+from fedprog.data.harmonize import align_expression, feature_genes, max_missing_fraction, missing_genes
 from fedprog.data.transforms import expression_transform_for, tabular_transform_for
 from fedprog.models import create_model
 from fedprog.report import to_jsonable
@@ -78,6 +79,57 @@ def training_groups(layout: DatasetLayout, genes: Sequence[str]) -> GeneGroups |
     return load_groups(layout).restrict(genes)
 
 
+def training_features(
+    layout: DatasetLayout, gene_lists: Mapping[str, Sequence[str]]
+) -> tuple[GeneGroups | None, list[str]]:
+    """Gene groups and the feature genes fixed by the TRAINING sites' gene lists (``layout.gene_policy``).
+
+    The one place every path (train, pooled, local, the federated server) decides the features; see
+    :mod:`fedprog.data.harmonize`. With groups, the features are the group genes in group order.
+    """
+    genes = feature_genes(gene_lists, layout.gene_policy)
+    groups = training_groups(layout, genes)
+    return groups, list(groups.gene_order) if groups is not None else genes
+
+
+def fit_expression(
+    layout: DatasetLayout, parts: Mapping[str, tuple[Cohort, Sequence[str]]]
+) -> tuple[GeneGroups | None, ExpressionTransform]:
+    """Fix the features on the training parts (name -> (cohort, case ids)) and fit the expression transform.
+
+    A training part lacking feature genes (``gene_policy: union``) contributes NaN columns that count no case
+    in those genes' moments; the allowed fraction is checked (``max_missing_genes_fraction``).
+    """
+    groups, genes = training_features(layout, {name: cohort.genes for name, (cohort, _) in parts.items()})
+    frames = []
+    for name, (cohort, ids) in parts.items():
+        missing_genes(name, cohort.genes, genes, max_missing_fraction(layout))
+        frames.append(align_expression(expression_frame(cohort, None, ids), genes))
+    expression = expression_transform_for(layout).fit_parts(frames)
+    log.info(
+        "expression features: %d genes fixed by training %s (gene_policy=%s)",
+        len(genes),
+        sorted(parts),
+        layout.gene_policy,
+    )
+    return groups, expression
+
+
+def site_expression_moments(
+    layout: DatasetLayout, cohort: Cohort, genes: Sequence[str], case_ids: Sequence[str], *, site: str
+) -> dict[str, Any]:
+    """One training site's expression moments over the server's feature ``genes`` (federated fit).
+
+    The site's missing feature genes (``gene_policy: union``) are checked against
+    ``max_missing_genes_fraction`` and count no case (``gene_count``); summing ``count``, ``gene_count``,
+    ``sum`` and ``sumsq`` over the training sites and calling ``ExpressionTransform.from_moments(...,
+    gene_count=...)`` gives exactly :func:`fit_expression` on the pooled cases.
+    """
+    missing_genes(site, cohort.genes, genes, max_missing_fraction(layout))
+    frame = align_expression(expression_frame(cohort, None, case_ids), genes)
+    return expression_transform_for(layout).moments(frame)
+
+
 def fit_preprocessing(
     layout: DatasetLayout,
     cohorts: Mapping[str, Cohort],
@@ -106,10 +158,9 @@ def fit_preprocessing(
 
     groups, expression = None, None
     if layout.expression is not None:
-        first = cohorts[next(iter(used))]
-        groups = training_groups(layout, first.genes)
-        frame = pd.concat([expression_frame(cohorts[name], groups, ids) for name, ids in used.items()])
-        expression = expression_transform_for(layout).fit(frame)
+        groups, expression = fit_expression(
+            layout, {name: (cohorts[name], ids) for name, ids in used.items()}
+        )
 
     strong = tabular_transform_for(layout)
     if strong is not None:
@@ -126,8 +177,13 @@ def make_dataset(
     *,
     max_patches: int | None = None,
     seed: int = 0,
+    site: str | None = None,
 ) -> SurvivalDataset:
-    """A :class:`SurvivalDataset` of ``case_ids`` with the fitted preprocessing applied unchanged."""
+    """A :class:`SurvivalDataset` of ``case_ids`` with the fitted preprocessing applied unchanged.
+
+    Feature genes the cohort lacks are imputed at the training mean (counted in ``missing_genes``, refused
+    above ``max_missing_genes_fraction``); ``site`` names the site in those messages.
+    """
     return SurvivalDataset(
         cohort,
         case_ids,
@@ -137,6 +193,7 @@ def make_dataset(
         groups=prep.groups,
         max_patches=max_patches,
         seed=seed,
+        site=site,
     )
 
 

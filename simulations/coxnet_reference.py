@@ -1,4 +1,4 @@
-"""Reference: elastic-net Cox (sksurv Coxnet) on the shared genes, each TCGA source cancer -> the other three.
+"""Reference: elastic-net Cox (sksurv Coxnet) on the expression genes, each source cancer -> the other ones.
 
 The bar of issue #3 for the cross-cancer benchmark. For every source cohort and seed, the source cases are
 split train/validation exactly as ``fedprog train`` does (:func:`fedprog.protocol.split_cases`); each gene is
@@ -13,6 +13,13 @@ a target. ``--modality clinical`` runs the same procedure on the clinical covari
     python simulations/coxnet_reference.py --refit                # then refit the chosen penalty on all cases
     python simulations/coxnet_reference.py --modality clinical    # age, sex, stage instead of the genes
     python simulations/coxnet_reference.py --seeds 0 1 2 3 4 --l1-ratio 0.5
+    python simulations/coxnet_reference.py data=folder data.root=DIR sources=[brca] targets=[ext]
+
+Like ``fedprog train``, it takes Hydra overrides of the ``train`` config: ``data=`` (default ``tcga`` with
+``data.strong=clinical``), ``data.root=``, ``sources=`` (cohorts, default every cohort) and ``targets=``
+(default every cohort outside the source). The genes are fixed by the SOURCE cohort (``gene_policy``) and a
+target lacking some is imputed at the source mean (``max_missing_genes_fraction``, fedprog/data/harmonize.py),
+so the result does not depend on which other cohorts sit in the data folder.
 
 Writes ``runs/benchmarks/coxnet_reference.json`` (every record) and prints markdown tables.
 """
@@ -36,6 +43,7 @@ from sksurv.util import Surv
 from fedprog.config import load_config
 from fedprog.data import Cohort, DatasetLayout, ExpressionTransform, TabularTransform, load_cohorts
 from fedprog.data.dataset import expression_frame
+from fedprog.data.harmonize import align_expression, feature_genes, max_missing_fraction, missing_genes
 from fedprog.data.transforms import tabular_transform_for
 from fedprog.protocol import prepare_layout, split_cases
 from fedprog.report import markdown_table, write_json
@@ -104,29 +112,33 @@ def select_alpha(
 
 
 class Features:
-    """Source-fitted features of any cohort: the shared genes (``expression``) or the clinical table.
+    """Source-fitted features of any cohort: the source's genes (``expression``) or the clinical table.
 
-    ``expression``: per-gene clip / standardize / clip (:class:`ExpressionTransform`, ``clip_standardize``);
-    ``clinical``: the layout's :class:`TabularTransform` (age and sex standardized with missing indicators,
-    stage one-hot). Both are fitted by :meth:`fit` on source cases only and applied unchanged elsewhere.
+    ``expression``: per-gene clip / standardize / clip (:class:`ExpressionTransform`, ``clip_standardize``) on
+    the genes the source fixes; a cohort lacking some is imputed at the source mean (refused above
+    ``max_missing_genes_fraction``). ``clinical``: the layout's :class:`TabularTransform` (age and sex
+    standardized with missing indicators, stage one-hot). Both are fitted by :meth:`fit` on source cases only
+    and applied unchanged elsewhere.
     """
 
     def __init__(self, cohorts: dict[str, Cohort], layout: DatasetLayout, args: argparse.Namespace) -> None:
         self.cohorts, self.layout, self.modality = cohorts, layout, args.modality
-        self.genes = sorted(set.intersection(*(set(c.genes) for c in cohorts.values())))
+        self.genes: list[str] = []
         self.clip, self.z_clip = args.clip, args.z_clip
         self.transform: ExpressionTransform | TabularTransform | None = None
 
     def _table(self, name: str, ids: list[str]) -> pd.DataFrame:
         if self.modality == "clinical":
             return self.cohorts[name].tables[str(self.layout.strong)].loc[ids]
-        return expression_frame(self.cohorts[name], None, ids)[self.genes]
+        missing_genes(name, self.cohorts[name].genes, self.genes, max_missing_fraction(self.layout))
+        return align_expression(expression_frame(self.cohorts[name], None, ids), self.genes)
 
     def fit(self, source: str, ids: list[str]) -> Features:
         """Fit the transform on the ``ids`` cases of ``source``; returns self."""
         if self.modality == "clinical":
             self.transform = tabular_transform_for(self.layout)
         else:
+            self.genes = feature_genes({source: self.cohorts[source].genes}, self.layout.gene_policy)
             self.transform = ExpressionTransform("clip_standardize", clip=self.clip, z_clip=self.z_clip)
         assert self.transform is not None
         self.transform.fit(self._table(source, ids))
@@ -135,11 +147,17 @@ class Features:
     def __call__(self, name: str, ids: list[str]) -> np.ndarray:
         """float64 features, shape = (len(ids), n_features)."""
         assert self.transform is not None, "Features.fit first"
-        return self.transform.transform(self._table(name, ids)).astype(np.float64)
+        table = self._table(name, ids)
+        if isinstance(self.transform, ExpressionTransform):
+            return self.transform.transform(table, impute_missing=True).astype(np.float64)
+        return self.transform.transform(table).astype(np.float64)
 
 
-def run_source(features: Features, source: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Fit on ``source`` (one seed); one record for the source validation split, then one per target."""
+def run_source(
+    features: Features, source: str, seed: int, args: argparse.Namespace, targets: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Fit on ``source`` (one seed); one record for the source validation split, then one per target
+    (``targets``, default every other cohort)."""
     cohorts = features.cohorts
     cohort = cohorts[source]
     train_ids, val_ids = split_cases(cohort, args.val_fraction, seed)
@@ -156,7 +174,8 @@ def run_source(features: Features, source: str, seed: int, args: argparse.Namesp
     base = {"source": source, "seed": seed, "alpha": alpha, "n_nonzero": n_nonzero, "refit": args.refit}
     base["fit_seconds"] = round(time.perf_counter() - started, 2)
     evaluations = [(source, "in-domain (val)", val_ids)]
-    evaluations += [(name, "target", cohorts[name].case_ids) for name in cohorts if name != source]
+    names = targets if targets is not None else [name for name in cohorts if name != source]
+    evaluations += [(name, "target", cohorts[name].case_ids) for name in names if name != source]
     records = []
     for name, split, ids in evaluations:
         labels = cohorts[name].labels.loc[ids]
@@ -207,19 +226,40 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def default_overrides(overrides: list[str]) -> list[str]:
+    """``data=tcga data.strong=clinical`` unless the command line chooses its own ``data=``."""
+    if any(o.split("=", 1)[0].lstrip("+~") == "data" for o in overrides):
+        return []
+    return ["data=tcga", "data.strong=clinical"]
+
+
+def sources_and_targets(cfg: Any, cohorts: list[str]) -> tuple[list[str], list[str] | None]:
+    """``sources`` (single cohorts; default all) and ``targets`` (None: every cohort outside the source)."""
+    raw = list(cfg.sources) if cfg.sources is not None else list(cohorts)
+    if any(not isinstance(s, str) for s in raw):
+        raise ValueError(f"coxnet_reference: sources must be single cohorts, got {raw}")
+    targets = None if cfg.targets is None else [str(t) for t in cfg.targets]
+    unknown = sorted((set(raw) | set(targets or ())) - set(cohorts))
+    if unknown:
+        raise ValueError(f"coxnet_reference: unknown cohort(s) {unknown}; the dataset has {cohorts}")
+    return [str(s) for s in raw], targets
+
+
 def main(argv: list[str]) -> int:
     """Entry point: fit every (source, seed), write the records and print the tables."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config("train", ["data=tcga", "data.strong=clinical", *args.overrides])
+    cfg = load_config("train", [*default_overrides(args.overrides), *args.overrides])
     layout = prepare_layout(cfg.data)
-    features = Features(load_cohorts(layout), layout, args)
-    what = f"{len(features.genes)} shared genes" if args.modality == "expression" else "clinical covariates"
-    log.info("Coxnet reference on the %s of %s", what, list(features.cohorts))
+    sources, targets = sources_and_targets(cfg, list(layout.cohorts))
+    used = list(dict.fromkeys([*sources, *(targets or layout.cohorts)]))
+    features = Features(load_cohorts(layout, used), layout, args)
+    what = "source genes" if args.modality == "expression" else "clinical covariates"
+    log.info("Coxnet reference on the %s: sources %s, targets %s", what, sources, targets or "the others")
     records = []
-    for source in features.cohorts:
+    for source in sources:
         for seed in args.seeds:
-            records.extend(run_source(features, source, seed, args))
+            records.extend(run_source(features, source, seed, args, targets))
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(
         {"settings": {k: str(v) for k, v in vars(args).items()}, "features": what, "records": records},

@@ -19,11 +19,19 @@ presets evaluate no target (``targets=[]``) and print that criterion for every c
     python simulations/cross_cancer.py tcga-select-mm    # SurvPath + clinical: gene groups x loss
     python simulations/cross_cancer.py tcga-select-train model=snn ...   # training knobs around a winner
 
-Writes ``runs/benchmarks/cross_cancer_<preset>[_<overrides>].json`` (every record) and prints markdown tables.
+Like the commands, every preset takes ``data=``, ``data.root=``, ``sources=`` and ``targets=`` (an override
+replaces the preset's own value of that key, e.g. its ``data=tcga``):
+
+    python simulations/cross_cancer.py synth data=folder data.root=DIR sources=[brca] targets=[ext] seeds=[0]
+    python simulations/cross_cancer.py tcga data=folder data.root=DIR   # the TCGA runs on one's own folder
+
+Writes ``runs/benchmarks/cross_cancer_<preset>[_<overrides>].json`` (every record; ``bench_out=DIR`` changes
+the folder) and prints markdown tables.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -134,16 +142,34 @@ PRESETS: dict[str, dict[str, list]] = {
 }
 
 
+def _key(override: str) -> str:
+    """The config key an override sets (``data=folder`` -> ``data``, ``+data.x=1`` -> ``data.x``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(*layers: list[str]) -> list[str]:
+    """Overrides of later layers replace those of earlier layers that set the same key (Hydra refuses a
+    config group given twice, e.g. the preset's ``data=tcga`` and the command line's ``data=folder``)."""
+    merged: dict[str, str] = {}
+    for layer in layers:
+        for override in layer:
+            merged.pop(_key(override), None)
+            merged[_key(override)] = override
+    return list(merged.values())
+
+
 def run_preset(preset: str, extra: list[str], out: Path, only: str | None = None) -> pd.DataFrame:
     """Run every configuration of ``preset`` (those whose label contains ``only``); return all records."""
     spec = PRESETS[preset]
     records = []
     tags = [*extra, *([f"only={only}"] if only else [])]
     name = "_".join([preset, *(re.sub(r"[^A-Za-z0-9.=-]+", "-", e) for e in tags)])
+    if len(name) > 120:  # long paths in the overrides (data.root=...): a short digest keeps names apart
+        name = f"{preset}_{hashlib.sha1(' '.join(tags).encode()).hexdigest()[:12]}"
     for label, overrides in spec["runs"]:
         if only and only not in label:
             continue
-        cfg = load_config("train", [*spec["common"], *overrides, *extra])
+        cfg = load_config("train", merge_overrides(spec["common"], overrides, extra))
         label = label.format(model=cfg.model.name)
         started = time.perf_counter()
         for record in run_protocol(cfg):
@@ -225,9 +251,9 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     only = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("only=")), None)
-    argv = [a for a in argv if not a.startswith("only=")]
+    out = Path(next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("bench_out=")), "runs/benchmarks"))
+    argv = [a for a in argv if not a.startswith(("only=", "bench_out="))]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out = Path("runs/benchmarks")
     out.mkdir(parents=True, exist_ok=True)
     frame = run_preset(argv[0], argv[1:], out, only)
     if argv[0].startswith("tcga-select"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,7 @@ from data_factory import write_cohort
 from omegaconf import OmegaConf
 
 from fedprog.config import config_dir, load_config
-from fedprog.data import check_dataset
+from fedprog.data import CohortError, check_dataset
 from fedprog.data.check import main, median_followup
 
 
@@ -41,8 +42,8 @@ def test_median_followup_reverse_km() -> None:
 
 def test_main_ok_and_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     layout = write_cohort(tmp_path / "ds")
-    cfg = OmegaConf.create({"data": {"root": str(layout.root), "cohorts": ["ignored"]}})
-    assert main(cfg) == 0  # the manifest alone gives the layout
+    cfg = OmegaConf.create({"data": {"root": str(layout.root), "cohorts": ["ignored"], "synth": {}}})
+    assert main(cfg) == 0  # the generated default's keys never override a manifest
     assert "total" in capsys.readouterr().out
     path = layout.cohort_file("c0", "labels.csv")
     labels = pd.read_csv(path)
@@ -63,3 +64,89 @@ def test_main_through_hydra_config(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(cfg) == 0
     assert main(load_config("data_check", [f"data.root={tmp_path / 'missing'}"])) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def _one_error_line(cfg, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(cfg) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def test_header_only_labels_is_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layout = write_cohort(tmp_path / "ds")
+    path = layout.cohort_file("c0", "labels.csv")
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    line = _one_error_line(OmegaConf.create({"data": {"root": str(layout.root)}}), capsys)
+    assert str(path) in line and "header only" in line
+
+
+def test_truncated_gzip_is_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layout = write_cohort(tmp_path / "ds", n_genes=400, n_cases=60)
+    path = layout.cohort_file("c0", "rna.csv.gz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    line = _one_error_line(OmegaConf.create({"data": {"root": str(layout.root)}}), capsys)
+    assert str(path) in line and "unreadable" in line
+
+
+def test_notes_count_the_genes_each_cohort_lacks(tmp_path: Path) -> None:
+    write_cohort(tmp_path / "ds", "c0", n_genes=20)
+    layout = write_cohort(tmp_path / "ds", "c1", n_genes=20, seed=2)
+    path = layout.cohort_file("c1", "rna.csv.gz")
+    pd.read_csv(path).drop(columns=["G001", "G002", "G003"]).to_csv(path, index=False)
+    summary = check_dataset(layout)
+    assert summary.to_frame()["genes"].to_dict() == {"c0": 20, "c1": 17, "total": 17}
+    (note,) = [n for n in summary.notes if n.startswith("c1:")]
+    assert "lacks 3 of the 20 genes" in note and "refused" in note  # 15 % > 10 %
+
+
+def test_add_cohort_registers_a_checked_folder(tmp_path: Path) -> None:
+    from fedprog.data.check import add_cohort
+    from fedprog.data.layout import DatasetLayout
+
+    root = tmp_path / "ds"
+    write_cohort(root, "c0", with_bags=False)
+    write_cohort(tmp_path / "other", "ext", with_bags=False, seed=4)  # a new hospital's folder
+    shutil.copytree(tmp_path / "other" / "ext", root / "ext")
+    labels = pd.read_csv(root / "ext" / "labels.csv").drop(columns=["site"])
+    labels["survival_months"] = (labels["survival_months"] * 30.4375).round(1)  # this hospital counts days
+    labels.to_csv(root / "ext" / "labels.csv", index=False)
+    summary = add_cohort(root, "ext", time_unit="days", pseudo_sites=2)
+    assert summary.to_frame().loc["ext", "sites"] == 2
+    layout = DatasetLayout.load(root)
+    assert layout.cohorts == ("c0", "ext") and layout.cohort_time_unit("ext") == "days"
+    assert layout.cohort_time_unit("c0") == "months" and layout.cohort_pseudo_sites("c0") is None
+    before = (root / "fedprog.yaml").read_text()
+    (root / "bad").mkdir()
+    (root / "bad" / "labels.csv").write_text("case_id,survival_months,censorship\n")
+    with pytest.raises(CohortError, match=r"header only"):
+        add_cohort(root, "bad")
+    assert (root / "fedprog.yaml").read_text() == before  # nothing registered on failure
+
+
+def test_add_main_through_its_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedprog.data.check import add_main
+
+    root = tmp_path / "ds"
+    write_cohort(root, "c0", with_bags=False)
+    write_cohort(tmp_path / "other", "c1", with_bags=False, seed=4)
+    shutil.copytree(tmp_path / "other" / "c1", root / "c1")
+    cfg = load_config("data_add", [f"data.root={root}", "cohort=c1"])
+    assert add_main(cfg) == 0 and "cohort c1 added" in capsys.readouterr().out
+    assert add_main(load_config("data_add", [f"data.root={root}", "cohort=nope"])) == 2
+    assert "cohort folder" in capsys.readouterr().err
+
+
+def test_folder_overrides_apply_over_the_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    layout = write_cohort(tmp_path / "ds")
+    ok = load_config("data_check", ["data=folder", f"data.root={layout.root}"])
+    assert main(ok) == 0
+    capsys.readouterr()
+    bad = load_config("data_check", ["data=folder", f"data.root={layout.root}", "data.time_unit=weeks"])
+    assert main(bad) == 2 and "time_unit='weeks'" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from fedprog.data import (
     LayoutError,
     MissingColumnError,
     MissingFeaturesError,
+    harmonize_genes,
     load_cohort,
     load_cohorts,
 )
@@ -225,13 +226,14 @@ def test_gene_sets_differing_between_cohorts(tmp_path: Path, caplog: pytest.LogC
     layout = write_cohort(tmp_path / "ds", "c1", seed=3)
     rna_path = layout.cohort_file("c1", "rna.csv.gz")
     pd.read_csv(rna_path).drop(columns=["G002", "G005"]).to_csv(rna_path, index=False)
+    cohorts = load_cohorts(layout)  # each cohort keeps its own genes: no cross-cohort restriction on load
+    assert len(cohorts["c0"].genes) == 12 and len(cohorts["c1"].genes) == 10
     with caplog.at_level(logging.WARNING):
-        cohorts = load_cohorts(layout)
+        shared = harmonize_genes(cohorts)
     assert "10 shared of 12" in caplog.text and "c1 lacks 2" in caplog.text and "G002" in caplog.text
-    assert list(cohorts["c0"].tables["rna"].columns) == list(cohorts["c1"].tables["rna"].columns)
-    assert len(cohorts["c0"].genes) == 10
+    assert shared == list(cohorts["c0"].tables["rna"].columns) == list(cohorts["c1"].tables["rna"].columns)
     with pytest.raises(GeneMismatchError, match=r"10 shared of 12.*c1 lacks 2.*G002.*strict"):
-        load_cohorts(layout, gene_policy="strict")
+        harmonize_genes(load_cohorts(layout), policy="strict")
 
 
 def test_layout_errors_name_the_key(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from fedprog.survival.metrics import (
     plot_km,
     time_auc,
     uno_cindex,
+    uno_truncation_time,
 )
 
 SHAPE, SCALE = 1.5, 30.0
@@ -197,6 +198,48 @@ def test_uno_cindex_all_censored_training_is_undefined(cohorts: dict[str, np.nda
         )
 
 
+def test_uno_long_follow_up_matches_sksurv_at_the_data_chosen_tau() -> None:
+    from sksurv.metrics import concordance_index_ipcw
+    from sksurv.nonparametric import kaplan_meier_estimator
+    from sksurv.util import Surv
+
+    def long_follow_up(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # exponential survival (scale 200 months) with censoring spread over 400 months: G falls to ~0
+        rng = np.random.default_rng(seed)
+        lp = rng.normal(size=n)
+        event_time = 200.0 * -np.log(rng.uniform(size=n)) / np.exp(lp)
+        censor_time = rng.uniform(0, 400.0, size=n)
+        return np.minimum(event_time, censor_time), (censor_time < event_time).astype(float), lp
+
+    train_time, train_cens, _ = long_follow_up(400, seed=11)
+    time, cens, lp = long_follow_up(300, seed=12)
+    value, tau = uno_cindex(time, cens, lp, train_time, train_cens, return_tau=True)
+    assert tau == uno_truncation_time(train_time, train_cens) < train_time.max()
+    grid, g = kaplan_meier_estimator(train_cens == 1, train_time)
+    assert np.r_[1.0, g][np.searchsorted(grid, tau)] >= 0.2  # G just before tau
+    train = Surv.from_arrays(train_cens == 0, train_time)
+    test = Surv.from_arrays(cens == 0, time)
+    reference = concordance_index_ipcw(train, test, lp, tau=tau)[0]
+    assert value == pytest.approx(reference, abs=1e-12)
+    assert value == pytest.approx(harrell_cindex(time, cens, lp), abs=0.08)  # same ballpark as Harrell
+
+
+def test_uno_unstable_weights_give_nan_with_reason(caplog: pytest.LogCaptureFixture) -> None:
+    # training censoring removes almost everyone before month 100: G(99) is tiny, so one late test event
+    # outweighs ten early ones
+    train_time = np.r_[np.linspace(1.0, 99.0, 60), [100.0, 101.0, 102.0]]
+    train_cens = np.r_[np.ones(60), np.zeros(3)]
+    time = np.r_[np.linspace(1.0, 5.0, 10), [98.0, 100.0, 101.0]]
+    cens = np.r_[np.zeros(11), np.ones(2)]
+    risk = -time
+    with pytest.raises(MetricUndefinedError, match=r"unstable: IPCW weights leave .* effective of 11 test"):
+        uno_cindex(time, cens, risk, train_time, train_cens, tau=101.0)
+    with caplog.at_level(logging.INFO):
+        value, tau = uno_cindex(time, cens, risk, train_time, train_cens, return_tau=True)
+    assert tau < 98.0 and value == pytest.approx(1.0)  # the data-chosen tau leaves out the late event
+    assert "chosen from the data" in caplog.text
+
+
 # --------------------------------------------------------------------------------------------- time-dependent
 
 
@@ -319,7 +362,17 @@ def test_evaluate_predictions_all_metrics(cohorts: dict[str, np.ndarray]) -> Non
         cohorts["train_time"],
         cohorts["train_cens"],
     )
-    assert set(metrics) == {"c_index", "c_index_ipcw", "ibs", "mean_auc", "logrank_p", "n", "n_events"}
+    assert set(metrics) == {
+        "c_index",
+        "c_index_ipcw",
+        "c_index_ipcw_tau",
+        "ibs",
+        "mean_auc",
+        "logrank_p",
+        "n",
+        "n_events",
+    }
+    assert 0 < metrics["c_index_ipcw_tau"] <= cohorts["train_time"].max()
     assert metrics["n"] == 200 and metrics["n_events"] == int((cohorts["cens"] == 0).sum())
     assert metrics["c_index"] == pytest.approx(
         harrell_cindex(cohorts["time"], cohorts["cens"], cohorts["lp"])

@@ -6,17 +6,20 @@ import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from sksurv.nonparametric import kaplan_meier_estimator
 
 from fedprog.data.bags import bag_shape
 from fedprog.data.cohort import CENSOR, SITE, TIME, Cohort, load_cohorts
-from fedprog.data.errors import BagError, CohortError
+from fedprog.data.errors import BagError, CohortError, LayoutError
 from fedprog.data.groups import GeneGroups, load_groups
-from fedprog.data.layout import MANIFEST, DatasetLayout
+from fedprog.data.harmonize import feature_genes, max_missing_fraction
+from fedprog.data.layout import MANIFEST, DatasetLayout, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +173,11 @@ def check_dataset(layout: DatasetLayout) -> DatasetSummary:
     cohorts = load_cohorts(layout)
     notes = []
     groups: GeneGroups | None = None
-    genes = next(iter(cohorts.values())).genes
+    genes: list[str] = []
+    if layout.expression is not None:
+        lists = {name: c.genes for name, c in cohorts.items()}
+        genes = feature_genes(lists, layout.gene_policy)
+        notes += _gene_notes(lists, max_missing_fraction(layout))
     if layout.groups is not None and layout.expression is not None:
         groups = load_groups(layout).restrict(genes)
     dim: int | None = None
@@ -219,15 +226,100 @@ def check_dataset(layout: DatasetLayout) -> DatasetSummary:
     return DatasetSummary(layout.name, layout.root, rows, total, notes)
 
 
+def _gene_notes(lists: dict[str, list[str]], max_fraction: float) -> list[str]:
+    """One note per cohort lacking genes that other cohorts have (a held-out site imputes or refuses them)."""
+    union = set().union(*(set(g) for g in lists.values()))
+    notes = []
+    for name, own in lists.items():
+        lacking = len(union - set(own))
+        if not lacking:
+            continue
+        fraction = lacking / len(union)
+        verdict = (
+            f"above max_missing_genes_fraction={max_fraction:g}: refused where the training sites have them"
+            if fraction > max_fraction
+            else "imputed at the training mean where the training sites have them"
+        )
+        notes.append(
+            f"{name}: lacks {lacking} of the {len(union)} genes of all cohorts ({fraction:.1%}; {verdict})"
+        )
+    return notes
+
+
 def layout_from_config(cfg: DictConfig) -> DatasetLayout:
-    """The layout of ``cfg.data``; if ``<data.root>/fedprog.yaml`` exists, that manifest alone gives it."""
+    """The layout of ``cfg.data``.
+
+    When ``<data.root>/fedprog.yaml`` exists, the manifest gives the layout; the keys of ``data=folder`` (and
+    its overrides, e.g. ``data.time_unit=days``) are merged over it, while the generated default's keys
+    (``data=synth``, the command's default, recognized by its ``synth`` key) are ignored.
+    """
     data = cfg.get("data")
-    if data is None or data.get("root") is None:
+    if data is None or data.get("root") is None or str(data.get("root")) == "???":
         raise CohortError("no dataset given: pass DIR (fedprog data check DIR) or data.root=DIR")
     root = Path(str(data.root))
-    if (root / MANIFEST).is_file():
+    if (root / MANIFEST).is_file() and "synth" in data:
         return DatasetLayout.load(root)
     return DatasetLayout.load(OmegaConf.to_container(data, resolve=True))  # type: ignore[arg-type]
+
+
+def add_cohort(
+    root: str | Path, cohort: str, *, time_unit: str | None = None, pseudo_sites: int | None = None
+) -> DatasetSummary:
+    """Register ``<root>/<cohort>`` in ``<root>/fedprog.yaml`` and check the whole dataset at once.
+
+    The manifest is rewritten only when :func:`check_dataset` passes. ``time_unit`` and ``pseudo_sites`` are
+    set for this cohort alone (the manifest's keys become per-cohort mappings where needed).
+
+    Raises
+    ------
+    CohortError
+        One line naming the folder, file, column or key at fault (the manifest is left unchanged).
+    """
+    folder = Path(root).expanduser().resolve()
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise LayoutError(
+            f"{manifest} not found: write the manifest first (README: your own data), then add cohorts"
+        )
+    keys = read_manifest(manifest)
+    if not (folder / cohort).is_dir():
+        raise LayoutError(f"cohort folder {folder / cohort} not found (cohort={cohort})")
+    keys["cohorts"] = [c for c in keys.get("cohorts") or [] if c != cohort] + [cohort]
+    if time_unit is not None:
+        keys["time_unit"] = _per_cohort(keys.get("time_unit"), "months", keys["cohorts"], cohort, time_unit)
+    if pseudo_sites is not None:
+        keys["pseudo_sites"] = _per_cohort(
+            keys.get("pseudo_sites"), None, keys["cohorts"], cohort, pseudo_sites
+        )
+    layout = DatasetLayout.from_dict({**keys, "root": folder})
+    summary = check_dataset(layout)
+    manifest.write_text(yaml.safe_dump(keys, sort_keys=False))
+    return summary
+
+
+def _per_cohort(current: Any, default: Any, cohorts: list[str], cohort: str, value: Any) -> dict[str, Any]:
+    """A per-cohort mapping from a manifest value (one value for all, or already a mapping) plus ``value``."""
+    if isinstance(current, dict):
+        mapping = dict(current)
+    else:
+        shared = default if current is None else current
+        mapping = {} if shared is None else {c: shared for c in cohorts if c != cohort}
+    mapping[cohort] = value
+    return mapping
+
+
+def add_main(cfg: DictConfig) -> int:
+    """``fedprog data add DIR cohort=NAME``: print the checked summary (exit 0) or one error line (exit 2)."""
+    try:
+        summary = add_cohort(
+            str(cfg.data.root), str(cfg.cohort), time_unit=cfg.time_unit, pseudo_sites=cfg.pseudo_sites
+        )
+    except CohortError as exc:
+        print(f"fedprog data add: error: {' | '.join(str(exc).splitlines())}", file=sys.stderr)
+        return EXIT_INVALID
+    print(summary.format())
+    print(f"cohort {cfg.cohort} added to {Path(str(cfg.data.root)) / MANIFEST}")
+    return 0
 
 
 def main(cfg: DictConfig) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedprog.data import cache as table_cache
 from fedprog.data.bags import find_bag
 from fedprog.data.errors import (
     CohortError,
@@ -22,7 +24,8 @@ from fedprog.data.errors import (
     MissingFeaturesError,
     preview,
 )
-from fedprog.data.layout import DatasetLayout, TablePart, TableSpec
+from fedprog.data.harmonize import feature_genes
+from fedprog.data.layout import TIME_UNITS, DatasetLayout, TablePart, TableSpec
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +97,9 @@ def read_table_file(path: Path) -> pd.DataFrame:
             frame = pd.read_csv(path, low_memory=False)
     except ImportError as exc:
         raise CohortError(f"file {path}: cannot read Parquet ({exc}); install pyarrow or use CSV") from exc
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise CohortError(f"file {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    except (OSError, EOFError, ValueError, zlib.error, pd.errors.ParserError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else "truncated or corrupt file"
+        raise CohortError(f"file {path}: unreadable ({type(exc).__name__}: {detail})") from exc
     unnamed = [c for c in frame.columns if str(c).startswith("Unnamed:") or str(c) == ""]
     return frame.drop(columns=unnamed)
 
@@ -126,7 +130,7 @@ def numeric_columns(
     unless ``allow_nan``.
     """
     out = frame.loc[:, list(columns)]
-    bad_dtype = [c for c in out.columns if not pd.api.types.is_numeric_dtype(out[c])]
+    bad_dtype = [c for c, dtype in out.dtypes.items() if not pd.api.types.is_numeric_dtype(dtype)]
     if bad_dtype:
         converted = out[bad_dtype].apply(pd.to_numeric, errors="coerce")
         for col in bad_dtype:
@@ -157,9 +161,20 @@ def numeric_columns(
 
 
 def read_labels(
-    path: Path, cohort: str, site_column: str | None
+    path: Path,
+    cohort: str,
+    site_column: str | None,
+    *,
+    time_unit: str = "months",
+    pseudo_sites: int | None = None,
+    pseudo_seed: int = 0,
 ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Read and validate a labels table.
+
+    Times in ``time_unit`` (days | months | years) are converted to months (a warning names the file when
+    their distribution looks like another unit, see :func:`check_time_unit`). Without a site column (or, with
+    ``site_column: tss``, without TCGA-like barcodes) and with ``pseudo_sites`` N, cases get seeded pseudo
+    sites (:func:`pseudo_site_labels`).
 
     Returns
     -------
@@ -170,6 +185,8 @@ def read_labels(
     """
     frame = read_table_file(path)
     _require_columns(frame, [CASE, TIME, CENSOR], path)
+    if frame.empty:
+        raise InvalidValueError(f"file {path}: no case (the labels file holds a header only)")
     frame[CASE] = _case_ids(frame, path)
     slides: dict[str, list[str]] = {}
     if SLIDE in frame.columns:
@@ -205,7 +222,10 @@ def read_labels(
             "not in {0, 1} "
             f"(1 = censored, 0 = event) for case(s) {preview(cens.index[bad_cens].unique())}"
         )
-    frame[TIME] = times.to_numpy()
+    if time_unit not in TIME_UNITS:
+        raise LayoutError(f"file {path}: time_unit={time_unit!r} is not one of {list(TIME_UNITS)}")
+    frame[TIME] = times.to_numpy() * TIME_UNITS[time_unit]
+    check_time_unit(frame[TIME].to_numpy(), path, time_unit)
     frame[CENSOR] = cens.to_numpy().astype(np.int64)
     if SLIDE in frame.columns:
         conflict = frame.groupby(CASE)[[TIME, CENSOR]].nunique().max(axis=1) > 1
@@ -215,11 +235,65 @@ def read_labels(
                 f"{TIME}/{CENSOR}"
             )
         frame = frame.drop(columns=[SLIDE]).drop_duplicates(CASE)
-    frame[SITE] = _sites(frame, path, cohort, site_column)
+    use_pseudo = pseudo_sites is not None and not (site_column and site_column in frame.columns)
+    if use_pseudo and site_column == TSS and frame[CASE].map(tss_code).notna().all():
+        use_pseudo = False  # barcodes carry their tissue source site: real sites win over pseudo ones
+    if use_pseudo:
+        frame[SITE] = pseudo_site_labels(frame[CASE], cohort, pseudo_sites, pseudo_seed).to_numpy()
+        log.info(
+            "%s: no %r column; %d seeded pseudo site(s) p1..p%d",
+            path,
+            site_column,
+            pseudo_sites,
+            pseudo_sites,
+        )
+    else:
+        frame[SITE] = _sites(frame, path, cohort, site_column)
     frame[COHORT] = cohort
     labels = frame.set_index(CASE)
     labels.index.name = CASE
     return labels, slides
+
+
+# Survival times converted to months that look like another unit (warning only): longer than 50 years look
+# like days; a median under 6 and a maximum under 25 "months" look like years.
+_DAYS_LIKE_MAX_MONTHS = 600.0
+_YEARS_LIKE_MEDIAN, _YEARS_LIKE_MAX = 6.0, 25.0
+
+
+def check_time_unit(months: np.ndarray, path: Path, time_unit: str) -> str | None:
+    """Warn (and return the message) when times converted to months look like another unit, else None."""
+    if not len(months):
+        return None
+    top, median = float(np.max(months)), float(np.median(months))
+    message = None
+    if top > _DAYS_LIKE_MAX_MONTHS:
+        message = (
+            f"file {path}, column {TIME}: times read as {time_unit} reach {top:.0f} months (> 50 years); "
+            "they look like days: set time_unit: days"
+        )
+    elif median < _YEARS_LIKE_MEDIAN and top < _YEARS_LIKE_MAX and time_unit != "days":
+        message = (
+            f"file {path}, column {TIME}: times read as {time_unit} have median {median:.2f} and maximum "
+            f"{top:.2f} months; they look like years: set time_unit: years if so"
+        )
+    if message:
+        log.warning(message)
+    return message
+
+
+def pseudo_site_labels(case_ids: pd.Series, cohort: str, n_sites: int, seed: int = 0) -> pd.Series:
+    """Seeded pseudo hospitals ``p1..pN`` for a cohort without a site column.
+
+    Rule: the sorted unique case ids are permuted by ``numpy.random.default_rng([seed, crc32(cohort)])`` and
+    dealt round-robin to ``p1..pN`` (sizes differ by at most one); every row of a case gets its site. The same
+    cases, cohort name, N and seed always give the same sites, whatever the file's row order.
+    """
+    unique = np.array(sorted(set(case_ids.astype(str))))
+    rng = np.random.default_rng([int(seed), zlib.crc32(cohort.encode())])
+    order = rng.permutation(len(unique))
+    site_of = {unique[j]: f"p{rank % n_sites + 1}" for rank, j in enumerate(order)}
+    return case_ids.astype(str).map(site_of)
 
 
 def tss_code(case_id: str) -> str | None:
@@ -265,8 +339,21 @@ def read_table(
     """
     merged: pd.DataFrame | None = None
     dropped: list[tuple[str, str]] = []
+    absent: list[str] = []
     for part in spec.parts:
-        frame, part_dropped = _read_part(layout.cohort_file(cohort, part.path), part)
+        path = layout.cohort_file(cohort, part.path)
+        if part.optional and not path.is_file():
+            log.info(
+                "cohort %s: optional %s absent; column(s) %s are missing for every case",
+                cohort,
+                path,
+                list(part.columns or ()),
+            )
+            absent += list(part.columns or ())
+            continue
+        frame, part_dropped = _read_part(path, part)
+        if part.optional and part.columns is not None:
+            absent += [c for c in part.columns if c not in frame.columns]
         dropped.extend(part_dropped)
         if merged is None:
             merged = frame
@@ -277,15 +364,37 @@ def read_table(
                 f"table {spec.name!r}: column(s) {sorted(clash)} appear in two parts ({part.path})"
             )
         merged = merged.join(frame, how="outer")
-    assert merged is not None  # a TableSpec always has a part
-    return merged, dropped
+    if merged is None:
+        raise MissingFeaturesError(
+            f"cohort {cohort!r}: table {spec.name!r} has no file (every part is optional and absent: "
+            f"{', '.join(str(layout.cohort_file(cohort, p.path)) for p in spec.parts)})"
+        )
+    for col in absent:  # "use what the cohort has": NaN, imputed by the tabular transform (documented rule)
+        merged[col] = np.nan
+    order = [c for part in spec.parts for c in (part.columns or []) if c in merged.columns]
+    rest = [c for c in merged.columns if c not in order]
+    return merged[order + rest], dropped
 
 
 def _read_part(path: Path, part: TablePart) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """A validated table part, from the table cache when the file and spec are unchanged (cache.py)."""
+    key = table_cache.part_key(path, part)
+    cached = None if key is None else table_cache.load(key)
+    if cached is not None:
+        return cached
+    table, dropped = _read_part_file(path, part)
+    if key is not None:
+        table_cache.save(key, table, dropped)
+    return table, dropped
+
+
+def _read_part_file(path: Path, part: TablePart) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     frame = read_table_file(path)
     _require_columns(frame, [CASE], path)
     frame[CASE] = _case_ids(frame, path)
     columns = list(part.columns) if part.columns is not None else [c for c in frame.columns if c != CASE]
+    if part.optional:
+        columns = [c for c in columns if c in frame.columns]
     _require_columns(frame, columns, path)
     frame = frame[[CASE, *columns]]
     dup = frame[CASE].duplicated(keep=False)
@@ -325,6 +434,42 @@ def _read_part(path: Path, part: TablePart) -> tuple[pd.DataFrame, list[tuple[st
     return out, dropped
 
 
+def map_probes(table: pd.DataFrame, layout: DatasetLayout, cohort: str) -> pd.DataFrame:
+    """Expression columns renamed through the layout's ``gene_map`` (probe -> gene symbol table).
+
+    Rule: a column found in the map's ``probe_column`` takes the gene of ``gene_column``; a column not in the
+    map keeps its name (cohorts already in gene symbols can share the map); columns that end up with the same
+    gene are averaged (several probes of one gene); a probe listed twice takes its last row. Logged: how
+    many columns were mapped and merged.
+    """
+    spec = layout.gene_map
+    assert spec is not None
+    path = layout.root_file(str(spec["path"]))
+    frame = read_table_file(path)
+    probe_col, gene_col = str(spec.get("probe_column") or "probe"), str(spec.get("gene_column") or "gene")
+    _require_columns(frame, [probe_col, gene_col], path)
+    frame = frame.dropna(subset=[probe_col, gene_col])
+    mapping = dict(
+        zip(frame[probe_col].astype(str).str.strip(), frame[gene_col].astype(str).str.strip(), strict=True)
+    )
+    genes = [mapping.get(str(c), str(c)) for c in table.columns]
+    mapped = sum(str(c) in mapping for c in table.columns)
+    out = (
+        table.T.groupby(pd.Index(genes, name="gene"), sort=False).mean().T
+        if len(set(genes)) < len(genes)
+        else table.set_axis(genes, axis=1)
+    )
+    log.info(
+        "cohort %s: gene_map %s mapped %d of %d expression columns to %d genes",
+        cohort,
+        path.name,
+        mapped,
+        table.shape[1],
+        out.shape[1],
+    )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- cohort
 def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | None = None) -> Cohort:
     """Load one cohort: validated labels, the modality tables joined on case_id, and bag paths.
@@ -354,13 +499,21 @@ def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | N
         )
     if not layout.root.is_dir():
         raise CohortError(
-            f"dataset folder {layout.root} not found (data.root of layout {layout.name!r}; "
-            "the generated default is written by `fedprog synth out=DIR`)"
+            f"dataset folder {layout.root} not found (layout {layout.name!r}): give data.root=DIR "
+            "(your own folder: data=folder data.root=DIR), set FEDPROG_SHARED to the folder holding "
+            "data/tcga (data=tcga), or write the generated default with `fedprog synth out=DIR`"
         )
     folder = layout.cohort_dir(cohort)
     if not folder.is_dir():
         raise CohortError(f"cohort {cohort!r}: folder {folder} not found")
-    labels, slides = read_labels(layout.cohort_file(cohort, layout.labels), cohort, layout.site_column)
+    labels, slides = read_labels(
+        layout.cohort_file(cohort, layout.labels),
+        cohort,
+        layout.site_column,
+        time_unit=layout.cohort_time_unit(cohort),
+        pseudo_sites=layout.cohort_pseudo_sites(cohort),
+        pseudo_seed=layout.pseudo_site_seed,
+    )
     reasons: dict[str, str] = {}
     names = list(layout.used_tables if tables is None else tables)
     loaded: dict[str, pd.DataFrame] = {}
@@ -382,6 +535,8 @@ def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | N
             log.info(
                 "cohort %s: %d row(s) of table %r have no labels and are ignored", cohort, len(extra), name
             )
+        if name == layout.expression and layout.gene_map is not None:
+            table = map_probes(table, layout, cohort)
         loaded[name] = table
     bag_paths: dict[str, list[Path]] = {}
     if layout.strong_kind == "wsi":
@@ -409,8 +564,9 @@ def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | N
         log.warning("cohort %s: dropped %d of %d case(s): %s", cohort, len(dropped), len(labels), listing)
     keep = labels.index.difference(pd.Index(list(reasons)), sort=False)
     if len(keep) == 0:
+        example = "; ".join(f"{c}: {r}" for c, r in list(reasons.items())[:3]) or "no labelled case"
         raise MissingFeaturesError(
-            f"cohort {cohort!r}: no case left after dropping {len(dropped)} (e.g. {listing})"
+            f"cohort {cohort!r}: no case left after dropping {len(dropped)} (e.g. {example})"
         )
     labels = labels.loc[keep]
     aligned = {name: table.loc[keep] for name, table in loaded.items()}
@@ -418,55 +574,31 @@ def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | N
     return Cohort(cohort, labels, aligned, bag_paths, dropped, layout)
 
 
-def load_cohorts(
-    layout: DatasetLayout, cohorts: Sequence[str] | None = None, *, gene_policy: str | None = None
-) -> dict[str, Cohort]:
-    """Load several cohorts and harmonize their expression genes (see :func:`harmonize_genes`)."""
-    loaded = {name: load_cohort(layout, name) for name in (cohorts or layout.cohorts)}
-    if layout.expression is not None:
-        harmonize_genes(loaded, gene_policy or layout.gene_policy)
-    return loaded
+def load_cohorts(layout: DatasetLayout, cohorts: Sequence[str] | None = None) -> dict[str, Cohort]:
+    """Load several cohorts, each with its own expression genes.
+
+    Genes are NOT harmonized here: the training sites fix the features when the preprocessing is fitted and
+    every other site is aligned to them (:mod:`fedprog.data.harmonize`), so the features never depend on
+    which other cohorts sit in the data folder.
+    """
+    return {name: load_cohort(layout, name) for name in (cohorts or layout.cohorts)}
 
 
 def harmonize_genes(cohorts: Mapping[str, Cohort], policy: str = "intersection") -> list[str]:
-    """Give every cohort the same expression genes, in the first cohort's column order.
+    """Restrict every cohort's expression table, in place, to the genes ``policy`` keeps over ALL of them.
 
-    Parameters
-    ----------
-    cohorts : mapping of str to Cohort
-        Modified in place (their expression tables are restricted to the shared genes).
-    policy : {"intersection", "strict"}
-        ``strict`` raises :class:`GeneMismatchError` when the gene sets differ; ``intersection`` keeps the
-        shared genes and logs the overlap and a few missing genes per cohort.
-
-    Returns
-    -------
-    list of str
-        The shared genes.
+    Only for analyses where every given cohort trains (e.g. a pooled reference); models use
+    :func:`fedprog.data.harmonize.feature_genes` over their training sites instead. ``union`` is not
+    possible in place (nothing to impute with) and raises.
     """
     if not cohorts:
         return []
-    first = next(iter(cohorts.values()))
-    expr = first.layout.expression
+    expr = next(iter(cohorts.values())).layout.expression
     if expr is None:
         return []
-    gene_sets = {name: c.genes for name, c in cohorts.items()}
-    shared_set = set.intersection(*(set(g) for g in gene_sets.values()))
-    shared = [g for g in gene_sets[first.name] if g in shared_set]
-    union = set.union(*(set(g) for g in gene_sets.values()))
-    if len(shared) == len(union):
-        return shared
-    report = "; ".join(
-        f"{name} lacks {len(union) - len(genes)} (e.g. {preview(sorted(union - set(genes)), 3)})"
-        for name, genes in gene_sets.items()
-        if len(genes) < len(union)
-    )
-    message = f"expression genes differ between cohorts: {len(shared)} shared of {len(union)}; {report}"
-    if policy == "strict":
-        raise GeneMismatchError(message + " (gene_policy=strict)")
-    if not shared:
-        raise GeneMismatchError(message + ": no gene is shared")
-    log.warning("%s; keeping the %d shared genes (gene_policy=intersection)", message, len(shared))
+    if policy == "union":
+        raise GeneMismatchError("harmonize_genes: gene_policy=union needs imputation; use feature_genes")
+    shared = feature_genes({name: c.genes for name, c in cohorts.items()}, policy)
     for cohort in cohorts.values():
         cohort.tables[expr] = cohort.tables[expr][shared]
     return shared

@@ -17,6 +17,7 @@ from fedprog.data.bins import SurvivalBins
 from fedprog.data.cohort import CENSOR, TIME, Cohort
 from fedprog.data.errors import CohortError, GeneMismatchError, preview
 from fedprog.data.groups import GeneGroups
+from fedprog.data.harmonize import align_expression, max_missing_fraction, missing_genes
 from fedprog.data.transforms import ExpressionTransform, TabularTransform
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,13 @@ class SurvivalDataset(Dataset[Sample]):
         Seed of the patch sampling (combined with the epoch, see :meth:`set_epoch`, and the index).
     training : bool
         Start in training mode (see :meth:`train` / :meth:`eval`).
+    site : str, optional
+        Site name used in messages and the missing-gene report (default: the cohort's name).
+
+    Attributes
+    ----------
+    missing_genes : list of str
+        Feature genes this cohort lacks, imputed at the training mean (see :mod:`fedprog.data.harmonize`).
     """
 
     def __init__(
@@ -171,8 +179,10 @@ class SurvivalDataset(Dataset[Sample]):
         max_patches: int | None = None,
         seed: int = 0,
         training: bool = False,
+        site: str | None = None,
     ) -> None:
         self.cohort = cohort
+        self.site = site
         self.case_ids = [str(c) for c in case_ids]
         unknown = [c for c in self.case_ids if c not in cohort.labels.index]
         if unknown:
@@ -215,28 +225,41 @@ class SurvivalDataset(Dataset[Sample]):
                 raise CohortError(f"cohort {cohort.name!r}: no bag file for case(s) {preview(lacking)}")
 
     def _prepare_expression(self) -> tuple[list[str], np.ndarray]:
+        """Features in training order: the group genes, else the transform's genes, else the table's.
+
+        Genes the cohort lacks are imputed at the training mean up to the layout's
+        ``max_missing_genes_fraction`` (:mod:`fedprog.data.harmonize`); their names are kept in
+        ``self.missing_genes``.
+        """
+        self.missing_genes: list[str] = []
         if self.cohort.layout.expression is None:
             return [], np.zeros((len(self.case_ids), 0), dtype=np.float32)
         frame = expression_frame(self.cohort, None, self.case_ids)
-        genes = self.groups.gene_order if self.groups is not None else [str(g) for g in frame.columns]
-        where = f"cohort {self.cohort.name!r}"
+        fitted = None if self.expression_transform is None else self.expression_transform.genes
+        if self.groups is not None:
+            genes = list(self.groups.gene_order)
+        else:
+            genes = list(fitted) if fitted else [str(g) for g in frame.columns]
+        where = f"cohort {self.cohort.name!r}" if self.site is None else f"site {self.site!r}"
+        if fitted:
+            lacking = [g for g in genes if g not in set(fitted)]
+            if lacking:
+                raise GeneMismatchError(
+                    f"{where}: the expression transform was not fitted on gene(s) {preview(lacking)}"
+                )
+        name = self.site or self.cohort.name
+        self.missing_genes = missing_genes(
+            name, frame.columns, genes, max_missing_fraction(self.cohort.layout)
+        )
         if self.expression_transform is None:
             log.info("%s: no expression transform given, using raw expression values", where)
-            missing = [g for g in genes if g not in frame.columns]
-            if missing:
-                raise GeneMismatchError(f"{where}: expression lacks group gene(s) {preview(missing)}")
-            return genes, frame[genes].to_numpy(dtype=np.float32)
-        fitted = self.expression_transform.genes or [str(g) for g in frame.columns]
-        lacking = [g for g in genes if g not in fitted]
-        if lacking:
-            raise GeneMismatchError(
-                f"{where}: the expression transform was not fitted on gene(s) {preview(lacking)}"
-            )
+            return genes, align_expression(frame, genes).fillna(0.0).to_numpy(dtype=np.float32)
         try:
-            values = self.expression_transform.transform(frame)
+            values = self.expression_transform.transform(frame, impute_missing=True)
         except CohortError as exc:
             raise type(exc)(f"{where}: {exc}") from exc
-        position = {g: i for i, g in enumerate(fitted)}
+        order = fitted or genes
+        position = {g: i for i, g in enumerate(order)}
         return genes, values[:, [position[g] for g in genes]]
 
     # ------------------------------------------------------------------ modes

@@ -141,8 +141,8 @@ def _read_raw(path: Path) -> pd.DataFrame:
         raise GroupError(f"gene-group file {path} not found")
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise GroupError(f"gene-group file {path}: unreadable ({exc})") from exc
+    except (OSError, EOFError, ValueError, pd.errors.ParserError) as exc:
+        raise GroupError(f"gene-group file {path}: unreadable ({type(exc).__name__})") from exc
 
 
 def _compositions(frame: pd.DataFrame, path: Path) -> tuple[list[str], list[list[str]]]:

@@ -12,6 +12,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog.data.errors import LayoutError
+from fedprog.data.harmonize import DEFAULT_MAX_MISSING_GENES_FRACTION, GENE_POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ GROUP_KINDS = ("compositions", "signatures")
 DUPLICATE_POLICIES = ("error", "identical")
 MISSING_POLICIES = ("error", "drop", "keep")
 ON_MISSING = ("drop", "error")
-GENE_POLICIES = ("intersection", "strict")
+TIME_UNITS = {"days": 1.0 / 30.4375, "months": 1.0, "years": 12.0}  # factor to months
 # Keys a data config may carry that the layout does not use (the generator's parameters, for example).
 _IGNORED_KEYS = {"synth", "generate_if_missing"}
 
@@ -44,6 +45,11 @@ class TablePart:
     missing : {"error", "drop", "keep"}
         NaN in ``columns``: an error naming file/column/case, drop the case (see ``Cohort.dropped``), or
         keep the NaN (``TabularTransform`` then imputes numeric columns and gives categories a missing level).
+    optional : bool
+        Per-cohort "use what the cohort has": a cohort folder without this file, or a file without some of
+        ``columns`` (which must then be listed), gets those columns as missing (NaN) for every case. The
+        tabular transform imputes a numeric one at the training mean with a ``<column>__missing`` indicator
+        and gives a categorical one the ``<missing>`` level. Needs ``missing: keep``.
     """
 
     path: str
@@ -51,6 +57,7 @@ class TablePart:
     categorical: tuple[str, ...] = ()
     duplicates: str = "error"
     missing: str = "error"
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,8 +90,15 @@ class DatasetLayout:
     ``root`` is absolute; table paths are relative to ``<root>/<cohort>/``; ``groups``, ``truth`` to ``root``.
     Keys beyond the architecture's list (all optional): ``format`` (``fedprog`` | ``fed_tcga_brca``),
     ``on_missing`` (``drop`` | ``error``: labels without features), ``gene_policy`` (``intersection`` |
-    ``strict``), ``transform`` (``ExpressionTransform`` keyword arguments), ``tabular`` (``TabularTransform``
-    keyword arguments), ``min_patches`` (a bag with fewer patches is an error; default 1).
+    ``union`` | ``strict``) and ``max_missing_genes_fraction`` (default 0.1; see
+    :mod:`fedprog.data.harmonize`), ``transform`` (``ExpressionTransform`` keyword arguments),
+    ``tabular`` (``TabularTransform`` keyword arguments), ``min_patches`` (a bag with fewer patches is an
+    error; default 1), ``time_unit`` (``days`` | ``months`` | ``years``, or a mapping cohort -> unit; labels
+    are converted to months on load), ``pseudo_sites`` (N: a cohort whose labels have no site column is
+    split into N seeded pseudo hospitals ``p1..pN``, see :func:`fedprog.data.cohort.pseudo_site_labels`;
+    or a mapping cohort -> N) with ``pseudo_site_seed``, ``gene_map`` (``{path, probe_column: probe,
+    gene_column: gene}``: a CSV relative to ``root`` renaming probe-level expression columns to gene symbols,
+    see :func:`fedprog.data.cohort.map_probes`).
     """
 
     name: str
@@ -104,6 +118,11 @@ class DatasetLayout:
     transform: Mapping[str, Any] = field(default_factory=dict)
     tabular: Mapping[str, Any] = field(default_factory=dict)
     min_patches: int = 1
+    max_missing_genes_fraction: float = DEFAULT_MAX_MISSING_GENES_FRACTION
+    time_unit: str | Mapping[str, str] = "months"
+    pseudo_sites: int | Mapping[str, int] | None = None
+    pseudo_site_seed: int = 0
+    gene_map: Mapping[str, Any] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -118,18 +137,25 @@ class DatasetLayout:
             keys = OmegaConf.to_container(cfg_or_root, resolve=True)  # type: ignore[assignment]
         else:
             keys = dict(cfg_or_root)
+        keys = _without_unset(keys)
         if not keys.get("root"):
-            raise LayoutError("data config has no 'root' (the dataset folder)")
+            raise LayoutError(
+                "data config has no 'root' (the dataset folder): give data.root=DIR (data=folder), or set "
+                "FEDPROG_SHARED to the folder holding data/tcga (data=tcga)"
+            )
         root = Path(str(keys["root"])).expanduser().resolve()
         manifest = root / MANIFEST
         merged: dict[str, Any] = {}
         if manifest.is_file():
             merged.update(read_manifest(manifest))
         elif set(keys) <= {"root"}:
+            hint = "" if root.is_dir() else " (the folder does not exist)"
             raise LayoutError(
-                f"{manifest} not found and no data config keys given: cannot tell the layout of {root}"
+                f"{manifest} not found and no data config keys given: cannot tell the layout of "
+                f"{root}{hint}; write a fedprog.yaml manifest there (README: your own data) or use a data "
+                "config (data=tcga | data=synth)"
             )
-        merged.update(keys)
+        merged = merge_keys(merged, keys)
         merged["root"] = root
         return cls.from_dict(merged)
 
@@ -175,6 +201,13 @@ class DatasetLayout:
             transform=dict(keys.get("transform") or {}),
             tabular=dict(keys.get("tabular") or {}),
             min_patches=int(keys.get("min_patches") or 1),
+            max_missing_genes_fraction=float(
+                _default(keys.get("max_missing_genes_fraction"), DEFAULT_MAX_MISSING_GENES_FRACTION)
+            ),
+            time_unit=_plain_value(keys.get("time_unit") or "months"),
+            pseudo_sites=_plain_value(keys.get("pseudo_sites")),
+            pseudo_site_seed=int(keys.get("pseudo_site_seed") or 0),
+            gene_map=_gene_map(keys.get("gene_map"), where),
         )
         layout.validate()
         return layout
@@ -204,6 +237,29 @@ class DatasetLayout:
             )
         if self.min_patches < 1:
             raise LayoutError(f"{where}: min_patches must be >= 1, got {self.min_patches}")
+        if not 0.0 <= self.max_missing_genes_fraction <= 1.0:
+            raise LayoutError(
+                f"{where}: max_missing_genes_fraction must be in [0, 1], "
+                f"got {self.max_missing_genes_fraction}"
+            )
+        for cohort in self.cohorts:
+            _choice(
+                self.cohort_time_unit(cohort), tuple(TIME_UNITS), "time_unit", f"{where}, cohort {cohort}"
+            )
+            n = self.cohort_pseudo_sites(cohort)
+            if n is not None and n < 1:
+                raise LayoutError(f"{where}: pseudo_sites for cohort {cohort} must be >= 1, got {n}")
+
+    def cohort_time_unit(self, cohort: str) -> str:
+        """Time unit of a cohort's labels (``time_unit`` as one unit or a mapping cohort -> unit)."""
+        if isinstance(self.time_unit, Mapping):
+            return str(self.time_unit.get(cohort, "months"))
+        return str(self.time_unit)
+
+    def cohort_pseudo_sites(self, cohort: str) -> int | None:
+        """Number of pseudo sites of a cohort without a site column (None: the cohort is one site)."""
+        value = self.pseudo_sites.get(cohort) if isinstance(self.pseudo_sites, Mapping) else self.pseudo_sites
+        return None if value is None else int(value)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -243,6 +299,7 @@ class DatasetLayout:
                     "categorical": list(part.categorical),
                     "duplicates": part.duplicates,
                     "missing": part.missing,
+                    "optional": part.optional,
                 }
                 for part in spec.parts
             ]
@@ -270,7 +327,50 @@ class DatasetLayout:
             "transform": dict(self.transform),
             "tabular": dict(self.tabular),
             "min_patches": self.min_patches,
+            "max_missing_genes_fraction": self.max_missing_genes_fraction,
+            "time_unit": _plain_value(self.time_unit),
+            "pseudo_sites": _plain_value(self.pseudo_sites),
+            "pseudo_site_seed": self.pseudo_site_seed,
+            "gene_map": _plain_value(self.gene_map),
         }
+
+
+UNSET = "???"
+
+
+def _without_unset(value: Any) -> Any:
+    """Drop ``???`` (unset: take the manifest's) values recursively, and mappings left empty by that."""
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if isinstance(item, str) and item == UNSET:
+                continue
+            cleaned = _without_unset(item)
+            if isinstance(item, Mapping) and item and not cleaned:
+                continue
+            out[key] = cleaned
+        return out
+    return value
+
+
+def merge_keys(manifest: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """Config keys over manifest keys; mappings merged key by key (``groups.path`` alone keeps ``kind``)."""
+    merged = dict(manifest)
+    for key, value in config.items():
+        base = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(base, Mapping):
+            if key == "tables":  # one level deeper: a table given as a mapping merges with the manifest's
+                tables = dict(base)
+                for name, spec in value.items():
+                    old = tables.get(name)
+                    both = isinstance(old, Mapping) and isinstance(spec, Mapping)
+                    tables[name] = {**old, **spec} if both else spec
+                merged[key] = tables
+            else:
+                merged[key] = {**base, **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -295,6 +395,15 @@ def write_manifest(layout: DatasetLayout, extra: Mapping[str, Any] | None = None
     return path
 
 
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _plain_value(value: Any) -> Any:
+    """A mapping as a plain dict (hashable layouts compare equal after a round trip), else the value."""
+    return dict(value) if isinstance(value, Mapping) else value
+
+
 def _choice(value: str, allowed: tuple[str, ...], key: str, where: str) -> None:
     if value not in allowed:
         raise LayoutError(f"{where}: {key}={value!r} is not one of {list(allowed)}")
@@ -308,7 +417,7 @@ def _table_spec(name: str, spec: Any, where: str) -> TableSpec:
             raw = {"path": raw}
         if not isinstance(raw, Mapping) or not raw.get("path"):
             raise LayoutError(f"{where}: table {name!r}: each part needs a 'path', got {raw!r}")
-        extra = set(raw) - {"path", "columns", "categorical", "duplicates", "missing"}
+        extra = set(raw) - {"path", "columns", "categorical", "duplicates", "missing", "optional"}
         if extra:
             raise LayoutError(f"{where}: table {name!r}: unknown key(s) {sorted(extra)}")
         columns = raw.get("columns")
@@ -318,9 +427,15 @@ def _table_spec(name: str, spec: Any, where: str) -> TableSpec:
             categorical=tuple(str(c) for c in raw.get("categorical") or ()),
             duplicates=str(raw.get("duplicates") or "error"),
             missing=str(raw.get("missing") or "error"),
+            optional=bool(raw.get("optional") or False),
         )
         _choice(part.duplicates, DUPLICATE_POLICIES, f"tables.{name}.duplicates", where)
         _choice(part.missing, MISSING_POLICIES, f"tables.{name}.missing", where)
+        if part.optional and (part.columns is None or part.missing != "keep"):
+            raise LayoutError(
+                f"{where}: table {name!r} part {part.path}: optional: true needs its 'columns' listed and "
+                "missing: keep"
+            )
         if part.columns is not None:
             stray = set(part.categorical) - set(part.columns)
             if stray:
@@ -329,6 +444,19 @@ def _table_spec(name: str, spec: Any, where: str) -> TableSpec:
     if not parts:
         raise LayoutError(f"{where}: table {name!r} has no parts")
     return TableSpec(name=name, parts=tuple(parts))
+
+
+def _gene_map(raw: Any, where: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    if not isinstance(raw, Mapping) or not raw.get("path"):
+        raise LayoutError(f"{where}: 'gene_map' needs a 'path' (probe -> gene CSV), got {raw!r}")
+    extra = set(raw) - {"path", "probe_column", "gene_column"}
+    if extra:
+        raise LayoutError(f"{where}: gene_map: unknown key(s) {sorted(extra)}")
+    return dict(raw)
 
 
 def _group_spec(raw: Any, where: str) -> GroupSpec:

@@ -101,16 +101,24 @@ class ExpressionTransform:
         Parameters
         ----------
         df : DataFrame, shape = (n_cases, n_genes)
-            Expression indexed by case_id.
+            Expression indexed by case_id. A column that is NaN for every case is a gene the site lacks
+            (``gene_policy: union``, see :mod:`fedprog.data.harmonize`): it counts 0 cases; any other NaN
+            is an error.
 
         Returns
         -------
         dict
-            ``count`` (int), ``sum`` and ``sumsq`` (float64 arrays, shape = (n_genes,)), ``genes`` (list).
+            ``count`` (int, cases), ``gene_count`` (int array, cases measured per gene), ``sum`` and
+            ``sumsq`` (float64 arrays, shape = (n_genes,)), ``genes`` (list).
         """
-        values = self._clipped(_finite_matrix(df, "expression (fit)"))
+        absent = df.isna().all(axis=0).to_numpy() if len(df) else np.zeros(df.shape[1], dtype=bool)
+        present = _finite_matrix(df.loc[:, ~absent], "expression (fit)")
+        values = np.zeros(df.shape, dtype=np.float64)
+        values[:, ~absent] = self._clipped(present)
+        gene_count = np.where(absent, 0, df.shape[0]).astype(np.int64)
         return {
             "count": int(values.shape[0]),
+            "gene_count": gene_count,
             "sum": values.sum(axis=0),
             "sumsq": np.square(values).sum(axis=0),
             "genes": [str(g) for g in df.columns],
@@ -118,10 +126,25 @@ class ExpressionTransform:
 
     def fit(self, df: pd.DataFrame) -> ExpressionTransform:
         """Fit on TRAINING expression ``df`` (shape = (n_cases, n_genes)); returns self."""
-        self.genes = [str(g) for g in df.columns]
+        return self.fit_parts([df])
+
+    def fit_parts(self, parts: Sequence[pd.DataFrame]) -> ExpressionTransform:
+        """Fit on several TRAINING sites' expression (same columns; a gene a site lacks is an all-NaN column
+        there and counts no case), pooling their :meth:`moments`; returns self."""
+        if not parts:
+            raise CohortError("ExpressionTransform.fit_parts: no training expression")
+        self.genes = [str(g) for g in parts[0].columns]
+        for i, part in enumerate(parts[1:], start=1):
+            if [str(g) for g in part.columns] != self.genes:
+                raise GeneMismatchError(f"ExpressionTransform.fit_parts: part {i} has other gene columns")
         if self.method == "clip_standardize":
-            m = self.moments(df)
-            self._set_moments(m["count"], m["sum"], m["sumsq"])
+            ms = [self.moments(part) for part in parts]
+            self._set_moments(
+                sum(m["count"] for m in ms),
+                np.sum([m["sum"] for m in ms], axis=0),
+                np.sum([m["sumsq"] for m in ms], axis=0),
+                np.sum([m["gene_count"] for m in ms], axis=0),
+            )
         return self
 
     @classmethod
@@ -136,16 +159,26 @@ class ExpressionTransform:
         clip: float | None = DEFAULT_CLIP,
         z_clip: float | None = DEFAULT_Z_CLIP,
         min_std: float = DEFAULT_MIN_STD,
+        gene_count: Sequence[int] | np.ndarray | None = None,
     ) -> ExpressionTransform:
-        """Build a fitted transform from summed :meth:`moments` of the training sites (same ``clip``!)."""
+        """Build a fitted transform from summed :meth:`moments` of the training sites (same ``clip``!).
+
+        ``gene_count`` (summed per-gene case counts) is needed only when a training site lacks genes
+        (``gene_policy: union``); by default every gene counts ``count`` cases.
+        """
         transform = cls(method=method, clip=clip, z_clip=z_clip, min_std=min_std)
         transform.genes = [str(g) for g in genes]
         transform._set_moments(
-            int(count), np.asarray(sum, dtype=np.float64), np.asarray(sumsq, dtype=np.float64)
+            int(count),
+            np.asarray(sum, dtype=np.float64),
+            np.asarray(sumsq, dtype=np.float64),
+            None if gene_count is None else np.asarray(gene_count, dtype=np.float64),
         )
         return transform
 
-    def _set_moments(self, count: int, total: np.ndarray, total_sq: np.ndarray) -> None:
+    def _set_moments(
+        self, count: int, total: np.ndarray, total_sq: np.ndarray, gene_count: np.ndarray | None = None
+    ) -> None:
         assert self.genes is not None
         if total.shape != (len(self.genes),) or total_sq.shape != (len(self.genes),):
             raise ValueError(
@@ -156,10 +189,20 @@ class ExpressionTransform:
             raise CohortError(
                 f"ExpressionTransform: cannot standardize from {count} training case(s) (need >= 2)"
             )
-        mean = total / count
-        var = np.maximum(total_sq / count - np.square(mean), 0.0)
+        counts = np.full(len(self.genes), float(count)) if gene_count is None else gene_count.astype(float)
+        unmeasured = counts < 1
+        if unmeasured.any():
+            log.warning(
+                "ExpressionTransform: %d gene(s) measured by no training case get mean 0, std 1: %s",
+                int(unmeasured.sum()),
+                preview(np.asarray(self.genes)[unmeasured]),
+            )
+        safe = np.maximum(counts, 1.0)
+        mean = total / safe
+        var = np.maximum(total_sq / safe - np.square(mean), 0.0)
         std = np.sqrt(var)
-        flat = std < self.min_std
+        flat = (std < self.min_std) & ~unmeasured
+        std = np.where(unmeasured, 1.0, std)
         if flat.any():
             log.warning(
                 "ExpressionTransform: %d gene(s) constant in the training data get std 1: %s",
@@ -170,13 +213,17 @@ class ExpressionTransform:
         self.count, self.mean, self.std = count, mean, std
 
     # ------------------------------------------------------------------ applying
-    def transform(self, df: pd.DataFrame) -> np.ndarray:
+    def transform(self, df: pd.DataFrame, *, impute_missing: bool = False) -> np.ndarray:
         """Transform expression with the fitted state (never refits).
 
         Parameters
         ----------
         df : DataFrame, shape = (n_cases, n_genes_in_table)
-            Must hold every fitted gene (extra columns are ignored).
+            Must hold every fitted gene (extra columns are ignored) unless ``impute_missing``.
+        impute_missing : bool
+            Genes absent from ``df`` (or all-NaN columns) are imputed at the training mean: 0 after
+            ``clip_standardize``; 0 (the median normal score) for ``rank``; the training mean, else 0, for
+            ``none``. Callers check the allowed count first (:func:`fedprog.data.harmonize.missing_genes`).
 
         Returns
         -------
@@ -188,21 +235,30 @@ class ExpressionTransform:
                 "ExpressionTransform.transform called before fit / from_moments / load_state_dict"
             )
         genes = self.genes if self.genes is not None else [str(g) for g in df.columns]
-        missing = [g for g in genes if g not in df.columns]
-        if missing:
+        absent = np.array([g not in df.columns or bool(df[g].isna().all()) for g in genes], dtype=bool)
+        if absent.any() and not impute_missing:
+            missing = [g for g, a in zip(genes, absent, strict=True) if a]
             raise GeneMismatchError(
                 f"expression table lacks {len(missing)} of the transform's {len(genes)} genes: "
                 f"{preview(missing)}"
             )
-        values = _finite_matrix(df[genes], "expression")
+        present = [g for g, a in zip(genes, absent, strict=True) if not a]
+        values = np.zeros((len(df), len(genes)), dtype=np.float64)
+        values[:, ~absent] = _finite_matrix(df[present], "expression")
         if self.method == "clip_standardize":
             assert self.mean is not None and self.std is not None
+            values[:, absent] = self.mean[absent]
             values = (self._clipped(values) - self.mean) / self.std
+            values[:, absent] = 0.0  # exactly the training mean, even where the mean lies beyond the clip
             if self.z_clip is not None:
                 values = np.clip(values, -self.z_clip, self.z_clip)
         elif self.method == "rank":
-            ranks = rankdata(values, axis=1, method="average")
-            values = ndtri((ranks - 0.5) / values.shape[1])
+            sub = values[:, ~absent]
+            ranks = rankdata(sub, axis=1, method="average")
+            values[:, ~absent] = ndtri((ranks - 0.5) / max(sub.shape[1], 1))
+            values[:, absent] = 0.0
+        elif self.mean is not None:
+            values[:, absent] = self.mean[absent]
         return values.astype(np.float32)
 
     # ------------------------------------------------------------------ serialization

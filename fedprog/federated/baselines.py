@@ -18,10 +18,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog import engine
-from fedprog.data import DatasetLayout, Site, SurvivalDataset, build_sites
+from fedprog.data import DatasetLayout, Site, SurvivalDataset, build_sites, load_cohorts
 from fedprog.federated.federation import derived_seed, km_aggregates
 from fedprog.federated.server_app import RunState
-from fedprog.pipeline import PooledDataset, Preprocessing, build_model, fit_preprocessing
+from fedprog.pipeline import PooledDataset, Preprocessing, build_model, fit_preprocessing, make_dataset
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,14 @@ log = logging.getLogger(__name__)
 def _dataset(
     site: Site, cohort: Any, ids: tuple[str, ...], prep: Preprocessing, cfg: DictConfig
 ) -> SurvivalDataset:
-    return SurvivalDataset(
+    """A site's dataset with the training preprocessing; its missing feature genes are imputed and counted."""
+    return make_dataset(
         cohort,
         list(ids),
-        expression_transform=prep.expression,
-        strong_transform=prep.strong,
-        bins=prep.bins,
-        groups=prep.groups,
+        prep,
         max_patches=cfg.training.get("max_patches"),
         seed=int(cfg.seed),
+        site=site.name,
     )
 
 
@@ -85,7 +84,14 @@ def train_and_evaluate(
     for site in all_sites:
         ids = site.test_ids if site.test_ids else site.all_ids
         data = _dataset(site, cohorts[site.cohort], ids, prep, cfg)
-        result = engine.evaluate(model, data, bins=prep.bins, loss_cfg=train_cfg)
+        result = engine.evaluate(
+            model,
+            data,
+            bins=prep.bins,
+            loss_cfg=train_cfg,
+            train_times=train_ds.times,  # censoring reference of the IPCW metrics: the training cases
+            train_censorship=train_ds.censorship,
+        )
         m = result.metrics
         rows.append(
             {
@@ -99,6 +105,7 @@ def train_and_evaluate(
                 "c_index_ipcw": float(m.get("c_index_ipcw", math.nan)),
                 "ibs": float(m.get("ibs", math.nan)),
                 "model": name,
+                "missing_genes": len(data.missing_genes),
             }
         )
         if site.role == "holdout":
@@ -123,7 +130,7 @@ def run_baseline(cfg: DictConfig) -> dict[str, Any]:
     layout = DatasetLayout.load(cfg.data)
     heldout = cfg.get("heldout")
     sites = build_sites(layout, cfg.federation, None if heldout is None else list(heldout))
-    cohorts = {s.cohort: s.load_cohort(layout) for s in sites}
+    cohorts = load_cohorts(layout, list(dict.fromkeys(s.cohort for s in sites)))
     train_sites = [s for s in sites if s.role == "train"]
     if not train_sites:
         raise ValueError(f"strategy={cfg.strategy.name}: no training site among {[s.name for s in sites]}")
@@ -137,8 +144,20 @@ def run_baseline(cfg: DictConfig) -> dict[str, Any]:
         state.rows.extend(rows)
         state.km.update(km)
     state.rounds.append({"round": int(cfg.rounds), "accepted": [s.name for s in train_sites], "rejected": []})
+    lacking: dict[str, int] = {}
+    for row in state.rows:
+        lacking[row["site"]] = max(lacking.get(row["site"], 0), int(row["missing_genes"]))
     site_table = [
-        {"site": s.name, "role": s.role, "cohort": s.cohort, "n_cases": len(s.all_ids)} for s in sites
+        {
+            "site": s.name,
+            "role": s.role,
+            "cohort": s.cohort,
+            "n_cases": len(s.all_ids),
+            "missing_genes": lacking.get(
+                s.name, 0
+            ),  # feature genes imputed at the training mean (max over models)
+        }
+        for s in sites
     ]
     return write_outputs(
         Path(str(cfg.out)),

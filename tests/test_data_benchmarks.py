@@ -1,0 +1,79 @@
+"""The benchmark scripts take data=, data.root=, sources= and targets= like the commands (tiny folder)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pandas as pd
+import pytest
+from data_factory import write_cohort
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "simulations" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "mine"
+    for i, cohort in enumerate(("c0", "c1", "c2")):
+        write_cohort(root, cohort, n_cases=40, n_genes=20, n_groups=4, seed=i)
+    rna = root / "c1" / "rna.csv.gz"
+    pd.read_csv(rna).drop(columns=["G004"]).to_csv(rna, index=False)  # a target lacking one source gene
+    return root
+
+
+def test_merge_overrides_replaces_the_preset_data_group() -> None:
+    merge = _script("cross_cancer").merge_overrides
+    merged = merge(
+        ["data=tcga", "seeds=[0,1,2]", "model.dim=64"], ["model=snn"], ["data=folder", "seeds=[0]"]
+    )
+    assert merged == ["model.dim=64", "model=snn", "data=folder", "seeds=[0]"]
+
+
+def test_cross_cancer_on_a_folder_with_sources_and_targets(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "synth",
+        "only=snn",
+        f"bench_out={tmp_path / 'bench'}",
+        "data=folder",
+        f"data.root={folder}",
+        "sources=[c0]",
+        "targets=[c1]",
+        "seeds=[0]",
+        "training.epochs=1",
+        "training.grad_accum=4",
+        "training.select_on=last",
+        "model.dim=8",
+        f"out={tmp_path / 'train'}",
+    ]
+    assert _script("cross_cancer").main(argv) == 0
+    (written,) = (tmp_path / "bench").glob("cross_cancer_synth_*.json")
+    records = pd.DataFrame(json.loads(written.read_text()))
+    targets = records[records["split"] == "target"]
+    assert set(targets["source"]) == {"c0"} and set(targets["target"]) == {"c1"}
+
+
+def test_coxnet_reference_on_a_folder_with_sources_and_targets(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = ["--seeds", "0", "--n-alphas", "5", "--out", str(out)]
+    argv += ["data=folder", f"data.root={folder}", "sources=[c0]", "targets=[c1,c2]"]
+    assert _script("coxnet_reference").main(argv) == 0
+    records = pd.DataFrame(json.loads((out / "coxnet_reference_expression.json").read_text())["records"])
+    assert set(records["source"]) == {"c0"}
+    assert set(records.loc[records["split"] == "target", "target"]) == {"c1", "c2"}
+    assert records["c_index"].between(0, 1).all()
