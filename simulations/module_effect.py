@@ -9,8 +9,8 @@ this hook), ``||f_on - f_off|| / ||f_off||`` over the batch, averaged over ``DRA
 random generator. Unimodal backbones (``snn``, ``abmil``, ``linear_cox``) refuse the modules and are listed
 as such.
 
-The batch mimics the generated default: ``N_CANCERS`` cancers, each with its own per-channel shift and scale of
-the patch features (the style), patients with a signal on a share of their patches, group-structured
+The batch mimics the generated default: ``N_CANCERS`` cancers, each with its own per-channel shift and scale
+of the patch features (the style), patients with a signal on a share of their patches, group-structured
 expression. ``cade_style_bs1`` is style CADE at batch size 1, its partners drawn from a running bank filled
 by the previous patients of the batch (the client's setting with batch size 1).
 
@@ -87,7 +87,9 @@ def build(name: str, sdir: dict[str, Any], cade: dict[str, Any]) -> nn.Module:
     """The backbone with the given module overrides, weights seeded by SEED."""
     torch.manual_seed(SEED)
     cfg = {"name": name, **MODEL, "sdir": sdir, "cade": cade}
-    return create_model(cfg, group_index=group_index(), strong_kind="wsi", strong_dim=FEATURE_DIM, n_outputs=4)
+    return create_model(
+        cfg, group_index=group_index(), strong_kind="wsi", strong_dim=FEATURE_DIM, n_outputs=4
+    )
 
 
 def train_without_dropout(model: nn.Module) -> nn.Module:
@@ -96,6 +98,8 @@ def train_without_dropout(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.Dropout | nn.AlphaDropout):
             module.eval()
+        if isinstance(module, nn.MultiheadAttention):
+            module.dropout = 0.0  # MCAT's attention dropout is a float, not a module
     return model
 
 

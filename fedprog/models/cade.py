@@ -11,8 +11,9 @@ each modality a in {strong, weak} and sample b, over the real tokens n of the ba
           external bank a federation installs (:meth:`CADE.set_external_bank`);
           lambda_b ~ Beta(alpha, alpha); mu^ = lambda mu + (1 - lambda) mu~, sigma^ likewise (``path=linear``)
           or log sigma^ likewise (``path=geometric``)
-    dsu:  mu^ += N(0, 1) s_mu dsu_scale, sigma^ += N(0, 1) s_sigma dsu_scale, with s the per-channel spread of
-          the statistics over the batch and the banks (uncertainty sampling)
+    dsu:  mu^ += N(0, 1) s_mu dsu_scale, log sigma^ += N(0, 1) s_log_sigma dsu_scale, with s the per-channel
+          spread of the statistics over the batch and the banks (DSU's uncertainty sampling, on log sigma
+          rather than sigma so that sigma^ stays positive)
     x'_bnc = z_bnc sigma^_bc + mu^_bc                              (gradients flow through z only)
 
 It sits on the encoder outputs, before the fusion: a per-channel shift/scale of every token is *not* removed
@@ -104,7 +105,7 @@ class StyleMix:
     mu_hat: Tensor
     sigma_hat: Tensor
     lam: Tensor  # [B] mixing weight on the sample's own statistics
-    source: Tensor  # [B] long: -1 no partner (own statistics), 0 batch or local bank, 1 external bank
+    source: Tensor  # [B] long: -1 unchanged (no partner), 0 batch/local bank, 1 external bank, 2 DSU only
 
 
 @dataclass(frozen=True)
@@ -380,7 +381,7 @@ class CADE(nn.Module):
         )
 
     def _spread(self, slot: str, mu: Tensor, sigma: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-        """DSU's per-channel spread of mu and sigma over the batch and banks ``[D]`` (0 below 2 styles)."""
+        """DSU's per-channel spread of mu and log sigma over batch and banks ``[D]`` (0 below 2 styles)."""
         bank_mu, bank_sigma = self.bank(slot)
         ext_mu, ext_sigma = self.external_bank(slot)
         parts_mu, parts_sigma = [mu[present], bank_mu.to(mu.dtype)], [sigma[present], bank_sigma.to(mu.dtype)]
@@ -390,7 +391,7 @@ class CADE(nn.Module):
         all_mu, all_sigma = torch.cat(parts_mu), torch.cat(parts_sigma)
         if all_mu.shape[0] < 2:
             return torch.zeros_like(mu[0]), torch.zeros_like(mu[0])
-        return all_mu.std(dim=0), all_sigma.std(dim=0)
+        return all_mu.std(dim=0), all_sigma.log().std(dim=0)
 
     def _target(self, slot: str, mu: Tensor, sigma: Tensor, present: Tensor) -> StyleMix:
         """New statistics (mu^, sigma^) per sample for one modality."""
@@ -405,13 +406,14 @@ class CADE(nn.Module):
                 lam[:, None], mu, sigma, partner_mu, partner_sigma, self.path
             )
         if self.mode in ("dsu", "mix_dsu"):
-            spread_mu, spread_sigma = self._spread(slot, mu, sigma, present)
+            spread_mu, spread_log_sigma = self._spread(slot, mu, sigma, present)
             noise = torch.randn(
                 (2, *mu.shape), generator=self.generator, device=_rng_device(self.generator, mu)
             )
             noise = noise.to(device=mu.device, dtype=mu.dtype) * self.dsu_scale
             mu_hat = mu_hat + noise[0] * spread_mu
-            sigma_hat = (sigma_hat + noise[1] * spread_sigma).clamp_min(self.eps**0.5)
+            sigma_hat = sigma_hat * torch.exp(noise[1] * spread_log_sigma)
+            source = torch.where(source < 0, 2, source)
         return StyleMix(mu, sigma, mu_hat, sigma_hat, lam, source)
 
     def forward(
@@ -437,7 +439,8 @@ class CADE(nn.Module):
                 restyled = (tokens - mu[:, None]) / sigma[:, None] * mix.sigma_hat[:, None] + mix.mu_hat[
                     :, None
                 ]
-                change = present[:, None] if mask is None else present[:, None] & mask
+                moved = present & (mix.source >= 0)  # a sample without partner (nor DSU) stays bit-exact
+                change = moved[:, None] if mask is None else moved[:, None] & mask
                 out[slot] = torch.where(change[..., None], restyled, tokens)
             self._remember(slot, mu[present], sigma[present])
         return out["strong"], out["weak"]
