@@ -87,7 +87,7 @@ def channel_statistics(tokens: Tensor, mask: Tensor | None, eps: float) -> tuple
     present : Tensor, bool, shape = (B,)
         The sample has a non-zero real token (False when SDIR switched the modality off).
     """
-    x = tokens.detach()
+    x = tokens.detach().float() if tokens.dtype in (torch.float16, torch.bfloat16) else tokens.detach()
     weights = x.new_ones(x.shape[:2]) if mask is None else mask.to(x.dtype)
     count = weights.sum(dim=1, keepdim=True)  # (B, 1)
     mu = (x * weights[..., None]).sum(dim=1) / count.clamp_min(1.0)
@@ -441,7 +441,7 @@ class CADE(nn.Module):
                 ]
                 moved = present & (mix.source >= 0)  # a sample without partner (nor DSU) stays bit-exact
                 change = moved[:, None] if mask is None else moved[:, None] & mask
-                out[slot] = torch.where(change[..., None], restyled, tokens)
+                out[slot] = torch.where(change[..., None], restyled, tokens).to(tokens.dtype)
             self._remember(slot, mu[present], sigma[present])
         return out["strong"], out["weak"]
 
