@@ -24,6 +24,7 @@ from fedprog.models import (
     register_backbone,
 )
 from fedprog.models.encoders import GatedAttentionPool, GroupTokenizer, TabularTokenizer, masked_mean
+from fedprog.models.sdir import dirac_stabilize
 from fedprog.models.survpath import SurvPathFusion
 from fedprog.survival.losses import nll_survival_loss
 
@@ -79,6 +80,7 @@ def make_batch(
 
 
 def build(name: str, kind: str, *, modules: bool = False, n_outputs: int | None = None, **overrides):
+    """A tiny model; ``modules=True`` enables SDIR (default variant) and CADE forced to fire."""
     cfg = {"name": name, **TINY, **overrides}
     if modules:
         cfg["sdir"] = {"enabled": True}
@@ -231,21 +233,48 @@ def test_padding_never_contributes(name):
         torch.testing.assert_close(model(padded), model(batch))
 
 
+def _no_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Training mode with every dropout off (modules active, nothing else random)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout | torch.nn.AlphaDropout):
+            module.eval()
+        if isinstance(module, torch.nn.MultiheadAttention):
+            module.dropout = 0.0
+    return model
+
+
 @pytest.mark.parametrize("name", [n for n in list_models() if n not in UNIMODAL])
-def test_modules_are_active_in_training_and_identity_in_eval(name):
+def test_modules_are_active_in_training_and_only_the_dirac_gain_remains_in_eval(name):
     torch.manual_seed(2)
     plain = build(name, "wsi")
     with_modules = build(name, "wsi", modules=True)
-    with_modules.load_state_dict(plain.state_dict())
+    with_modules.load_state_dict(plain.state_dict())  # the modules add no weights
     batch = make_batch("wsi")
     plain.eval(), with_modules.eval()
     with torch.no_grad():
-        torch.testing.assert_close(with_modules(batch), plain(batch))
-        assert with_modules.sdir is not None and with_modules.cade is not None
-        strong, weak, mask = with_modules.train().tokens(batch)
-        strong_ref, weak_ref, _ = plain.train().tokens(batch)
-    assert with_modules.cade.last_mix is not None  # CADE fired (p_aug = 1)
-    assert (strong[mask] == 0).all(dim=-1).any()  # SDIR dropped tokens
+        tokens = plain.tokens(batch)
+        stabilized = tokens._replace(weak=dirac_stabilize(tokens.weak, 1.0, 1.0))
+        expected = plain.head(
+            plain.fusion(*stabilized)
+        )  # eval: CADE is the identity, SDIR's Dirac gain stays
+        torch.testing.assert_close(with_modules(batch), expected)
+        assert not torch.allclose(with_modules(batch), plain(batch))
+        with_modules.sdir.p = 0.99
+        out = with_modules.train().tokens(batch)
+    assert with_modules.cade.last_mix  # CADE fired (p_aug = 1)
+    dropped = with_modules.sdir.last_dropped
+    assert dropped.any() and (out.strong[dropped] == 0).all()  # SDIR switched the strong modality off
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in UNIMODAL])
+def test_dirac_gain_gives_the_same_model_output_in_training_and_evaluation(name):
+    torch.manual_seed(7)
+    model = build(name, "wsi", sdir={"enabled": True, "p": 0.0})
+    batch = make_batch("wsi")
+    with torch.no_grad():
+        trained = _no_dropout(model)(batch)
+        torch.testing.assert_close(model.eval()(batch), trained)
 
 
 def test_group_tokenizer_matches_one_snn_per_group():
@@ -351,15 +380,30 @@ def test_every_model_has_a_config_with_all_module_keys_disabled(name):
 
 @pytest.mark.parametrize(
     ("module", "sdir", "cade"),
-    [("none", False, False), ("sdir", True, False), ("cade", False, True), ("sdir_cade", True, True)],
+    [
+        ("none", None, None),
+        ("sdir", "modality", None),
+        ("sdir_token", "token", None),
+        ("cade", None, "style"),
+        ("cade_token", None, "token"),
+        ("sdir_cade", "modality", "style"),
+    ],
 )
 def test_module_switches(module, sdir, cade):
     path = CONFIGS / "modules" / f"{module}.yaml"
     assert path.read_text().startswith("# @package model")
     merged = OmegaConf.merge(OmegaConf.load(CONFIGS / "model" / "survpath.yaml"), OmegaConf.load(path))
     parsed = ModelConfig.from_cfg(merged)
-    assert (parsed.sdir.enabled, parsed.cade.enabled) == (sdir, cade)
+    assert (parsed.sdir.enabled, parsed.cade.enabled) == (sdir is not None, cade is not None)
+    if sdir is not None:
+        assert parsed.sdir.variant == sdir
+    if cade is not None:
+        assert parsed.cade.variant == cade
     assert parsed.sdir.p == 0.5 and parsed.cade.p_aug == 0.3
+    model = create_model(merged, group_index=GROUP_INDEX, strong_kind="wsi", strong_dim=6, n_outputs=4)
+    assert (model.sdir is not None, model.cade is not None) == (sdir is not None, cade is not None)
+    if cade is not None:
+        assert type(model.cade).__name__ == {"style": "CADE", "token": "TokenCADE"}[cade]
 
 
 def test_hydra_composition_when_the_train_config_exists():

@@ -20,27 +20,27 @@ def _dropped(out: torch.Tensor) -> torch.Tensor:
     return (out == 0).all(dim=-1)
 
 
-def test_identity_in_eval_mode():
-    sdir = SDIR(p=0.9, mask_modalities="both", gamma=1.5).eval()
+def test_identity_in_eval_mode_when_the_dirac_gain_is_train_only():
+    sdir = SDIR(variant="token", p=0.9, mask_modalities="both", gamma=1.5, dirac_in_eval=False).eval()
     strong, weak = torch.randn(2, 30, 8), torch.randn(2, 5, 8)
-    out_strong, out_weak = sdir(strong, weak)
-    assert out_strong is strong and out_weak is weak
+    out = sdir(strong, weak)
+    assert out.strong is strong and out.weak is weak and out.weak_mask is None
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
 def test_sparsification_rate_matches_p(p):
-    sdir = SDIR(p=p, gamma=0.0, generator=_gen(1)).train()
+    sdir = SDIR(variant="token", p=p, gamma=0.0, generator=_gen(1)).train()
     strong = torch.ones(4, 5000, 3)
-    out, _ = sdir(strong, torch.randn(4, 3, 3))
+    out = sdir(strong, torch.randn(4, 3, 3)).strong
     rate = _dropped(out).float().mean().item()
     # 20,000 Bernoulli draws: standard error <= 0.0036; 4 sigma
     assert rate == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / 20000))
 
 
 def test_whole_tokens_dropped_exactly_zero_and_kept_unscaled():
-    sdir = SDIR(p=0.5, gamma=0.0, generator=_gen(2)).train()
+    sdir = SDIR(variant="token", p=0.5, gamma=0.0, generator=_gen(2)).train()
     strong = torch.randn(3, 200, 16)
-    out, _ = sdir(strong, torch.randn(3, 4, 16))
+    out = sdir(strong, torch.randn(3, 4, 16)).strong
     dropped = _dropped(out)
     assert dropped.any() and (~dropped).any()
     assert torch.equal(out[~dropped], strong[~dropped])  # kept rows unchanged bit for bit
@@ -48,21 +48,21 @@ def test_whole_tokens_dropped_exactly_zero_and_kept_unscaled():
 
 
 def test_rescale_divides_kept_tokens_by_keep_probability():
-    sdir = SDIR(p=0.25, rescale=True, gamma=0.0, generator=_gen(3)).train()
+    sdir = SDIR(variant="token", p=0.25, rescale=True, gamma=0.0, generator=_gen(3)).train()
     strong = torch.randn(1, 100, 4)
-    out, _ = sdir(strong, torch.randn(1, 2, 4))
+    out = sdir(strong, torch.randn(1, 2, 4)).strong
     kept = ~_dropped(out)
     torch.testing.assert_close(out[kept], strong[kept] / 0.75)
 
 
 def test_at_least_one_real_token_kept_and_padding_never_kept():
-    sdir = SDIR(p=0.99, gamma=0.0, generator=_gen(4)).train()
+    sdir = SDIR(variant="token", p=0.99, gamma=0.0, generator=_gen(4)).train()
     strong = torch.randn(64, 6, 4) + 10.0  # no token is naturally zero
     mask = torch.zeros(64, 6, dtype=torch.bool)
     mask[:, :2] = True  # two real tokens, four padded
     rescued = 0
     for _ in range(20):
-        out, _ = sdir(strong, torch.randn(64, 3, 4), mask)
+        out = sdir(strong, torch.randn(64, 3, 4), mask).strong
         kept = ~_dropped(out)
         assert (kept & mask).sum(dim=1).min() >= 1
         assert not (kept & ~mask).any()
@@ -72,13 +72,14 @@ def test_at_least_one_real_token_kept_and_padding_never_kept():
 
 def test_strong_mode_leaves_weak_tokens_undropped_and_both_mode_drops_them():
     weak = torch.randn(2, 400, 8) + 5.0
-    _, out_weak = SDIR(p=0.5, gamma=0.0, generator=_gen(5)).train()(torch.randn(2, 10, 8), weak)
-    assert torch.equal(out_weak, weak)
-    _, out_weak = SDIR(p=0.5, mask_modalities="both", gamma=0.0, generator=_gen(5)).train()(
+    out = SDIR(variant="token", p=0.5, gamma=0.0, generator=_gen(5)).train()(torch.randn(2, 10, 8), weak)
+    assert torch.equal(out.weak, weak) and out.weak_mask is None
+    out = SDIR(variant="token", p=0.5, mask_modalities="both", gamma=0.0, generator=_gen(5)).train()(
         torch.randn(2, 10, 8), weak
     )
-    assert _dropped(out_weak).float().mean().item() == pytest.approx(0.5, abs=0.1)
-    assert (~_dropped(out_weak)).sum(dim=1).min() >= 1
+    assert _dropped(out.weak).float().mean().item() == pytest.approx(0.5, abs=0.1)
+    assert (~_dropped(out.weak)).sum(dim=1).min() >= 1
+    assert torch.equal(out.weak_mask, ~_dropped(out.weak))  # dropped weak tokens leave the mask
 
 
 def _by_hand(token: list[float], gamma: float, eps: float, stat_eps: float = 1e-6) -> list[float]:
@@ -105,9 +106,11 @@ def test_dirac_stabilization_matches_its_formula(gamma, eps):
 
 def test_dirac_stabilization_is_applied_to_weak_tokens_in_training():
     weak = torch.randn(2, 5, 8)
-    _, out_weak = SDIR(p=0.5, gamma=1.0, eps=1.0, generator=_gen(6)).train()(torch.randn(2, 9, 8), weak)
-    torch.testing.assert_close(out_weak, dirac_stabilize(weak, 1.0, 1.0))
-    _, unchanged = SDIR(p=0.5, gamma=0.0).train()(torch.randn(2, 9, 8), weak)
+    out = SDIR(variant="token", p=0.5, gamma=1.0, eps=1.0, generator=_gen(6)).train()(
+        torch.randn(2, 9, 8), weak
+    )
+    torch.testing.assert_close(out.weak, dirac_stabilize(weak, 1.0, 1.0))
+    unchanged = SDIR(variant="token", p=0.5, gamma=0.0).train()(torch.randn(2, 9, 8), weak).weak
     assert torch.equal(unchanged, weak)
 
 
@@ -124,7 +127,7 @@ def test_dirac_gain_is_bounded_by_one_plus_gamma_and_monotone():
 def test_gradients_flow_through_kept_tokens_and_weak_tokens():
     strong = torch.randn(2, 50, 8, requires_grad=True)
     weak = torch.randn(2, 6, 8, requires_grad=True)
-    out_strong, out_weak = SDIR(p=0.5, generator=_gen(7)).train()(strong, weak)
+    out_strong, out_weak, _, _ = SDIR(variant="token", p=0.5, generator=_gen(7)).train()(strong, weak)
     (out_strong.sum() + (out_weak * torch.randn_like(out_weak)).sum()).backward()
     dropped = _dropped(out_strong)
     assert torch.equal(strong.grad[dropped], torch.zeros_like(strong.grad[dropped]))
@@ -136,9 +139,11 @@ def test_different_token_counts_with_padding():
     strong, weak = torch.randn(2, 300, 16), torch.randn(2, 7, 16)
     mask = torch.ones(2, 300, dtype=torch.bool)
     mask[1, 120:] = False
-    out_strong, out_weak = SDIR(p=0.5, mask_modalities="both", generator=_gen(8)).train()(strong, weak, mask)
-    assert out_strong.shape == (2, 300, 16) and out_weak.shape == (2, 7, 16)
-    assert _dropped(out_strong)[1, 120:].all()
+    out = SDIR(variant="token", p=0.5, mask_modalities="both", generator=_gen(8)).train()(strong, weak, mask)
+    assert out.strong.shape == (2, 300, 16) and out.weak.shape == (2, 7, 16)
+    assert _dropped(out.strong)[1, 120:].all()
+    assert not out.strong_mask[1, 120:].any()  # padding stays out of the mask
+    assert torch.equal(out.strong_mask, ~_dropped(out.strong))  # dropped tokens leave the mask
 
 
 def test_adaptive_probability_follows_dominance_ratio():
@@ -152,22 +157,27 @@ def test_adaptive_probability_follows_dominance_ratio():
 
 
 def test_adaptive_rate_reaches_p_max_for_a_dominant_strong_modality():
-    sdir = SDIR(p=0.5, adaptive=True, p_min=0.1, p_max=0.8, gamma=0.0, generator=_gen(9)).train()
-    out, _ = sdir(torch.full((2, 4000, 4), 50.0), torch.full((2, 3, 4), 0.01))
+    sdir = SDIR(
+        variant="token", p=0.5, adaptive=True, p_min=0.1, p_max=0.8, gamma=0.0, generator=_gen(9)
+    ).train()
+    out = sdir(torch.full((2, 4000, 4), 50.0), torch.full((2, 3, 4), 0.01)).strong
     assert _dropped(out).float().mean().item() == pytest.approx(0.8, abs=0.03)
 
 
 def test_seeded_generator_reproduces_masks():
     strong, weak = torch.randn(2, 100, 8), torch.randn(2, 5, 8)
-    first, _ = SDIR(generator=_gen(10)).train()(strong, weak)
-    second, _ = SDIR(generator=_gen(10)).train()(strong, weak)
-    assert torch.equal(first, second)
+    first = SDIR(variant="token", generator=_gen(10)).train()(strong, weak)
+    second = SDIR(variant="token", generator=_gen(10)).train()(strong, weak)
+    assert torch.equal(first.strong, second.strong) and torch.equal(first.strong_mask, second.strong_mask)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"p": 1.0}, r"model.sdir.p=1.0 must lie in \[0, 1\)"),
+        ({"p": 1.0, "rescale": True}, r"model.sdir.p=1.0 must lie in \[0, 1\] \(\[0, 1\) with rescale\)"),
+        ({"p": -0.1}, r"model.sdir.p=-0.1 must lie in \[0, 1\]"),
+        ({"variant": "patch"}, "model.sdir.variant='patch'"),
+        ({"dominant": "rna"}, "model.sdir.dominant='rna'"),
         ({"mask_modalities": "weak"}, "model.sdir.mask_modalities='weak'"),
         ({"eps": 0.0}, "eps > 0"),
         ({"p_min": 0.5, "p_max": 0.2}, "p_min <= p_max"),
@@ -176,3 +186,101 @@ def test_seeded_generator_reproduces_masks():
 def test_invalid_settings_name_the_key(kwargs, match):
     with pytest.raises(ModelConfigError, match=match):
         SDIR(**kwargs)
+
+
+# ---------------------------------------------------------------- modality variant (default)
+
+
+def test_modality_variant_drops_whole_samples_at_rate_p_and_keeps_masks():
+    sdir = SDIR(p=0.3, gamma=0.0, generator=_gen(11)).train()
+    assert sdir.variant == "modality"
+    strong, weak = torch.randn(4000, 5, 4) + 3.0, torch.randn(4000, 3, 4)
+    mask = torch.ones(4000, 5, dtype=torch.bool)
+    out = sdir(strong, weak, mask)
+    dropped = _dropped(out.strong).all(dim=1)  # (B,): the whole modality of that sample is gone
+    assert torch.equal(dropped, sdir.last_dropped)
+    assert (_dropped(out.strong).any(dim=1) == dropped).all()  # all or nothing per sample
+    assert dropped.float().mean().item() == pytest.approx(0.3, abs=4 * math.sqrt(0.21 / 4000))
+    assert torch.equal(out.strong[~dropped], strong[~dropped])
+    assert torch.equal(out.strong_mask, mask) and torch.equal(out.weak, weak)  # no empty bags for backbones
+
+
+def test_modality_variant_with_dominant_weak_drops_the_expression_and_stabilizes_the_strong_tokens():
+    strong, weak = torch.randn(500, 6, 8), torch.randn(500, 4, 8) + 2.0
+    out = SDIR(p=0.5, dominant="weak", generator=_gen(12)).train()(strong, weak)
+    dropped = _dropped(out.weak).all(dim=1)
+    assert 0.4 < dropped.float().mean().item() < 0.6
+    torch.testing.assert_close(out.strong, dirac_stabilize(strong, 1.0, 1.0))
+
+
+def test_adaptive_modality_variant_drops_a_dominant_modality_more_often():
+    sdir = SDIR(p=0.3, adaptive=True, p_min=0.05, p_max=0.9, gamma=0.0, generator=_gen(13)).train()
+    weak = torch.ones(2000, 3, 4)  # token norm 2
+    balanced = sdir(torch.ones(2000, 5, 4), weak).strong  # ratio 1/2 -> p = 0.3
+    dominant = sdir(torch.full((2000, 5, 4), 50.0), weak).strong  # ratio ~ 0.98 -> p = 0.59
+    assert _dropped(balanced).all(dim=1).float().mean().item() == pytest.approx(0.3, abs=0.04)
+    assert _dropped(dominant).all(dim=1).float().mean().item() == pytest.approx(0.6 * 100 / 102, abs=0.04)
+
+
+# ---------------------------------------------------------------- Dirac gain: train/eval consistency
+
+
+@pytest.mark.parametrize("variant", ["modality", "token"])
+def test_dirac_gain_is_the_same_in_training_and_evaluation_by_default(variant):
+    strong, weak = torch.randn(3, 20, 8), torch.randn(3, 5, 8)
+    sdir = SDIR(variant=variant, p=0.0, gamma=1.0, generator=_gen(14))
+    trained = sdir.train()(strong, weak)
+    evaluated = sdir.eval()(strong, weak)
+    torch.testing.assert_close(trained.weak, evaluated.weak)
+    torch.testing.assert_close(evaluated.weak, dirac_stabilize(weak, 1.0, 1.0))
+    assert not torch.equal(evaluated.weak, weak)  # the gain really acts, in both modes
+
+
+def test_train_only_dirac_gain_is_documented_noise_absent_in_evaluation():
+    strong, weak = torch.randn(3, 20, 8), torch.randn(3, 5, 8)
+    sdir = SDIR(p=0.0, gamma=1.0, dirac_in_eval=False)
+    torch.testing.assert_close(sdir.train()(strong, weak).weak, dirac_stabilize(weak, 1.0, 1.0))
+    assert sdir.eval()(strong, weak).weak is weak
+
+
+# ---------------------------------------------------------------- masked tokens in every backbone
+
+MULTIMODAL = ("survpath", "mcat", "late_fusion")
+GROUPS = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9], [2, 9], [1, 5, 8]]
+TINY = {
+    "dim": 16,
+    "attn_dim": 8,
+    "head_hidden": 8,
+    "pool_hidden": 8,
+    "transformer_heads": 2,
+    "transformer_ff": 16,
+}
+
+
+@pytest.mark.parametrize("name", MULTIMODAL)
+@pytest.mark.parametrize("mask_modalities", ["strong", "both"])
+def test_token_variant_masked_tokens_are_excluded_from_attention_and_pooling(name, mask_modalities):
+    from fedprog.models import create_model
+
+    torch.manual_seed(15)
+    model = create_model(
+        {"name": name, **TINY}, group_index=GROUPS, strong_kind="wsi", strong_dim=6, n_outputs=4
+    ).eval()
+    strong, weak = model.strong_encoder(torch.randn(1, 30, 6)), model.weak_encoder(torch.randn(1, 10))
+    sdir = SDIR(
+        variant="token", p=0.5, mask_modalities=mask_modalities, gamma=0.0, generator=_gen(16)
+    ).train()
+    out = sdir(strong, weak, torch.ones(1, 30, dtype=torch.bool))
+    assert not out.strong_mask.all() and out.strong_mask.any()
+    weak_keep = out.weak_mask[0] if out.weak_mask is not None else torch.ones(5, dtype=torch.bool)
+    with torch.no_grad():
+        masked = model.fusion(*out)
+        # the same bag with the dropped tokens physically removed: no ghost token may have mattered
+        compact = model.fusion(
+            strong[:, out.strong_mask[0]],
+            weak[:, weak_keep],
+            torch.ones(1, int(out.strong_mask.sum()), dtype=torch.bool),
+        )
+    torch.testing.assert_close(masked, compact, rtol=1e-5, atol=1e-6)
+    if mask_modalities == "both":
+        assert not weak_keep.all()

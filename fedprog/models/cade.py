@@ -1,243 +1,479 @@
-"""CADE, Cancer-aware Distribution Entanglement: cross-modal per-token statistics mixing (paper_spec Part A).
+"""CADE, Cancer-aware Distribution Entanglement, style variant (default): bag style mixed across patients.
 
-In training, with probability ``p_aug`` per forward call, every token x^a_n of modality a is re-styled with
-statistics taken on a path between its own (mu^a_n, sigma^a_n) and partner statistics from the other modality:
+Style is a per-channel shift and scale shared by the tokens of a bag (a cancer's or a scanner's colour,
+a site's batch effect), the axis of MixStyle (Zhou et al., ICLR 2021) and DSU (Li et al., ICLR 2022). For
+each modality a in {strong, weak} and sample b, over the real tokens n of the bag (patches; pathway tokens):
 
-    z = (x - mu) / sigma                       (per-token channel statistics, detached, unbiased var + eps)
-    lambda_n ~ Beta(alpha, alpha)              (per sample and token)
-    mu^    = lambda mu + (1 - lambda) mu~
-    sigma^ = lambda sigma + (1 - lambda) sigma~          (path="linear", the code)
-    log sigma^ = lambda log sigma + (1 - lambda) log sigma~   (path="geometric")
-    x' = z sigma^ + mu^                        (gradients flow through z only)
+    mu_bc = mean_n x_bnc,  sigma_bc = sqrt(var_n x_bnc + eps)      (per channel c, detached)
+    z_bnc = (x_bnc - mu_bc) / sigma_bc                             (the content, kept)
+    mix:  partner (mu~, sigma~) = another patient's statistics: another sample of the batch or of a running
+          bank of recent patients (``bank_size``), or, with probability ``external_prob``, an entry of the
+          external bank a federation installs (:meth:`CADE.set_external_bank`);
+          lambda_b ~ Beta(alpha, alpha); mu^ = lambda mu + (1 - lambda) mu~, sigma^ likewise (``path=linear``)
+          or log sigma^ likewise (``path=geometric``)
+    dsu:  mu^ += N(0, 1) s_mu dsu_scale, log sigma^ += N(0, 1) s_log_sigma dsu_scale, with s the per-channel
+          spread of the statistics over the batch and the banks (DSU's uncertainty sampling, on log sigma
+          rather than sigma so that sigma^ stays positive)
+    x'_bnc = z_bnc sigma^_bc + mu^_bc                              (gradients flow through z only)
 
-Partners: ``kernel`` (default) averages the other modality's (mu, log sigma) with weights
-``softmax_m(-||(mu_n, log sigma_n) - (mu_m, log sigma_m)||^2 / h)``, h = median squared distance or a number;
-``random`` takes ``pi[n mod N_other]`` for a random permutation pi of the other modality's real tokens (the
-official code's idea with its index bug fixed, paper_spec §7.2 option b). Padded strong tokens are never
-partners and come out unchanged.
+It sits on the encoder outputs, before the fusion: a per-channel shift/scale of every token is *not* removed
+by a per-token LayerNorm (SurvPath's), unlike the token variant's per-token statistics (``cade_token.py``).
+The running bank makes it work at batch size 1. It fires with probability ``p_aug`` per training step, is the
+identity in evaluation, leaves padding (and masked tokens) unchanged, and skips samples whose modality SDIR
+switched off (all-zero tokens), which also never enter the bank.
+
+Federated style sharing: :meth:`CADE.style_summary` gives aggregate per-channel statistics of the bag styles
+seen since :meth:`CADE.reset_style_summary` (count, mean and variance of mu and of log sigma per channel; None
+below ``summary_min_count`` bags, never a patient's statistics); :func:`pool_style_summaries` pools sites'
+summaries; :func:`sample_style_bank` draws a bank from a pooled summary for :meth:`CADE.set_external_bank`.
+The banks are non-persistent buffers: they never enter ``state_dict`` nor the federated weight arrays.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedprog.models.registry import ModelConfigError, ModelInputError
-from fedprog.models.sdir import token_statistics, uniform_like
+from fedprog.models.cade_token import (
+    CADEMix,
+    TokenCADE,
+    beta_draws,
+    blend_statistics,
+    kernel_partner_weights,
+    random_partner_index,
+)
+from fedprog.models.registry import CADEConfig, ModelConfigError, ModelInputError
+from fedprog.models.sdir import uniform_like
 
-__all__ = ["CADE", "CADEMix", "blend_statistics", "kernel_partner_weights", "random_partner_index"]
+__all__ = [
+    "CADE",
+    "CADEMix",
+    "StyleMix",
+    "StyleSummary",
+    "TokenCADE",
+    "blend_statistics",
+    "build_cade",
+    "channel_statistics",
+    "kernel_partner_weights",
+    "pool_style_summaries",
+    "random_partner_index",
+    "sample_style_bank",
+]
 
-PARTNERS = ("kernel", "random")
+MODES = ("mix", "dsu", "mix_dsu")
 PATHS = ("linear", "geometric")
+MODALITIES = ("both", "strong", "weak")
+SLOTS = ("strong", "weak")
+
+
+def channel_statistics(tokens: Tensor, mask: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel mean and std of each bag over its real tokens, detached.
+
+    Parameters
+    ----------
+    tokens : Tensor, float, shape = (B, N, D)
+    mask : Tensor, bool, shape = (B, N), optional
+        Real tokens (None = all).
+    eps : float
+        Added to the unbiased variance (denominator ``max(n - 1, 1)``) before the square root.
+
+    Returns
+    -------
+    mu, sigma : Tensor, float, shape = (B, D)
+    present : Tensor, bool, shape = (B,)
+        The sample has a non-zero real token (False when SDIR switched the modality off).
+    """
+    x = tokens.detach().float() if tokens.dtype in (torch.float16, torch.bfloat16) else tokens.detach()
+    weights = x.new_ones(x.shape[:2]) if mask is None else mask.to(x.dtype)
+    count = weights.sum(dim=1, keepdim=True)  # (B, 1)
+    mu = (x * weights[..., None]).sum(dim=1) / count.clamp_min(1.0)
+    var = (((x - mu[:, None]) ** 2) * weights[..., None]).sum(dim=1) / (count - 1.0).clamp_min(1.0)
+    present = ((x.abs() * weights[..., None]).sum(dim=(1, 2)) > 0) & (count[:, 0] > 0)
+    return mu, (var + eps).sqrt(), present
 
 
 @dataclass(frozen=True)
-class CADEMix:
-    """Statistics of the last CADE firing (detached), for diagnostics and tests; shapes ``[B, N, 1]``."""
+class StyleMix:
+    """One modality's statistics at the last CADE firing (detached); ``[B, D]`` except ``lam``/``source``."""
 
-    lam_strong: Tensor
-    lam_weak: Tensor
-    mu_strong: Tensor
-    sigma_strong: Tensor
-    mu_weak: Tensor
-    sigma_weak: Tensor
-
-
-def kernel_partner_weights(
-    mu_a: Tensor,
-    log_sigma_a: Tensor,
-    mu_b: Tensor,
-    log_sigma_b: Tensor,
-    *,
-    bandwidth: Tensor,
-    mask_b: Tensor | None = None,
-) -> Tensor:
-    """Kernel weights of modality-b tokens for each modality-a token.
-
-    Parameters
-    ----------
-    mu_a, log_sigma_a : Tensor, float, shape = (B, Na)
-    mu_b, log_sigma_b : Tensor, float, shape = (B, Nb)
-    bandwidth : Tensor, float, shape = (B,)
-        Kernel bandwidth h per sample (> 0).
-    mask_b : Tensor, bool, shape = (B, Nb), optional
-        Real tokens of modality b; padded ones get weight 0.
-
-    Returns
-    -------
-    Tensor, float, shape = (B, Na, Nb)
-        ``K_nm = softmax_m(-d2_nm / h)``; each row sums to 1 over the real b tokens.
-    """
-    d2 = (mu_a[:, :, None] - mu_b[:, None, :]) ** 2 + (log_sigma_a[:, :, None] - log_sigma_b[:, None, :]) ** 2
-    logits = -d2 / bandwidth[:, None, None]
-    if mask_b is not None:
-        logits = logits.masked_fill(~mask_b[:, None, :], float("-inf"))
-    return torch.softmax(logits, dim=2)
+    mu: Tensor
+    sigma: Tensor
+    mu_hat: Tensor
+    sigma_hat: Tensor
+    lam: Tensor  # [B] mixing weight on the sample's own statistics
+    source: Tensor  # [B] long: -1 unchanged (no partner), 0 batch/local bank, 1 external bank, 2 DSU only
 
 
-def median_bandwidth(
-    mu_s: Tensor, log_sigma_s: Tensor, mu_w: Tensor, log_sigma_w: Tensor, mask_s: Tensor, floor: float
-) -> Tensor:
-    """Median squared (mu, log sigma) distance of real strong x weak pairs per sample -> ``[B]``, >= floor."""
-    d2 = (mu_s[:, :, None] - mu_w[:, None, :]) ** 2 + (log_sigma_s[:, :, None] - log_sigma_w[:, None, :]) ** 2
-    d2 = d2.masked_fill(~mask_s[:, :, None], float("nan"))  # (B, Ns, Nw)
-    return d2.flatten(1).nanmedian(dim=1).values.clamp_min(floor)
+@dataclass(frozen=True)
+class StyleSummary:
+    """Aggregate per-channel statistics of ``count`` bag styles (float64 ``[D]``): what a site shares."""
+
+    count: int
+    mu_mean: np.ndarray
+    mu_var: np.ndarray
+    log_sigma_mean: np.ndarray
+    log_sigma_var: np.ndarray
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (``count`` as a 0-d int64 array), e.g. for a Flower ``ArrayRecord``."""
+        return {
+            "count": np.asarray(self.count, dtype=np.int64),
+            "mu_mean": self.mu_mean,
+            "mu_var": self.mu_var,
+            "log_sigma_mean": self.log_sigma_mean,
+            "log_sigma_var": self.log_sigma_var,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Any]) -> StyleSummary:
+        """Inverse of :meth:`to_arrays`."""
+        values = {k: np.asarray(arrays[k], dtype=np.float64) for k in ("mu_mean", "mu_var")}
+        values |= {k: np.asarray(arrays[k], dtype=np.float64) for k in ("log_sigma_mean", "log_sigma_var")}
+        return cls(count=int(np.asarray(arrays["count"])), **values)
 
 
-def random_partner_index(n_query: int, mask_b: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Partner positions ``rho(n) = pi[n mod k]`` in modality b for ``n_query`` tokens of modality a.
+def pool_style_summaries(summaries: list[StyleSummary]) -> StyleSummary:
+    """Count-weighted pooling of several sites' summaries (law of total variance)."""
+    if not summaries:
+        raise ModelInputError("pool_style_summaries needs at least one summary")
+    counts = np.array([s.count for s in summaries], dtype=np.float64)
+    weights = counts / counts.sum()
 
-    Parameters
-    ----------
-    n_query : int
-        Number of modality-a tokens Na.
-    mask_b : Tensor, bool, shape = (B, Nb)
-        Real tokens of modality b (k = their count per sample; pi permutes them).
-    generator : torch.Generator, optional
+    def pooled(mean_key: str, var_key: str) -> tuple[np.ndarray, np.ndarray]:
+        means = np.stack([getattr(s, mean_key) for s in summaries])
+        variances = np.stack([getattr(s, var_key) for s in summaries])
+        mean = weights @ means
+        return mean, weights @ (variances + (means - mean) ** 2)
 
-    Returns
-    -------
-    Tensor, long, shape = (B, Na)
-        Indices into modality b's token axis, always of real tokens.
-    """
-    batch, n_b = mask_b.shape
-    keys = uniform_like((batch, n_b), mask_b, generator).masked_fill(~mask_b, 2.0)  # padding sorts last
-    permutation = keys.argsort(dim=1)  # (B, Nb): real tokens first, in random order
-    counts = mask_b.sum(dim=1, keepdim=True).clamp_min(1)  # (B, 1)
-    positions = torch.arange(n_query, device=mask_b.device)[None, :] % counts  # (B, Na)
-    return permutation.gather(1, positions)
+    mu_mean, mu_var = pooled("mu_mean", "mu_var")
+    ls_mean, ls_var = pooled("log_sigma_mean", "log_sigma_var")
+    return StyleSummary(int(counts.sum()), mu_mean, mu_var, ls_mean, ls_var)
 
 
-def blend_statistics(
-    lam: Tensor, mu: Tensor, sigma: Tensor, mu_partner: Tensor, sigma_partner: Tensor, path: str
+def sample_style_bank(
+    summary: StyleSummary, k: int, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Point ``lam`` on the path from own to partner statistics (all ``[B, N, 1]``) -> (mu^, sigma^)."""
-    mu_hat = lam * mu + (1.0 - lam) * mu_partner
-    if path == "linear":
-        sigma_hat = lam * sigma + (1.0 - lam) * sigma_partner
-    else:
-        sigma_hat = torch.exp(lam * sigma.log() + (1.0 - lam) * sigma_partner.log())
-    return mu_hat, sigma_hat
+    """``k`` styles (mu ``[k, D]``, sigma ``[k, D]``, float32) from a summary's diagonal Gaussian.
+
+    mu ~ N(mu_mean, mu_var) and log sigma ~ N(log_sigma_mean, log_sigma_var), channels independent.
+    """
+    if k < 1:
+        raise ModelInputError(f"sample_style_bank needs k >= 1, got {k}")
+    dim = summary.mu_mean.shape[0]
+    noise = torch.randn(2, k, dim, generator=generator, dtype=torch.float64)
+    mu = torch.from_numpy(summary.mu_mean) + noise[0] * torch.from_numpy(summary.mu_var).sqrt()
+    log_sigma = (
+        torch.from_numpy(summary.log_sigma_mean) + noise[1] * torch.from_numpy(summary.log_sigma_var).sqrt()
+    )
+    return mu.float(), log_sigma.exp().float()
 
 
 class CADE(nn.Module):
-    """Cancer-aware Distribution Entanglement; ``forward(strong, weak, strong_mask) -> (strong, weak)``.
+    """CADE, style variant; ``forward(strong, weak, strong_mask, weak_mask) -> (strong, weak)``.
 
     Parameters
     ----------
     p_aug : float, default: 0.3
-        Probability that CADE fires on a forward call (training only).
+        Probability that CADE fires on a training step.
     alpha : float, default: 0.1
-        Beta(alpha, alpha) concentration of the mixing weight lambda.
-    partner : {"kernel", "random"}, default: "kernel"
+        Beta(alpha, alpha) concentration of the mixing weight (MixStyle: 0.1).
+    mode : {"mix", "dsu", "mix_dsu"}, default: "mix"
     path : {"linear", "geometric"}, default: "linear"
-    bandwidth : "median" or float, default: "median"
-        Kernel bandwidth h; "median" = median squared distance of the sample's strong x weak pairs.
+    modalities : {"both", "strong", "weak"}, default: "both"
+        The modalities that are re-styled.
+    bank_size : int, default: 64
+        Recent patients' statistics kept per modality (0 = batch partners only).
+    external_prob : float, default: 0.5
+        Probability that a sample's partner comes from the external bank, when one is installed.
+    dsu_scale : float, default: 1.0
+        Multiplier of the DSU noise.
+    summary_min_count : int, default: 10
+        :meth:`style_summary` returns None below this many bag styles.
     eps : float, default: 1e-6
-        Variance floor of the per-token statistics (and floor of the median bandwidth).
+        Variance floor of the statistics.
     generator : torch.Generator, optional
-        Source of randomness; None uses the global torch RNG.
     """
 
     def __init__(
         self,
         p_aug: float = 0.3,
         alpha: float = 0.1,
-        partner: str = "kernel",
+        mode: str = "mix",
         path: str = "linear",
-        bandwidth: float | str = "median",
+        modalities: str = "both",
+        bank_size: int = 64,
+        external_prob: float = 0.5,
+        dsu_scale: float = 1.0,
+        summary_min_count: int = 10,
         eps: float = 1e-6,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 <= p_aug <= 1.0:
-            raise ModelConfigError(f"model.cade.p_aug={p_aug} must lie in [0, 1]")
-        if alpha <= 0.0 or eps <= 0.0:
-            raise ModelConfigError(f"model.cade needs alpha > 0 and eps > 0 (got alpha={alpha}, eps={eps})")
-        if partner not in PARTNERS:
-            raise ModelConfigError(f"model.cade.partner={partner!r}; choose one of {PARTNERS}")
-        if path not in PATHS:
-            raise ModelConfigError(f"model.cade.path={path!r}; choose one of {PATHS}")
-        if not (bandwidth == "median" or (isinstance(bandwidth, int | float) and bandwidth > 0)):
-            raise ModelConfigError(f"model.cade.bandwidth={bandwidth!r}; use 'median' or a positive number")
-        self.p_aug, self.alpha, self.partner, self.path = p_aug, alpha, partner, path
-        self.bandwidth, self.eps, self.generator = bandwidth, eps, generator
-        self.last_mix: CADEMix | None = None
+        for key, value, allowed in (
+            ("mode", mode, MODES),
+            ("path", path, PATHS),
+            ("modalities", modalities, MODALITIES),
+        ):
+            if value not in allowed:
+                raise ModelConfigError(f"model.cade.{key}={value!r}; choose one of {allowed}")
+        for key, value in (("p_aug", p_aug), ("external_prob", external_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ModelConfigError(f"model.cade.{key}={value} must lie in [0, 1]")
+        if alpha <= 0.0 or eps <= 0.0 or dsu_scale < 0.0:
+            raise ModelConfigError(
+                f"model.cade needs alpha > 0, eps > 0 and dsu_scale >= 0 (got {alpha}, {eps}, {dsu_scale})"
+            )
+        if bank_size < 0 or summary_min_count < 1:
+            raise ModelConfigError(
+                f"model.cade needs bank_size >= 0 and summary_min_count >= 1 (got {bank_size}, "
+                f"{summary_min_count})"
+            )
+        self.p_aug, self.alpha, self.mode, self.path = p_aug, alpha, mode, path
+        self.slots = SLOTS if modalities == "both" else (modalities,)
+        self.bank_size, self.external_prob, self.dsu_scale = bank_size, external_prob, dsu_scale
+        self.summary_min_count, self.eps, self.generator = summary_min_count, eps, generator
+        self.last_mix: dict[str, StyleMix] = {}
+        self._fill = dict.fromkeys(SLOTS, 0)  # entries in each local bank
+        self._next = dict.fromkeys(SLOTS, 0)  # ring-buffer write position
+        self._seen = dict.fromkeys(SLOTS, 0)  # bag styles in the summary accumulators
+        for slot in SLOTS:
+            for name in ("bank_mu", "bank_sigma", "external_mu", "external_sigma", "summary"):
+                self.register_buffer(f"{name}_{slot}", torch.empty(0), persistent=False)
 
     def extra_repr(self) -> str:
         """Hyperparameters shown by ``print(model)``."""
-        return f"p_aug={self.p_aug}, alpha={self.alpha}, partner={self.partner}, path={self.path}"
+        return (
+            f"variant=style, p_aug={self.p_aug}, alpha={self.alpha}, mode={self.mode}, path={self.path}, "
+            f"modalities={'+'.join(self.slots)}, bank_size={self.bank_size}, "
+            f"external_prob={self.external_prob}"
+        )
 
-    def _beta(self, shape: tuple[int, int], like: Tensor) -> Tensor:
-        """Beta(alpha, alpha) draws [B, N, 1], seeded from the torch generator (torch's Beta takes none)."""
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self._rng_device(like)))
-        draws = np.random.default_rng(seed).beta(self.alpha, self.alpha, size=shape)
-        return torch.as_tensor(draws, dtype=like.dtype, device=like.device).unsqueeze(-1)
+    # ------------------------------------------------------------------ banks
 
-    def _rng_device(self, like: Tensor) -> torch.device:
-        return self.generator.device if self.generator is not None else like.device
+    def bank(self, modality: str) -> tuple[Tensor, Tensor]:
+        """The local bank of ``modality``: (mu ``[n, D]``, sigma ``[n, D]``) of recent patients."""
+        n = self._fill[modality]
+        return getattr(self, f"bank_mu_{modality}")[:n], getattr(self, f"bank_sigma_{modality}")[:n]
+
+    def set_external_bank(self, mu: Tensor, sigma: Tensor, modality: str = "strong") -> None:
+        """Install styles from elsewhere (other sites' pooled statistics): mu, sigma ``[K, D]``, sigma > 0."""
+        _check_slot(modality)
+        if mu.dim() != 2 or mu.shape != sigma.shape or mu.shape[0] < 1:
+            raise ModelInputError(
+                f"set_external_bank({modality!r}) needs mu and sigma of one shape [K >= 1, D], got "
+                f"{tuple(mu.shape)} and {tuple(sigma.shape)}"
+            )
+        if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all() and (sigma > 0).all()):
+            raise ModelInputError(
+                f"set_external_bank({modality!r}): mu must be finite and sigma finite and > 0"
+            )
+        local = getattr(self, f"bank_mu_{modality}")
+        if local.numel() and local.shape[1] != mu.shape[1]:
+            raise ModelInputError(
+                f"set_external_bank({modality!r}): width {mu.shape[1]} differs from the tokens' "
+                f"{local.shape[1]}"
+            )
+        device = local.device
+        setattr(self, f"external_mu_{modality}", mu.detach().to(device=device, dtype=torch.float32).clone())
+        setattr(
+            self, f"external_sigma_{modality}", sigma.detach().to(device=device, dtype=torch.float32).clone()
+        )
+
+    def clear_external_bank(self, modality: str = "strong") -> None:
+        """Remove the external bank of ``modality``."""
+        _check_slot(modality)
+        setattr(self, f"external_mu_{modality}", torch.empty(0, device=self.bank_mu_strong.device))
+        setattr(self, f"external_sigma_{modality}", torch.empty(0, device=self.bank_mu_strong.device))
+
+    def external_bank(self, modality: str) -> tuple[Tensor, Tensor]:
+        """The external bank of ``modality`` (empty tensors when none is installed)."""
+        return getattr(self, f"external_mu_{modality}"), getattr(self, f"external_sigma_{modality}")
+
+    def style_summary(self, modality: str = "strong", min_count: int | None = None) -> StyleSummary | None:
+        """Aggregate per-channel statistics of the bags seen since the last reset; None below min_count."""
+        _check_slot(modality)
+        limit = self.summary_min_count if min_count is None else max(int(min_count), 1)
+        n = self._seen[modality]
+        if n < limit:
+            return None
+        sums = getattr(self, f"summary_{modality}").double().cpu().numpy()  # (4, D)
+        mu_mean, ls_mean = sums[0] / n, sums[2] / n
+        mu_var = np.maximum(sums[1] / n - mu_mean**2, 0.0)
+        ls_var = np.maximum(sums[3] / n - ls_mean**2, 0.0)
+        return StyleSummary(n, mu_mean, mu_var, ls_mean, ls_var)
+
+    def reset_style_summary(self) -> None:
+        """Start a new summary window (e.g. at each federated round)."""
+        for slot in SLOTS:
+            self._seen[slot] = 0
+            summary = getattr(self, f"summary_{slot}")
+            if summary.numel():
+                summary.zero_()
+
+    def _remember(self, slot: str, mu: Tensor, sigma: Tensor) -> None:
+        """Push styles ``[n, D]`` into the ring bank and the summary accumulators."""
+        if mu.shape[0] == 0:
+            return
+        dim = mu.shape[1]
+        if getattr(self, f"summary_{slot}").numel() == 0:
+            setattr(self, f"summary_{slot}", torch.zeros(4, dim, dtype=torch.float64, device=mu.device))
+            setattr(
+                self, f"bank_mu_{slot}", torch.zeros(self.bank_size, dim, dtype=mu.dtype, device=mu.device)
+            )
+            setattr(
+                self, f"bank_sigma_{slot}", torch.zeros(self.bank_size, dim, dtype=mu.dtype, device=mu.device)
+            )
+        log_sigma = sigma.double().log()
+        summary = getattr(self, f"summary_{slot}")
+        summary += torch.stack(
+            [mu.double().sum(0), (mu.double() ** 2).sum(0), log_sigma.sum(0), (log_sigma**2).sum(0)]
+        )
+        self._seen[slot] += mu.shape[0]
+        if self.bank_size == 0:
+            return
+        bank_mu, bank_sigma = getattr(self, f"bank_mu_{slot}"), getattr(self, f"bank_sigma_{slot}")
+        for row in range(max(0, mu.shape[0] - self.bank_size), mu.shape[0]):
+            position = self._next[slot]
+            bank_mu[position], bank_sigma[position] = mu[row].to(bank_mu.dtype), sigma[row].to(bank_mu.dtype)
+            self._next[slot] = (position + 1) % self.bank_size
+            self._fill[slot] = min(self._fill[slot] + 1, self.bank_size)
+
+    # ------------------------------------------------------------------ mixing
 
     def _partners(
-        self, mu_s: Tensor, ls_s: Tensor, mu_w: Tensor, ls_w: Tensor, mask: Tensor
-    ) -> tuple[Tensor, ...]:
-        """Partner (mu~, log sigma~) for strong tokens (from weak) and weak tokens (from real strong)."""
-        if self.partner == "random":
-            all_weak = torch.ones_like(mu_w, dtype=torch.bool)
-            to_weak = random_partner_index(mu_s.shape[1], all_weak, self.generator)  # (B, Ns)
-            to_strong = random_partner_index(mu_w.shape[1], mask, self.generator)  # (B, Nw)
-            return (
-                mu_w.gather(1, to_weak),
-                ls_w.gather(1, to_weak),
-                mu_s.gather(1, to_strong),
-                ls_s.gather(1, to_strong),
+        self, slot: str, mu: Tensor, sigma: Tensor, present: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Partner statistics ``[B, D]`` per sample and their source ``[B]`` (see :class:`StyleMix`)."""
+        batch = mu.shape[0]
+        bank_mu, bank_sigma = self.bank(slot)
+        pool_mu = torch.cat([mu, bank_mu.to(mu.dtype)])  # (B + n_bank, D)
+        pool_sigma = torch.cat([sigma, bank_sigma.to(sigma.dtype)])
+        valid = torch.cat([present, present.new_ones(bank_mu.shape[0])])[None, :].repeat(batch, 1)
+        valid[:, :batch] &= ~torch.eye(batch, dtype=torch.bool, device=mu.device)  # never oneself
+        scores = uniform_like(tuple(valid.shape), mu, self.generator).masked_fill(~valid, -1.0)
+        index = scores.argmax(dim=1)
+        source = torch.where(valid.any(dim=1), 0, -1)
+        partner_mu, partner_sigma = pool_mu[index], pool_sigma[index]
+        ext_mu, ext_sigma = self.external_bank(slot)
+        if ext_mu.numel():
+            if ext_mu.shape[1] != mu.shape[1]:
+                raise ModelInputError(
+                    f"CADE external {slot} bank has width {ext_mu.shape[1]}, tokens {mu.shape[1]}"
+                )
+            use = (uniform_like((batch,), mu, self.generator) < self.external_prob) | (source < 0)
+            pick = (
+                (uniform_like((batch,), mu, self.generator) * ext_mu.shape[0])
+                .long()
+                .clamp_max(ext_mu.shape[0] - 1)
             )
-        if self.bandwidth == "median":
-            h = median_bandwidth(mu_s, ls_s, mu_w, ls_w, mask, self.eps)
-        else:
-            h = torch.full((mu_s.shape[0],), float(self.bandwidth), dtype=mu_s.dtype, device=mu_s.device)
-        k_sw = kernel_partner_weights(mu_s, ls_s, mu_w, ls_w, bandwidth=h)  # (B, Ns, Nw)
-        k_ws = kernel_partner_weights(mu_w, ls_w, mu_s, ls_s, bandwidth=h, mask_b=mask)  # (B, Nw, Ns)
+            partner_mu = torch.where(use[:, None], ext_mu[pick].to(mu.dtype), partner_mu)
+            partner_sigma = torch.where(use[:, None], ext_sigma[pick].to(mu.dtype), partner_sigma)
+            source = torch.where(use, 1, source)
+        has = source >= 0
         return (
-            torch.einsum("bnm,bm->bn", k_sw, mu_w),
-            torch.einsum("bnm,bm->bn", k_sw, ls_w),
-            torch.einsum("bnm,bm->bn", k_ws, mu_s),
-            torch.einsum("bnm,bm->bn", k_ws, ls_s),
+            torch.where(has[:, None], partner_mu, mu),
+            torch.where(has[:, None], partner_sigma, sigma),
+            source,
         )
 
-    def forward(
-        self, strong: Tensor, weak: Tensor, strong_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Entangle ``strong`` [B, Ns, D] and ``weak`` [B, Nw, D] statistics (identity in eval mode)."""
-        self.last_mix = None
-        if not self.training or self.p_aug == 0.0:
-            return strong, weak
-        if float(uniform_like((1,), strong, self.generator)) >= self.p_aug:
-            return strong, weak
-        if strong.shape[0] != weak.shape[0] or strong.shape[-1] != weak.shape[-1]:
-            raise ModelInputError(
-                f"CADE needs the same batch size and width in both modalities, got {tuple(strong.shape)} and "
-                f"{tuple(weak.shape)}"
+    def _spread(self, slot: str, mu: Tensor, sigma: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """DSU's per-channel spread of mu and log sigma over batch and banks ``[D]`` (0 below 2 styles)."""
+        bank_mu, bank_sigma = self.bank(slot)
+        ext_mu, ext_sigma = self.external_bank(slot)
+        parts_mu, parts_sigma = [mu[present], bank_mu.to(mu.dtype)], [sigma[present], bank_sigma.to(mu.dtype)]
+        if ext_mu.numel():
+            parts_mu.append(ext_mu.to(mu.dtype))
+            parts_sigma.append(ext_sigma.to(mu.dtype))
+        all_mu, all_sigma = torch.cat(parts_mu), torch.cat(parts_sigma)
+        if all_mu.shape[0] < 2:
+            return torch.zeros_like(mu[0]), torch.zeros_like(mu[0])
+        return all_mu.std(dim=0), all_sigma.log().std(dim=0)
+
+    def _target(self, slot: str, mu: Tensor, sigma: Tensor, present: Tensor) -> StyleMix:
+        """New statistics (mu^, sigma^) per sample for one modality."""
+        batch = mu.shape[0]
+        lam = torch.ones(batch, dtype=mu.dtype, device=mu.device)
+        source = torch.full((batch,), -1, dtype=torch.long, device=mu.device)
+        mu_hat, sigma_hat = mu, sigma
+        if self.mode in ("mix", "mix_dsu"):
+            partner_mu, partner_sigma, source = self._partners(slot, mu, sigma, present)
+            lam = torch.where(source >= 0, beta_draws(self.alpha, (batch,), mu, self.generator), lam)
+            mu_hat, sigma_hat = blend_statistics(
+                lam[:, None], mu, sigma, partner_mu, partner_sigma, self.path
             )
-        batch, n_strong = strong.shape[:2]
-        mask = strong_mask if strong_mask is not None else strong.new_ones(batch, n_strong, dtype=torch.bool)
-        mu_s, sigma_s = token_statistics(strong, self.eps)  # (B, Ns, 1)
-        mu_w, sigma_w = token_statistics(weak, self.eps)  # (B, Nw, 1)
-        pmu_s, pls_s, pmu_w, pls_w = self._partners(
-            mu_s[..., 0], sigma_s[..., 0].log(), mu_w[..., 0], sigma_w[..., 0].log(), mask
-        )
-        lam_s = self._beta((batch, n_strong), strong)
-        lam_w = self._beta((batch, weak.shape[1]), weak)
-        mu_hat_s, sigma_hat_s = blend_statistics(
-            lam_s, mu_s, sigma_s, pmu_s[..., None], pls_s.exp()[..., None], self.path
-        )
-        mu_hat_w, sigma_hat_w = blend_statistics(
-            lam_w, mu_w, sigma_w, pmu_w[..., None], pls_w.exp()[..., None], self.path
-        )
-        self.last_mix = CADEMix(lam_s, lam_w, mu_hat_s, sigma_hat_s, mu_hat_w, sigma_hat_w)
-        new_strong = (strong - mu_s) / sigma_s * sigma_hat_s + mu_hat_s
-        new_weak = (weak - mu_w) / sigma_w * sigma_hat_w + mu_hat_w
-        new_strong = torch.where(mask[..., None], new_strong, strong)  # padding passes unchanged
-        return new_strong, new_weak
+        if self.mode in ("dsu", "mix_dsu"):
+            spread_mu, spread_log_sigma = self._spread(slot, mu, sigma, present)
+            noise = torch.randn(
+                (2, *mu.shape), generator=self.generator, device=_rng_device(self.generator, mu)
+            )
+            noise = noise.to(device=mu.device, dtype=mu.dtype) * self.dsu_scale
+            mu_hat = mu_hat + noise[0] * spread_mu
+            sigma_hat = sigma_hat * torch.exp(noise[1] * spread_log_sigma)
+            source = torch.where(source < 0, 2, source)
+        return StyleMix(mu, sigma, mu_hat, sigma_hat, lam, source)
+
+    def forward(
+        self, strong: Tensor, weak: Tensor, strong_mask: Tensor | None = None, weak_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Re-style ``strong`` [B, Ns, D] and ``weak`` [B, Nw, D] bags (identity in eval mode)."""
+        self.last_mix = {}
+        if not self.training:
+            return strong, weak
+        fire = self.p_aug > 0.0 and float(uniform_like((1,), strong, self.generator)) < self.p_aug
+        out = {"strong": strong, "weak": weak}
+        masks = {"strong": strong_mask, "weak": weak_mask}
+        for slot in self.slots:
+            tokens, mask = out[slot], masks[slot]
+            if tokens.dim() != 3 or tokens.shape[1] == 0:
+                raise ModelInputError(
+                    f"CADE needs {slot} tokens of shape [B, N >= 1, D], got {tuple(tokens.shape)}"
+                )
+            mu, sigma, present = channel_statistics(tokens, mask, self.eps)
+            if fire:
+                mix = self._target(slot, mu, sigma, present)
+                self.last_mix[slot] = mix
+                restyled = (tokens - mu[:, None]) / sigma[:, None] * mix.sigma_hat[:, None] + mix.mu_hat[
+                    :, None
+                ]
+                moved = present & (mix.source >= 0)  # a sample without partner (nor DSU) stays bit-exact
+                change = moved[:, None] if mask is None else moved[:, None] & mask
+                out[slot] = torch.where(change[..., None], restyled, tokens).to(tokens.dtype)
+            self._remember(slot, mu[present], sigma[present])
+        return out["strong"], out["weak"]
+
+
+def _check_slot(modality: str) -> None:
+    if modality not in SLOTS:
+        raise ModelInputError(f"modality={modality!r}; choose one of {SLOTS}")
+
+
+def _rng_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
+    return generator.device if generator is not None else like.device
+
+
+TOKEN_KEYS = ("p_aug", "alpha", "partner", "path", "bandwidth", "eps")
+STYLE_KEYS = (
+    "p_aug",
+    "alpha",
+    "mode",
+    "path",
+    "modalities",
+    "bank_size",
+    "external_prob",
+    "dsu_scale",
+    "summary_min_count",
+    "eps",
+)
+
+
+def build_cade(cfg: CADEConfig, generator: torch.Generator | None = None) -> CADE | TokenCADE:
+    """The CADE module of ``model.cade.variant`` (``style`` or ``token``) with its keys from ``cfg``."""
+    if cfg.variant == "token":
+        return TokenCADE(**{k: getattr(cfg, k) for k in TOKEN_KEYS}, generator=generator)
+    if cfg.variant == "style":
+        return CADE(**{k: getattr(cfg, k) for k in STYLE_KEYS}, generator=generator)
+    raise ModelConfigError(f"model.cade.variant={cfg.variant!r}; choose 'style' or 'token'")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fedprog.models.encoders import GatedAttentionPool
+from fedprog.models.encoders import GatedAttentionPool, masked_mean
 from fedprog.models.model import MultimodalSurvivalModel, build_multimodal
 from fedprog.models.registry import ModelConfig, register_backbone
 
@@ -21,11 +21,11 @@ class WeakPool(nn.Module):
         super().__init__()
         self.attention = GatedAttentionPool(dim, hidden, dropout) if kind == "abmil" else None
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Pooled group representation [B, D]."""
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Pooled group representation [B, D] over the real tokens (``mask`` [B, G], None = all)."""
         if self.attention is None:
-            return tokens.mean(dim=1)
-        return self.attention(tokens)[0]
+            return masked_mean(tokens, mask)
+        return self.attention(tokens, mask)[0]
 
 
 class LateFusion(nn.Module):
@@ -37,10 +37,12 @@ class LateFusion(nn.Module):
         self.weak_pool = WeakPool(weak_pool, dim, pool_hidden, dropout)
         self.out_dim = 2 * dim
 
-    def forward(self, strong: Tensor, weak: Tensor, strong_mask: Tensor) -> Tensor:
-        """Fuse ``strong`` [B, Ns, D] (masked) and ``weak`` [B, G, D] -> [B, 2 D]."""
+    def forward(
+        self, strong: Tensor, weak: Tensor, strong_mask: Tensor, weak_mask: Tensor | None = None
+    ) -> Tensor:
+        """Fuse ``strong`` [B, Ns, D] and ``weak`` [B, G, D] (each pooled over real tokens) -> [B, 2 D]."""
         pooled_strong, _ = self.strong_pool(strong, strong_mask)
-        return torch.cat([pooled_strong, self.weak_pool(weak)], dim=1)
+        return torch.cat([pooled_strong, self.weak_pool(weak, weak_mask)], dim=1)
 
 
 @register_backbone("late_fusion")

@@ -62,13 +62,19 @@ class MCATFusion(nn.Module):
         self.omic_pool = GatedAttentionPool(dim, pool_hidden, dropout)
         self.out_dim = 2 * dim
 
-    def forward(self, strong: Tensor, weak: Tensor, strong_mask: Tensor) -> Tensor:
-        """Fuse WSI ``strong`` [B, Ns, D] and group ``weak`` [B, G, D] tokens -> [B, 2 D]."""
+    def forward(
+        self, strong: Tensor, weak: Tensor, strong_mask: Tensor, weak_mask: Tensor | None = None
+    ) -> Tensor:
+        """Fuse WSI ``strong`` [B, Ns, D] and group ``weak`` [B, G, D] tokens -> [B, 2 D].
+
+        Masked group tokens (``weak_mask`` False) are neither keys of the transformers nor pooled.
+        """
         coattended, _ = self.coattention(
             weak, strong, strong, key_padding_mask=~strong_mask, need_weights=False
         )
-        path, _ = self.path_pool(self.path_transformer(coattended))  # (B, D)
-        omic, _ = self.omic_pool(self.omic_transformer(weak))  # (B, D)
+        padding = None if weak_mask is None else ~weak_mask
+        path, _ = self.path_pool(self.path_transformer(coattended, src_key_padding_mask=padding), weak_mask)
+        omic, _ = self.omic_pool(self.omic_transformer(weak, src_key_padding_mask=padding), weak_mask)
         return torch.cat([path, omic], dim=1)
 
 

@@ -8,10 +8,11 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from fedprog.models.cade import CADE
+from fedprog.models.cade import CADE, TokenCADE, build_cade
 from fedprog.models.encoders import BagProjector, GroupTokenizer, TabularTokenizer
 from fedprog.models.registry import ModelConfig, ModelConfigError, ModelInputError
 from fedprog.models.sdir import SDIR
+from fedprog.models.tokens import ModalityTokens
 
 __all__ = [
     "Fusion",
@@ -34,11 +35,17 @@ class BatchLike(Protocol):
 
 
 class Fusion(Protocol):
-    """A backbone's fusion: ``fusion(strong [B,Ns,D], weak [B,Nw,D], strong_mask [B,Ns]) -> [B, out_dim]``."""
+    """A fusion: ``fusion(strong [B,Ns,D], weak [B,Nw,D], strong_mask [B,Ns], weak_mask) -> [B, out_dim]``.
+
+    ``weak_mask`` [B, Nw] bool (None = all weak tokens real) comes from SDIR's token variant with
+    ``mask_modalities="both"``; masked tokens must take no part in attention or pooling.
+    """
 
     out_dim: int
 
-    def __call__(self, strong: Tensor, weak: Tensor, strong_mask: Tensor) -> Tensor:
+    def __call__(
+        self, strong: Tensor, weak: Tensor, strong_mask: Tensor, weak_mask: Tensor | None = None
+    ) -> Tensor:
         """Fused representation ``[B, out_dim]``."""
         ...
 
@@ -92,8 +99,10 @@ class MultimodalSurvivalModel(nn.Module):
     """Encoders -> SDIR -> CADE -> fusion -> head; ``forward(batch) -> [B, n_outputs]``.
 
     The strong modality (WSI bag or table) becomes ``[B, Ns, D]`` tokens, the expression ``[B, G, D]`` group
-    tokens; SDIR and CADE (each optional) sit between the encoders and the fusion and are the identity in eval
-    mode. ``strong_mask`` is passed everywhere so that padding never contributes.
+    tokens; SDIR and CADE (each optional) sit between the encoders and the fusion, on the encoder outputs
+    before any per-token norm of a fusion. CADE is the identity in eval mode; SDIR keeps only its
+    deterministic Dirac gain there (``dirac_in_eval``). The masks SDIR returns (tokens it dropped) are passed
+    to CADE and the fusion, so padding and dropped tokens never contribute.
 
     Parameters
     ----------
@@ -115,7 +124,7 @@ class MultimodalSurvivalModel(nn.Module):
         fusion: nn.Module,
         head: nn.Module,
         sdir: SDIR | None = None,
-        cade: CADE | None = None,
+        cade: CADE | TokenCADE | None = None,
     ) -> None:
         super().__init__()
         self.strong_encoder = strong_encoder
@@ -125,21 +134,24 @@ class MultimodalSurvivalModel(nn.Module):
         self.fusion = fusion
         self.head = head
 
-    def tokens(self, batch: BatchLike) -> tuple[Tensor, Tensor, Tensor]:
-        """Encoded and (in training) rebalanced tokens: (strong [B, Ns, D], weak [B, G, D], mask [B, Ns])."""
+    def tokens(self, batch: BatchLike) -> ModalityTokens:
+        """Encoded tokens after SDIR and CADE: (strong [B, Ns, D], weak [B, G, D], strong_mask, weak_mask)."""
         expression, strong, mask = check_batch(batch)
-        strong_tokens = self.strong_encoder(strong)
-        weak_tokens = self.weak_encoder(expression)
+        tokens = ModalityTokens(self.strong_encoder(strong), self.weak_encoder(expression), mask)
         if self.sdir is not None:
-            strong_tokens, weak_tokens = self.sdir(strong_tokens, weak_tokens, mask)
+            tokens = self.sdir(*tokens)
         if self.cade is not None:
-            strong_tokens, weak_tokens = self.cade(strong_tokens, weak_tokens, mask)
-        return strong_tokens, weak_tokens, mask
+            strong_tokens, weak_tokens = self.cade(*tokens)
+            tokens = tokens._replace(strong=strong_tokens, weak=weak_tokens)
+        return tokens
+
+    def fused(self, batch: BatchLike) -> Tensor:
+        """The fusion's representation ``[B, out_dim]`` (the input of the head)."""
+        return self.fusion(*self.tokens(batch))
 
     def forward(self, batch: BatchLike) -> Tensor:
         """Logits ``[B, n_outputs]`` (per-bin hazard logits, or the log-risk when n_outputs = 1)."""
-        strong, weak, mask = self.tokens(batch)
-        return self.head(self.fusion(strong, weak, mask))
+        return self.head(self.fused(batch))
 
 
 def build_multimodal(
@@ -159,7 +171,7 @@ def build_multimodal(
         fusion=fusion,
         head=SurvivalHead(fusion.out_dim, cfg.head_hidden, n_outputs),
         sdir=SDIR(**cfg.sdir.kwargs()) if cfg.sdir.enabled else None,
-        cade=CADE(**cfg.cade.kwargs()) if cfg.cade.enabled else None,
+        cade=build_cade(cfg.cade) if cfg.cade.enabled else None,
     )
 
 

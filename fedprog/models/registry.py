@@ -45,17 +45,20 @@ def _from_mapping(cls: type, cfg: Mapping[str, Any], prefix: str) -> dict[str, A
 class SDIRConfig:
     """``model.sdir``: Sparse Dirac Information Rebalancer (see :class:`fedprog.models.sdir.SDIR`).
 
-    Defaults are the paper/code values of paper_spec Part A: p = 0.5, strong modality only, no rescaling,
-    gamma = 1, eps = 1.
+    Defaults: the modality variant (issue 10) suppressing the strong modality with p = 0.5, the Dirac gain
+    (gamma = 1, eps = 1) in training and evaluation; ``variant="token"`` is paper_spec Part A's token drop.
     """
 
     enabled: bool = False
+    variant: str = "modality"
     p: float = 0.5
+    dominant: str = "strong"
     mask_modalities: str = "strong"
     rescale: bool = False
     gamma: float = 1.0
     eps: float = 1.0
     stat_eps: float = 1e-6
+    dirac_in_eval: bool = True
     adaptive: bool = False
     p_min: float = 0.1
     p_max: float = 0.9
@@ -67,23 +70,27 @@ class SDIRConfig:
 
 @dataclass(frozen=True)
 class CADEConfig:
-    """``model.cade``: Cancer-aware Distribution Entanglement (see :class:`fedprog.models.cade.CADE`).
+    """``model.cade``: Cancer-aware Distribution Entanglement (see :mod:`fedprog.models.cade`).
 
-    Defaults: p_aug = 0.3 and alpha = 0.1 (official code), kernel partners with the median bandwidth and the
-    linear path (paper_spec Part A), eps = 1e-6.
+    ``variant="style"`` (default): per-channel bag statistics mixed with other patients' (batch, running bank,
+    external bank); ``variant="token"``: paper_spec Part A's per-token cross-modal mixing (``partner``,
+    ``bandwidth``). Shared: p_aug = 0.3, alpha = 0.1 (official code), the linear path, eps = 1e-6.
     """
 
     enabled: bool = False
+    variant: str = "style"
     p_aug: float = 0.3
     alpha: float = 0.1
-    partner: str = "kernel"
     path: str = "linear"
-    bandwidth: float | str = "median"
     eps: float = 1e-6
-
-    def kwargs(self) -> dict[str, Any]:
-        """Constructor arguments of :class:`~fedprog.models.cade.CADE` (everything but ``enabled``)."""
-        return {k: v for k, v in asdict(self).items() if k != "enabled"}
+    mode: str = "mix"
+    modalities: str = "both"
+    bank_size: int = 64
+    external_prob: float = 0.5
+    dsu_scale: float = 1.0
+    summary_min_count: int = 10
+    partner: str = "kernel"
+    bandwidth: float | str = "median"
 
 
 @dataclass(frozen=True)

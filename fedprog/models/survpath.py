@@ -50,29 +50,39 @@ class SurvPathFusion(nn.Module):
         self.out_norm = nn.LayerNorm(attn_dim)
         self.out_dim = 2 * attn_dim
 
-    def attend(self, strong: Tensor, weak: Tensor, strong_mask: Tensor) -> Tensor:
-        """Token outputs ``[B, G + Ns, attn_dim]`` (pathway tokens first) after attention, FF, LayerNorm."""
+    def attend(
+        self, strong: Tensor, weak: Tensor, strong_mask: Tensor, weak_mask: Tensor | None = None
+    ) -> Tensor:
+        """Token outputs ``[B, G + Ns, attn_dim]`` (pathway tokens first) after attention, FF, LayerNorm.
+
+        Masked tokens (``strong_mask``/``weak_mask`` False) are never keys.
+        """
         n_groups = weak.shape[1]
+        if weak_mask is None:
+            weak_mask = strong_mask.new_ones(strong_mask.shape[0], n_groups)
         q, k, v = self.qkv(self.norm(torch.cat([weak, strong], dim=1))).chunk(
             3, dim=-1
         )  # (B, G + Ns, A) each
         q = q * self.scale
         q_w, q_s = q[:, :n_groups], q[:, n_groups:]
         k_w, v_w = k[:, :n_groups], v[:, :n_groups]
-        key_mask = torch.cat(
-            [strong_mask.new_ones(strong_mask.shape[0], n_groups), strong_mask], dim=1
-        )  # (B, G+Ns)
+        key_mask = torch.cat([weak_mask, strong_mask], dim=1)  # (B, G+Ns)
         scores_w = torch.einsum("bga,bka->bgk", q_w, k).masked_fill(~key_mask[:, None, :], float("-inf"))
         out_w = torch.einsum("bgk,bka->bga", scores_w.softmax(dim=-1), v)  # (B, G, A)
-        scores_s = torch.einsum("bna,bga->bng", q_s, k_w)  # (B, Ns, G)
+        scores_s = torch.einsum("bna,bga->bng", q_s, k_w).masked_fill(
+            ~weak_mask[:, None, :], float("-inf")
+        )  # (B, Ns, G)
         out_s = torch.einsum("bng,bga->bna", scores_s.softmax(dim=-1), v_w)  # (B, Ns, A)
         return self.out_norm(self.feed_forward(torch.cat([out_w, out_s], dim=1)))
 
-    def forward(self, strong: Tensor, weak: Tensor, strong_mask: Tensor) -> Tensor:
+    def forward(
+        self, strong: Tensor, weak: Tensor, strong_mask: Tensor, weak_mask: Tensor | None = None
+    ) -> Tensor:
         """Fuse WSI ``strong`` [B, Ns, D] and pathway ``weak`` [B, G, D] tokens -> [B, 2 attn_dim]."""
         n_groups = weak.shape[1]
-        out = self.attend(strong, weak, strong_mask)
-        return torch.cat([out[:, :n_groups].mean(dim=1), masked_mean(out[:, n_groups:], strong_mask)], dim=1)
+        out = self.attend(strong, weak, strong_mask, weak_mask)
+        pooled_weak = masked_mean(out[:, :n_groups], weak_mask)
+        return torch.cat([pooled_weak, masked_mean(out[:, n_groups:], strong_mask)], dim=1)
 
 
 @register_backbone("survpath")
