@@ -133,17 +133,18 @@ def _site_layout(cfg: DictConfig, node_config: Mapping[str, Any]) -> DatasetLayo
     return DatasetLayout.load({**data, "root": str(root)})
 
 
-def _refuse_paths_outside(data: Mapping[str, Any], prefix: str = "data") -> None:
-    """Refuse server-sent layout keys that are absolute paths or climb out of the site's ``data-root``."""
-    for key, value in data.items():
-        name = f"{prefix}.{key}"
-        if key == "root":
-            continue
-        if isinstance(value, Mapping):
-            _refuse_paths_outside(value, name)
-        elif isinstance(value, str) and (
-            PurePath(value).is_absolute() or ".." in PurePath(value).parts or value.startswith("~")
-        ):
+def _refuse_paths_outside(data: Any, name: str = "data") -> None:
+    """Refuse server-sent layout values that are absolute paths or climb out of the site's ``data-root``."""
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            if key != "root":
+                _refuse_paths_outside(value, f"{name}.{key}")
+    elif isinstance(data, list | tuple):
+        for index, value in enumerate(data):
+            _refuse_paths_outside(value, f"{name}[{index}]")
+    elif isinstance(data, str):
+        path = PurePath(data)
+        if path.is_absolute() or ".." in path.parts or data.startswith("~"):
             raise SiteRefusal(f"{name}: a path outside this site's data-root is not accepted from the server")
 
 

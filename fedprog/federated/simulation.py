@@ -185,6 +185,8 @@ def write_outputs(
     final_records = final.to_dict("records")
     summary = {role: role_summary(final_records, role) for role in ("holdout", "train")}
     heldout = sorted(str(s["site"]) for s in sites if s.get("role") == "holdout")
+    known = {str(s["site"]) for s in sites} | {str(s.get("cohort")) for s in sites}
+    heldout += sorted(str(h) for h in (cfg.get("heldout") or []) if str(h) not in known)  # failed before describe
     covered = sorted({str(r["site"]) for r in final_records if r["role"] == "holdout"})
     sha = None
     if final_arrays is not None:
