@@ -36,7 +36,9 @@ class FaultyGrid(DirectGrid):
         super().__init__(n_nodes)
         self.any_faults = faults
 
-    def send_and_receive(self, messages_: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(
+        self, messages_: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
         replies = []
         for msg in messages_:
             reply = super().send_and_receive([msg], timeout=timeout)[0]
@@ -157,11 +159,15 @@ def _describe_fault(**changes) -> Fault:
 
 
 def test_describe_without_role_fails_the_run_by_name(data_root: Path, tmp_path: Path):
-    with pytest.raises(RunFailed, match=r"1 site\(s\) failed before the first round: node-1003 .*lacks 'role'"):
+    with pytest.raises(
+        RunFailed, match=r"1 site\(s\) failed before the first round: node-1003 .*lacks 'role'"
+    ):
         _run(data_root, tmp_path / "run", faults={("query", 3): _describe_fault(role=None)})
     results = _results(tmp_path / "run")
     assert results["status"] == "failed" and results["failures"][0]["stage"] == "describe"
-    assert "allow_partial" in results["message"] and "node-1003" in (tmp_path / "run" / "report.md").read_text()
+    assert (
+        "allow_partial" in results["message"] and "node-1003" in (tmp_path / "run" / "report.md").read_text()
+    )
 
 
 # ------------------------------------------------------------------------------ finding 6: path traversal
@@ -189,14 +195,23 @@ def test_km_plot_of_an_unsafe_site_name_is_not_drawn(tmp_path: Path):
     state = RunState(km={"../escape": km, "ok-site": km})
     cfg = tiny_config(tmp_path / "data", tmp_path / "out")
     simulation.write_outputs(
-        tmp_path / "out", cfg, state=state, sites=[], final_arrays=None, status="completed", message="", prep={}
+        tmp_path / "out",
+        cfg,
+        state=state,
+        sites=[],
+        final_arrays=None,
+        status="completed",
+        message="",
+        prep={},
     )
     assert (tmp_path / "out" / "km_ok-site.png").is_file()
     assert not (tmp_path / "km_..").exists() and not list(tmp_path.glob("*escape*"))
 
 
 # ------------------------------------------------------------------------------ finding 4 + 5: failures named
-def test_heldout_site_that_cannot_evaluate_fails_the_run_unless_allow_partial(data_root: Path, tmp_path: Path):
+def test_heldout_site_that_cannot_evaluate_fails_the_run_unless_allow_partial(
+    data_root: Path, tmp_path: Path
+):
     faults = {("evaluate", HELDOUT): _metric_fault("c-index", 7.5)}
     with pytest.raises(RunFailed, match=r"held-out site\(s\) c1-B1 .*outside \[0, 1\].*allow_partial"):
         _run(data_root, tmp_path / "strict", faults=faults)
@@ -245,7 +260,9 @@ def test_sanitize_and_error_roundtrip():
 def test_describe_reply_checks():
     def reply(info: dict, metrics: dict) -> Message:
         query = Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=1)
-        content = RecordDict({"info": ConfigRecord({"json": json.dumps(info)}), "metrics": MetricRecord(metrics)})
+        content = RecordDict(
+            {"info": ConfigRecord({"json": json.dumps(info)}), "metrics": MetricRecord(metrics)}
+        )
         return Message(content, reply_to=query)
 
     good = {"site": "c0-A1", "role": "train", "cohort": "c0"}
@@ -319,7 +336,9 @@ def test_site_below_min_cases_refuses_and_node_config_owns_the_limits(fitted):
     grid.contexts[grid.node_ids[0]].node_config["min-cases"] = 1000
     record = config_record(cfg, **{ACTION_KEY: FIT_STATS})
     assert "< this site's min-cases 1000" in _refusal(_ask(grid, 0, "query", RecordDict({"config": record})))
-    assert not _ask(grid, 1, "query", RecordDict({"config": record})).has_error()  # its neighbour's own limits
+    assert not _ask(
+        grid, 1, "query", RecordDict({"config": record})
+    ).has_error()  # its neighbour's own limits
 
 
 def test_server_cannot_redirect_a_deployed_sites_data_paths(data_root: Path, fitted, tmp_path: Path):
@@ -356,7 +375,9 @@ def test_resume_of_a_copy_leaves_the_original_untouched(data_root: Path, tmp_pat
     cfg = simulation.prepare(tiny_config(data_root, "runs/simulate", "rounds=2", f"resume={copy}"))
     assert cfg.out == str(copy.resolve())  # the folder resumed from, not the checkpoint's recorded out
     results = run_federation(DirectGrid(4), cfg)
-    assert results["rounds_completed"] == 2 and list_checkpoints(copy / "checkpoints")[-1].name == "round-0002"
+    assert (
+        results["rounds_completed"] == 2 and list_checkpoints(copy / "checkpoints")[-1].name == "round-0002"
+    )
     assert _digest(original) == before
 
     with pytest.raises(CheckpointError, match=r"seed=5 \(run has 0\) would change the resumed run"):
@@ -382,3 +403,74 @@ def test_bad_out_fails_before_start_up(data_root: Path, tmp_path: Path, capsys):
     assert simulation.main(tiny_config(data_root, tmp_path / "file")) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "out=" in err and "is not a folder" in err
+
+
+# ------------------------------------------------------------------------------ bad-input sweep (finding 4, 10)
+def _rename_genes(root: Path) -> str:
+    path = next((root / "c1").glob("rna.*"))
+    rna = pd.read_csv(path, index_col=0)
+    rna.columns = [f"OTHER_{c}" for c in rna.columns]
+    rna.to_csv(path)
+    return "c1-B2"
+
+
+def _nan_label(root: Path) -> str:
+    path = root / "c0" / "labels.csv"
+    labels = pd.read_csv(path)
+    labels.loc[3, "survival_months"] = np.nan
+    labels.to_csv(path, index=False)
+    return "survival_months"
+
+
+def _missing_feature_file(root: Path) -> str:
+    sorted((root / "c0" / "features").iterdir())[5].unlink()
+    return ""
+
+
+CORRUPTIONS = {
+    "corrupt bag in first case": (_corrupt_first_bag, "c1-B1"),
+    "gene names share nothing": (_rename_genes, "c1"),
+    "NaN in labels": (_nan_label, "survival_months"),
+    "missing feature file": (_missing_feature_file, ""),
+}
+
+
+def _direct_simulation(cfg) -> dict:
+    """``simulation.run_simulation`` on the in-process grid (same ServerApp code path, no Ray)."""
+    return run_federation(DirectGrid(int(cfg.expected_sites)), cfg)
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_bad_input_sweep_runs_or_stops_with_one_named_line(
+    corruption: str, data_root: Path, tmp_path: Path, monkeypatch, capsys
+):
+    corrupt, named = CORRUPTIONS[corruption]
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    named = corrupt(data) and named
+    monkeypatch.setattr(simulation, "run_simulation", _direct_simulation)
+    client_app.clear_caches()
+    rc = simulation.main(tiny_config(data, tmp_path / "run", "rounds=1"))
+    captured = capsys.readouterr()
+    if rc == 0:  # runs as documented: nothing dropped without a record
+        results = _results(tmp_path / "run")
+        assert results["status"] == "completed" and not results["failures"]
+        assert results["headline"]["heldout_sites_evaluated"] == results["headline"]["heldout_sites"] == 1
+        return
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert named in lines[0], lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_simulate_in_flower_runtime_names_a_corrupt_site_in_one_line(data_root: Path, tmp_path: Path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    _corrupt_first_bag(data)
+    assert simulation.main(tiny_config(data, tmp_path / "run", "rounds=1")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "SYNT-B1" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fedprog simulate: failed:") and "c1-B1" in last and "BagError" in last, last
+    assert _results(tmp_path / "run")["status"] == "failed"

@@ -359,13 +359,28 @@ def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message
         try:
             return handler(msg, context)
         except Exception as error:  # noqa: BLE001 - every failure leaves the site as a sanitized reply
-            handle = _NODE_SITES.get(context.node_id)
-            site = handle.site.name if handle else _claimed_site(context)
-            log.exception("site %s: %s request failed", site, msg.metadata.message_type)
-            reason = encode_error(site, error, secrets=handle.secrets if handle else ())
-            return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+            return error_reply(msg, context, error)
 
     return run
+
+
+def error_reply(msg: Message, context: Context, error: Exception) -> Message:
+    """The sanitized error reply for ``error``; the traceback goes to this site's own log only.
+
+    Module-level on purpose: Ray pickles the nested ``guarded`` closure by value, and a module global read
+    there would be a stale copy; this function is pickled by reference and sees the live site cache.
+    """
+    handle = _NODE_SITES.get(context.node_id)
+    site = handle.site.name if handle else _claimed_site(context)
+    reason = encode_error(site, error, secrets=handle.secrets if handle else ())
+    if "partition-id" in context.node_config:  # simulation: the site's log is the user's console
+        log.warning(
+            "site %s: %s request failed: %s", site, msg.metadata.message_type, json.loads(reason)["reason"]
+        )
+        log.debug("site %s: traceback", site, exc_info=error)
+    else:  # deployment: the full traceback stays in this hospital's own log
+        log.error("site %s: %s request failed", site, msg.metadata.message_type, exc_info=error)
+    return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 def _claimed_site(context: Context) -> str | None:

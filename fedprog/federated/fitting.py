@@ -144,7 +144,9 @@ def describe_federation(grid: Grid, nodes: Sequence[int], cfg: DictConfig) -> De
     for failure in failures:
         log.error("site %s failed to describe itself: %s", failure.site, failure.reason)
     heldout = None if cfg.heldout is None else list(cfg.heldout)
-    if heldout is not None and failures:  # a held-out site that failed is reported as a failure, not as unknown
+    if (
+        heldout is not None and failures
+    ):  # a held-out site that failed is reported as a failure, not as unknown
         known = {i.site for i in infos} | {i.cohort for i in infos}
         heldout = [name for name in heldout if name in known]
     return Described(assign_roles(infos, heldout), declared, failures)

@@ -83,7 +83,11 @@ def sanitize(text: str, *, secrets: Iterable[str] = ()) -> str:
     line = _ABS_PATH.sub(_last_part, line)
     for secret in sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True):
         line = line.replace(secret, "<case>")
+    line = _BARCODE.sub("<case>", line)  # TCGA-like patient barcodes the site did not list
     return line if len(line) <= MAX_REASON else line[: MAX_REASON - 3] + "..."
+
+
+_BARCODE = re.compile(r"\b[A-Z0-9]{4}-[A-Z0-9]{2}-[A-Z0-9]{4}\b")
 
 
 def _last_part(match: re.Match[str]) -> str:

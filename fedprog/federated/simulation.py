@@ -119,10 +119,12 @@ def run_simulation(cfg: DictConfig) -> dict[str, Any]:
 
 def main(cfg: DictConfig) -> int:
     """``fedprog simulate``: federated run (or ``strategy=local|pooled`` baseline); prints a short summary."""
+    from fedprog.data import CohortError
+
     try:
         cfg = prepare(cfg)
-    except CheckpointError as error:
-        print(f"fedprog simulate: error: {error}", file=sys.stderr)
+    except (CheckpointError, CohortError, OSError) as error:  # a user or data error: one line, no traceback
+        print(f"fedprog simulate: error: {' | '.join(str(error).splitlines())}", file=sys.stderr)
         return 2
     if str(cfg.strategy.name) in BASELINES:
         from fedprog.federated.baselines import run_baseline
@@ -186,7 +188,9 @@ def write_outputs(
     summary = {role: role_summary(final_records, role) for role in ("holdout", "train")}
     heldout = sorted(str(s["site"]) for s in sites if s.get("role") == "holdout")
     known = {str(s["site"]) for s in sites} | {str(s.get("cohort")) for s in sites}
-    heldout += sorted(str(h) for h in (cfg.get("heldout") or []) if str(h) not in known)  # failed before describe
+    heldout += sorted(
+        str(h) for h in (cfg.get("heldout") or []) if str(h) not in known
+    )  # failed before describe
     covered = sorted({str(r["site"]) for r in final_records if r["role"] == "holdout"})
     sha = None
     if final_arrays is not None:
