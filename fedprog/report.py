@@ -75,7 +75,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
 def safe_name(text: str) -> str:
-    """``text`` when it is a safe file-name part ([A-Za-z0-9_.-], no ``..``, not hidden), else UnsafePathError."""
+    """``text`` if it is a safe file-name part ([A-Za-z0-9_.-], no ``..``); else UnsafePathError."""
     if not _SAFE_NAME.fullmatch(text) or ".." in text or text.startswith("."):
         raise UnsafePathError(f"{text[:40]!r} is not a safe file name part ([A-Za-z0-9_.-], no '..')")
     return text

@@ -19,8 +19,15 @@ from omegaconf import OmegaConf
 
 from fedprog.federated import client_app, messages, simulation
 from fedprog.federated.checkpoint import CheckpointError, list_checkpoints
-from fedprog.federated.client_app import config_record
-from fedprog.federated.messages import ACTION_KEY, FIT_STATS, KM_GRID_KEY, PREP_KEY, DescribeReply, ReplyError
+from fedprog.federated.messages import (
+    ACTION_KEY,
+    FIT_STATS,
+    KM_GRID_KEY,
+    PREP_KEY,
+    DescribeReply,
+    ReplyError,
+    config_record,
+)
 from fedprog.federated.server_app import RunFailed, run_federation
 from fedprog.federated.strategy import arrays_to_numpy, build_strategy, numpy_to_arrays
 from fedprog.report import UnsafePathError, safe_output_path
@@ -405,7 +412,7 @@ def test_bad_out_fails_before_start_up(data_root: Path, tmp_path: Path, capsys):
     assert err.count("\n") == 0 and "out=" in err and "is not a folder" in err
 
 
-# ------------------------------------------------------------------------------ bad-input sweep (finding 4, 10)
+# -------------------------------------------------------------------------- bad-input sweep (finding 4, 10)
 def _rename_genes(root: Path) -> str:
     path = next((root / "c1").glob("rna.*"))
     rna = pd.read_csv(path, index_col=0)

@@ -171,7 +171,8 @@ def find_checkpoint(path: str | Path) -> Path:
             ids = sorted({str(checkpoint_run_id(r)) for r in rounds})
             if len(ids) > 1:
                 raise CheckpointError(
-                    f"resume={path}: the checkpoints there belong to {len(ids)} different runs ({', '.join(ids)}); "
+                    f"resume={path}: the checkpoints there belong to {len(ids)} different runs "
+                    f"({', '.join(ids)}); "
                     f"resume from one round folder (resume={rounds[-1]}) or remove the stale ones"
                 )
             return rounds[-1]
@@ -234,8 +235,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-#: Config keys (dotted prefixes) a resume may change: operational settings that leave the run's results as they
-#: would have been. ``rounds`` may only grow. Every other changed key is refused.
+#: Config keys (dotted prefixes) a resume may change: operational settings that leave the run's results as
+#: they would have been. ``rounds`` may only grow. Every other changed key is refused.
 RESUME_OVERRIDABLE = (
     "rounds",
     "out",
@@ -304,7 +305,8 @@ def resume_config(cfg: Any, defaults: Any) -> tuple[Any, Checkpoint]:
         shown = ", ".join(f"{k}={changed[k]} (run has {old.get(k, 'nothing')})" for k in refused[:4])
         raise CheckpointError(
             f"resume={cfg.resume}: {shown} would change the resumed run; only "
-            f"{', '.join(k.rstrip('.') for k in RESUME_OVERRIDABLE[:-2])} may be overridden (start a new run instead)"
+            f"{', '.join(k.rstrip('.') for k in RESUME_OVERRIDABLE[:-2])} may be overridden "
+            "(start a new run instead)"
         )
     for key, value in changed.items():
         OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)

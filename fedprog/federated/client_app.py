@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fedprog import engine
-from fedprog.config import from_run_config, to_run_config
+from fedprog.config import from_run_config
 from fedprog.data import Cohort, DatasetLayout, Site, SurvivalDataset, build_sites, load_cohort
 from fedprog.data.check import check_dataset
 from fedprog.data.dataset import expression_frame
@@ -61,6 +61,7 @@ from fedprog.federated.messages import (  # noqa: F401 - the protocol's names, r
     KM_GRID_KEY,
     PREP_KEY,
     TRAIN_METRICS,
+    config_record,
     encode_error,
 )
 from fedprog.pipeline import Preprocessing, build_model, make_dataset, training_groups
@@ -73,12 +74,6 @@ CLIENT_APP_RAISED_EXCEPTION = 2
 
 class SiteRefusal(PermissionError):
     """The site refuses a request that breaks the protocol (e.g. fitting statistics from a held-out site)."""
-
-
-def config_record(cfg: DictConfig, **extra: Any) -> ConfigRecord:
-    """The resolved config as a ConfigRecord (``fedprog.<dotted key>``) plus ``extra`` entries."""
-    flat = {CFG_PREFIX + key: value for key, value in to_run_config(cfg).items()}
-    return ConfigRecord({**flat, **extra})
 
 
 _CONFIGS: dict[str, DictConfig] = {}

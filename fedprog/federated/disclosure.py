@@ -54,11 +54,12 @@ class DisclosurePolicy:
         """Refuse an event-time histogram finer than ``min_bin_width``."""
         if not step >= self.min_bin_width:
             raise DisclosureRefusal(
-                f"histogram step {step:g} months is finer than this site's min-bin-width {self.min_bin_width:g}"
+                f"histogram step {step:g} months is finer than this site's min-bin-width "
+                f"{self.min_bin_width:g}"
             )
 
     def check_km_grid(self, grid: np.ndarray) -> None:
-        """Refuse a KM grid with more than ``km_max_points`` points or points closer than ``km_min_spacing``."""
+        """Refuse a KM grid of more than ``km_max_points`` points or points closer than ``km_min_spacing``."""
         if len(grid) > self.km_max_points:
             raise DisclosureRefusal(
                 f"KM grid of {len(grid)} points exceeds this site's km-max-points {self.km_max_points}"

@@ -3,8 +3,8 @@
 Every reply is untrusted: :func:`describe_federation` checks it with :func:`messages.parse_describe` and
 records each node that fails (error reply, bad reply, unsafe name, no answer) as a :class:`SiteFailure` with a
 sanitized one-line reason instead of dropping it. :func:`fit_preprocessing` asks the TRAINING sites only for
-aggregates (event-time histogram, expression and tabular moments), checks their shapes and counts, and fits the
-bins and transforms from the pooled values.
+aggregates (event-time histogram, expression and tabular moments), checks their shapes and counts, and fits
+the bins and transforms from the pooled values.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedprog.data import CohortError, ExpressionTransform, GeneGroups, SurvivalBins, TabularTransform
 from fedprog.federated import messages
-from fedprog.federated.client_app import config_record
 from fedprog.federated.federation import (
     FitError,
     SiteInfo,
@@ -33,7 +32,15 @@ from fedprog.federated.federation import (
     pool_moments,
     time_grid,
 )
-from fedprog.federated.messages import ACTION_KEY, DESCRIBE, FIT_STATS, GENES_KEY, DescribeReply, ReplyError
+from fedprog.federated.messages import (
+    ACTION_KEY,
+    DESCRIBE,
+    FIT_STATS,
+    GENES_KEY,
+    DescribeReply,
+    ReplyError,
+    config_record,
+)
 from fedprog.federated.strategy import FederationError
 from fedprog.models import create_model
 from fedprog.pipeline import Preprocessing, n_outputs_for

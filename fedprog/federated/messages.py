@@ -1,10 +1,11 @@
 """The federation's wire protocol: action names, record keys, error text, and validated (untrusted) replies.
 
-Both the ClientApp and the ServerApp import their keys from here. Everything a site sends is untrusted on the
-server: :func:`parse_describe`, :func:`check_update`, :func:`check_train_metrics` and
-:func:`check_eval_metrics` turn a reply into checked values or raise :class:`ReplyError` with a one-line reason,
-so a bad reply rejects that site's update (or marks the site failed) and never crashes the run. Errors leaving a
-site travel as :func:`encode_error` JSON (site, error class, sanitized one-line reason, no traceback).
+Both the ClientApp and the ServerApp import their keys from here. Everything a site sends is untrusted on
+the server: :func:`parse_describe`, :func:`check_update`, :func:`check_train_metrics` and
+:func:`check_eval_metrics` turn a reply into checked values or raise :class:`ReplyError` with a one-line
+reason, so a bad reply rejects that site's update (or marks the site failed) and never crashes the run. Errors
+leaving a site travel as :func:`encode_error` JSON (site, error class, sanitized one-line reason, no
+traceback).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
+from omegaconf import DictConfig
 
 # ------------------------------------------------------------------------------------------------ keys
 CFG_PREFIX = (
@@ -53,6 +55,14 @@ ROLES = ("train", "holdout")
 UNIT_METRICS = ("c-index", "c-index-ipcw", "ibs", "mean-auc", "logrank-p")
 SITE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_REASON = 200
+
+
+def config_record(cfg: DictConfig, **extra: Any) -> ConfigRecord:
+    """The resolved config as a ConfigRecord (``fedprog.<dotted key>``) plus ``extra`` entries."""
+    from fedprog.config import to_run_config
+
+    flat = {CFG_PREFIX + key: value for key, value in to_run_config(cfg).items()}
+    return ConfigRecord({**flat, **extra})
 
 
 class ReplyError(ValueError):
@@ -108,7 +118,7 @@ class SiteError:
 
 
 def encode_error(site: str | None, error: BaseException, *, secrets: Iterable[str] = ()) -> str:
-    """The ``Error.reason`` a site sends: JSON of its name, the error class and a sanitized one-line reason."""
+    """The ``Error.reason`` a site sends: JSON of its name, error class and a sanitized one-line reason."""
     reason = sanitize(str(error), secrets=secrets)
     return json.dumps({"site": site, "error": type(error).__name__, "reason": reason})
 
@@ -225,8 +235,8 @@ def parse_describe(msg: Message) -> DescribeReply:
 def check_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
     """Raise ReplyError unless ``update`` has the global model's names, shapes and a real float dtype.
 
-    A non-float reference array (an integer buffer) must come back with exactly its dtype. Float arrays must be
-    finite. Integer, bool and complex arrays in place of float weights are rejected (they would bypass the
+    A non-float reference array (an integer buffer) must come back with exactly its dtype. Float arrays must
+    be finite. Integer, bool and complex arrays in place of float weights are rejected (they would bypass the
     norm screening or break the aggregation).
     """
     missing = sorted(set(reference) - set(update))

@@ -10,12 +10,12 @@ first running the data checks on its own data (:mod:`fedprog.federated.fitting`)
 TRAINING sites only for aggregates from which the survival bins and transforms are fitted; (3) each round the
 held-out-aware strategy sends the global model to training nodes only, screens and aggregates their updates
 (:mod:`fedprog.federated.messages` validates every reply), and every site evaluates the global model every
-``eval_every`` rounds on its local test split; (4) a checkpoint (with the run id) is written after every round;
-(5) outputs go to ``out``.
+``eval_every`` rounds on its local test split; (4) a checkpoint (with the run id) is written after every
+round; (5) outputs go to ``out``.
 
 No silent drops: a site that fails to connect, describe or evaluate is recorded (``results.json``'s
-``failures``, report.md) with a sanitized reason; a failed describe or a held-out site that cannot be evaluated
-stops the run (status ``failed``) unless ``allow_partial=true``.
+``failures``, report.md) with a sanitized reason; a failed describe or a held-out site that cannot be
+evaluated stops the run (status ``failed``) unless ``allow_partial=true``.
 
 Privacy (``privacy`` group): ``central_dp`` / ``local_dp`` wrap the strategy (``privacy.wrap_strategy``); the
 spent (epsilon, delta) goes into every round's record, and the accountant state and the DP-noise RNG stream
@@ -53,7 +53,6 @@ from fedprog.federated.checkpoint import (
     resume_config,
     save_checkpoint,
 )
-from fedprog.federated.client_app import config_record
 from fedprog.federated.federation import FitError, SiteInfo
 from fedprog.federated.fitting import (  # noqa: F401 - describe_sites, fit_preprocessing: public entry points
     Described,
@@ -64,7 +63,7 @@ from fedprog.federated.fitting import (  # noqa: F401 - describe_sites, fit_prep
     initial_weights,
     wait_for_nodes,
 )
-from fedprog.federated.messages import KM_GRID_KEY, PREP_KEY
+from fedprog.federated.messages import KM_GRID_KEY, PREP_KEY, config_record
 from fedprog.federated.strategy import (
     FederationError,
     HeldoutAwareMixin,
