@@ -177,6 +177,15 @@ def test_describe_without_role_fails_the_run_by_name(data_root: Path, tmp_path: 
     )
 
 
+def test_a_node_that_never_connects_is_reported_not_dropped(data_root: Path, tmp_path: Path):
+    client_app.clear_caches()
+    cfg = simulation.prepare(tiny_config(data_root, tmp_path / "run", "rounds=1", "node_wait_timeout=0.3"))
+    cfg.expected_sites = 5  # one hospital never shows up
+    with pytest.raises(RunFailed, match=r"1 of 5 expected node\(s\) did not connect"):
+        run_federation(DirectGrid(4), cfg)
+    assert _results(tmp_path / "run")["failures"][0]["stage"] == "connect"
+
+
 # ------------------------------------------------------------------------------ finding 6: path traversal
 def test_traversal_site_name_writes_nothing_outside_out(data_root: Path, tmp_path: Path):
     out = tmp_path / "deep" / "run"
@@ -386,6 +395,13 @@ def test_resume_of_a_copy_leaves_the_original_untouched(data_root: Path, tmp_pat
         results["rounds_completed"] == 2 and list_checkpoints(copy / "checkpoints")[-1].name == "round-0002"
     )
     assert _digest(original) == before
+
+    elsewhere = tmp_path / "elsewhere"  # a new out= receives the continued run; the copy stays as it is
+    after = _digest(copy)
+    client_app.clear_caches()
+    cfg = simulation.prepare(tiny_config(data_root, elsewhere, "rounds=3", f"resume={copy}"))
+    assert run_federation(DirectGrid(4), cfg)["rounds_completed"] == 3 and _digest(copy) == after
+    assert [p.name for p in list_checkpoints(elsewhere / "checkpoints")] == ["round-0003"]
 
     with pytest.raises(CheckpointError, match=r"seed=5 \(run has 0\) would change the resumed run"):
         simulation.prepare(tiny_config(data_root, "runs/simulate", "seed=5", f"resume={copy}"))
