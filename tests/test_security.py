@@ -396,6 +396,12 @@ def test_resume_of_a_copy_leaves_the_original_untouched(data_root: Path, tmp_pat
     )
     assert _digest(original) == before
 
+    from fedprog.federated.server_app import resolve_start
+
+    raw = tiny_config(data_root, tmp_path / "server-out", f"resume={copy}")  # deployment: not prepare()-d
+    resumed_cfg, checkpoint = resolve_start(raw)
+    assert resumed_cfg.out == str(copy.resolve()) and resumed_cfg.run_id == checkpoint.run_id is not None
+
     elsewhere = tmp_path / "elsewhere"  # a new out= receives the continued run; the copy stays as it is
     after = _digest(copy)
     client_app.clear_caches()

@@ -281,7 +281,7 @@ def resume_config(cfg: Any, defaults: Any) -> tuple[Any, Checkpoint]:
     Returns
     -------
     (DictConfig, Checkpoint)
-        ``out`` is the folder resumed from unless the user gave a new ``out=``; ``resume`` the round folder.
+        ``out`` is the folder resumed from unless the user gave a new ``out=``; ``resume`` the absolute path.
 
     Raises
     ------
@@ -318,5 +318,5 @@ def resume_config(cfg: Any, defaults: Any) -> tuple[Any, Checkpoint]:
     saved.out = str(Path(str(cfg.out)).resolve()) if "out" in changed else str(run_folder(folder))
     if "out" in changed:
         check_fresh_out(saved.out)
-    saved.resume = str(folder.resolve())
+    saved.resume = str(Path(str(cfg.resume)).resolve())  # resolves to ``folder`` (find_checkpoint)
     return saved, checkpoint
