@@ -32,6 +32,7 @@ from fedprog.federated.server_app import RunFailed, run_federation
 from fedprog.federated.strategy import arrays_to_numpy, build_strategy, numpy_to_arrays
 from fedprog.report import UnsafePathError, safe_output_path
 
+DEFAULT_OUT = "runs/simulate/${now:%Y%m%d-%H%M%S}"  # simulate.yaml's default (no out= given)
 HELDOUT = 2  # partition of c1-B1, the held-out site of the tiny federation (c0-A1, c0-A2, c1-B1, c1-B2)
 Fault = Callable[[Message, Message], Message]
 
@@ -383,18 +384,21 @@ def _digest(folder: Path) -> dict[str, bytes]:
 
 def test_resume_of_a_copy_leaves_the_original_untouched(data_root: Path, tmp_path: Path):
     original = tmp_path / "original"
-    _run(data_root, original)
+    _run(data_root, original, "audit.enabled=true")
     before = _digest(original)
     copy = tmp_path / "copy"
     shutil.copytree(original, copy)
     client_app.clear_caches()
-    cfg = simulation.prepare(tiny_config(data_root, "runs/simulate", "rounds=2", f"resume={copy}"))
+    cfg = simulation.prepare(tiny_config(data_root, DEFAULT_OUT, "rounds=2", f"resume={copy}"))
     assert cfg.out == str(copy.resolve())  # the folder resumed from, not the checkpoint's recorded out
     results = run_federation(DirectGrid(4), cfg)
     assert (
         results["rounds_completed"] == 2 and list_checkpoints(copy / "checkpoints")[-1].name == "round-0002"
     )
     assert _digest(original) == before
+    assert cfg.audit.path == str(copy.resolve() / "audit.jsonl") and (
+        copy / "audit.jsonl"
+    ).stat().st_size > len(before["audit.jsonl"])
 
     from fedprog.federated.server_app import resolve_start
 
@@ -410,9 +414,9 @@ def test_resume_of_a_copy_leaves_the_original_untouched(data_root: Path, tmp_pat
     assert [p.name for p in list_checkpoints(elsewhere / "checkpoints")] == ["round-0003"]
 
     with pytest.raises(CheckpointError, match=r"seed=5 \(run has 0\) would change the resumed run"):
-        simulation.prepare(tiny_config(data_root, "runs/simulate", "seed=5", f"resume={copy}"))
+        simulation.prepare(tiny_config(data_root, DEFAULT_OUT, "seed=5", f"resume={copy}"))
     with pytest.raises(CheckpointError, match="rounds=1 is below the 2 rounds already run"):
-        simulation.prepare(tiny_config(data_root, "runs/simulate", "rounds=1", f"resume={copy}"))
+        simulation.prepare(tiny_config(data_root, DEFAULT_OUT, "rounds=1", f"resume={copy}"))
     with pytest.raises(CheckpointError, match="already holds checkpoints of run"):
         simulation.prepare(tiny_config(data_root, copy))  # a new run never picks up another run's checkpoints
 

@@ -263,6 +263,23 @@ def _flat(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return to_run_config(OmegaConf.create(dict(cfg)))
 
 
+def _raw_value(container: Any, key: str) -> Any:
+    """The value at dotted ``key`` of a plain container (None when absent)."""
+    for part in key.split("."):
+        if not isinstance(container, dict) or part not in container:
+            return None
+        container = container[part]
+    return container
+
+
+def _move_audit_log(cfg: Any, old_out: Path, new_out: Path) -> None:
+    """An audit log that lived in the old run folder follows the run to the folder it now writes to."""
+    audit = cfg.get("audit") or {}
+    path = audit.get("path")
+    if path and old_out.parts and Path(str(path)).is_relative_to(old_out):
+        cfg.audit.path = str(new_out / Path(str(path)).relative_to(old_out))
+
+
 def _allowed(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_OVERRIDABLE)
 
@@ -298,6 +315,12 @@ def resume_config(cfg: Any, defaults: Any) -> tuple[Any, Checkpoint]:
     base = _flat(OmegaConf.to_container(defaults, resolve=True)) if defaults is not None else given
     old = _flat(checkpoint.config)
     changed = {k: v for k, v in given.items() if base.get(k) != v and old.get(k) != v and k != "resume"}
+    raw_given = OmegaConf.to_container(cfg, resolve=False)
+    raw_base = OmegaConf.to_container(defaults, resolve=False) if defaults is not None else raw_given
+    for key in list(changed):  # the same interpolation (a time-stamped default out) is not an override
+        value = _raw_value(raw_given, key)
+        if isinstance(value, str) and "${" in value and value == _raw_value(raw_base, key):
+            changed.pop(key)
     if "out" in changed and Path(str(changed["out"])).resolve() == Path(str(saved.get("out", ""))).resolve():
         changed.pop("out")
     refused = sorted(k for k in changed if not _allowed(k))
@@ -316,6 +339,7 @@ def resume_config(cfg: Any, defaults: Any) -> tuple[Any, Checkpoint]:
             f"rounds={saved.rounds} is below the {checkpoint.server_round} rounds already run"
         )
     saved.out = str(Path(str(cfg.out)).resolve()) if "out" in changed else str(run_folder(folder))
+    _move_audit_log(saved, Path(str(checkpoint.config.get("out", ""))), Path(saved.out))
     if "out" in changed:
         check_fresh_out(saved.out)
     saved.resume = str(Path(str(cfg.resume)).resolve())  # resolves to ``folder`` (find_checkpoint)
