@@ -259,13 +259,20 @@ def check_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
             raise ReplyError(f"array {key!r} has dtype {value.dtype}, expected {ref.dtype}")
 
 
-def check_train_metrics(metrics: Mapping[str, Any], declared: DescribeReply | None) -> dict[str, float]:
-    """The numeric train metrics, with ``num-examples``/``n-events`` bounded by the describe counts."""
-    n = count(metrics.get("num-examples"), "num-examples", upper=declared and declared.n_train_cases)
-    # not bounded by num-examples: a central-DP wrapper may reset the weights (num-examples) before screening
-    events = count(metrics.get("n-events"), "n-events", upper=declared and declared.n_events)
+def check_train_metrics(
+    metrics: Mapping[str, Any], declared: DescribeReply | None, required: str = "num-examples"
+) -> dict[str, float]:
+    """The numeric train metrics: ``required`` (the aggregation weight) must be there, and ``num-examples``
+    and ``n-events`` (when sent) are finite non-negative integers bounded by the describe counts."""
+    if required not in metrics:
+        raise ReplyError(f"metric {required!r} missing")
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    out.update({"num-examples": n, "n-events": events})
+    if "num-examples" in metrics:
+        out["num-examples"] = count(
+            metrics["num-examples"], "num-examples", upper=declared and declared.n_train_cases
+        )
+    if "n-events" in metrics:  # not bounded by num-examples: a central-DP wrapper may reset the weights first
+        out["n-events"] = count(metrics["n-events"], "n-events", upper=declared and declared.n_events)
     return out
 
 

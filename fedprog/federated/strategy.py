@@ -247,7 +247,11 @@ class HeldoutAwareMixin:
         if len(msg.content.array_records) != 1 or len(msg.content.metric_records) != 1:
             return "reply must hold exactly one ArrayRecord and one MetricRecord"
         try:
-            metrics = messages.check_train_metrics(messages.reply_metrics(msg), self.declared.get(site))
+            metrics = messages.check_train_metrics(
+                messages.reply_metrics(msg),
+                self.declared.get(site),
+                self.weighted_by_key,  # type: ignore[attr-defined]
+            )
             update = arrays_to_numpy(next(iter(msg.content.array_records.values())))
         except (ReplyError, TypeError, ValueError) as error:
             return messages.sanitize(str(error))
