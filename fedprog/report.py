@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import platform
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,13 @@ __all__ = [
     "REPORT_FILE",
     "ReportBuilder",
     "ReportError",
+    "UnsafePathError",
     "create_run_dir",
     "environment_info",
     "markdown_table",
     "plot_rounds",
+    "safe_name",
+    "safe_output_path",
     "save_run_config",
     "to_jsonable",
     "write_json",
@@ -61,6 +65,36 @@ _VERSIONED_PACKAGES = {
 
 class ReportError(ValueError):
     """A report input is unusable (a missing column, an empty table, a table that is not a DataFrame)."""
+
+
+class UnsafePathError(ReportError):
+    """An output file name built from untrusted text (a site name) would leave the run folder."""
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+
+
+def safe_name(text: str) -> str:
+    """``text`` if it is a safe file-name part ([A-Za-z0-9_.-], no ``..``); else UnsafePathError."""
+    if not _SAFE_NAME.fullmatch(text) or ".." in text or text.startswith("."):
+        raise UnsafePathError(f"{text[:40]!r} is not a safe file name part ([A-Za-z0-9_.-], no '..')")
+    return text
+
+
+def safe_output_path(out_dir: str | Path, *parts: str) -> Path:
+    """``out_dir/<parts...>`` after checking each part (:func:`safe_name`) and that the resolved path stays
+    inside ``out_dir`` (symlinks included).
+
+    Raises
+    ------
+    UnsafePathError
+        A part is not a safe name, or the path resolves outside ``out_dir``.
+    """
+    root = Path(out_dir).resolve()
+    path = root.joinpath(*(safe_name(part) for part in parts))
+    if not path.resolve().is_relative_to(root):
+        raise UnsafePathError(f"{'/'.join(parts)[:60]!r} resolves outside the run folder")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,11 +15,7 @@ TaskIdentity.run_id = 1
 TaskIdentity.task_id = 1
 TaskIdentity.node_id = 0
 
-HANDLERS = {
-    "query": client_app.handle_query,
-    "train": client_app.handle_train,
-    "evaluate": client_app.handle_evaluate,
-}
+HANDLERS = client_app.HANDLERS  # guarded: a handler's exception becomes a sanitized error reply, as in Flower
 
 Fault = Callable[[Message, Message], Message]
 

@@ -10,7 +10,8 @@ from fed_helpers import DirectGrid, tiny_config
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedprog.federated import client_app
-from fedprog.federated.client_app import (
+from fedprog.federated.client_app import SiteRefusal
+from fedprog.federated.messages import (
     ACTION_KEY,
     DESCRIBE_METRICS,
     EVAL_METRICS,
@@ -18,7 +19,6 @@ from fedprog.federated.client_app import (
     KM_GRID_KEY,
     PREP_KEY,
     TRAIN_METRICS,
-    SiteRefusal,
     config_record,
 )
 from fedprog.federated.server_app import describe_sites, fit_preprocessing, initial_weights

@@ -16,10 +16,12 @@ from omegaconf import OmegaConf
 from fedprog.report import (
     ReportBuilder,
     ReportError,
+    UnsafePathError,
     create_run_dir,
     environment_info,
     markdown_table,
     plot_rounds,
+    safe_output_path,
     save_run_config,
     write_json,
 )
@@ -175,3 +177,20 @@ def test_plot_rounds_missing_column_is_named(tmp_path: Path) -> None:
         plot_rounds(rounds_table(), tmp_path / "r.png", value="ibs")
     with pytest.raises(ReportError, match="empty table"):
         plot_rounds(rounds_table().iloc[:0], tmp_path / "r.png")
+
+
+@pytest.mark.parametrize(
+    "name", ["../x.png", "a/b.png", "..", ".hidden", "km_..png", "", "a\x00b", "x" * 101]
+)
+def test_safe_output_path_refuses_names_that_could_leave_the_folder(tmp_path: Path, name: str):
+    with pytest.raises(UnsafePathError):
+        safe_output_path(tmp_path, name)
+
+
+def test_safe_output_path_keeps_plain_names_and_refuses_symlinks_out(tmp_path: Path):
+    out = tmp_path / "run"
+    out.mkdir()
+    assert safe_output_path(out, "km_c1-B1.png") == out.resolve() / "km_c1-B1.png"
+    (out / "escape").symlink_to(tmp_path)
+    with pytest.raises(UnsafePathError, match="outside the run folder"):
+        safe_output_path(out, "escape")

@@ -6,29 +6,41 @@ for training, the global weights. A site learns who it is from ``context.node_co
 optional ``data-root``, ``cohort``, ``role``, ``device``) in deployment, ``partition-id`` in simulation (index
 into the federation's site table). Datasets are cached per process (a warm Ray actor or a long-lived
 ``flwr-clientapp``) by site and data signature.
+
+Security: in deployment (``data-root`` in the node config) the data layout comes from the site's own manifest
+(``<data-root>/fedprog.yaml``), never from the server's message; every request is held against the site's own
+:class:`~fedprog.federated.disclosure.DisclosurePolicy`; ``describe`` first runs the checks of
+``fedprog data check`` on the site's cohort; any failure leaves the site as a one-line sanitized error reply
+(:func:`fedprog.federated.messages.encode_error`) while the full traceback stays in the site's log.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fedprog import engine
-from fedprog.config import from_run_config, to_run_config
+from fedprog.config import from_run_config
 from fedprog.data import Cohort, DatasetLayout, Site, SurvivalDataset, build_sites, load_cohort
+from fedprog.data.check import check_dataset
 from fedprog.data.dataset import expression_frame
 from fedprog.data.groups import GeneGroups
+from fedprog.data.layout import MANIFEST
 from fedprog.data.transforms import expression_transform_for, tabular_transform_for
+from fedprog.federated.disclosure import DisclosurePolicy
 from fedprog.federated.federation import (
     SiteResolutionError,
     derived_seed,
@@ -37,49 +49,31 @@ from fedprog.federated.federation import (
     resolve_site_name,
     time_grid,
 )
+from fedprog.federated.messages import (  # noqa: F401 - the protocol's names, re-exported for callers
+    ACTION_KEY,
+    CFG_PREFIX,
+    DESCRIBE,
+    DESCRIBE_METRICS,
+    EVAL_METRICS,
+    FIT_METRICS,
+    FIT_STATS,
+    GENES_KEY,
+    KM_GRID_KEY,
+    PREP_KEY,
+    TRAIN_METRICS,
+    config_record,
+    encode_error,
+)
 from fedprog.pipeline import Preprocessing, build_model, make_dataset, training_groups
 
 log = logging.getLogger(__name__)
 
-CFG_PREFIX = (
-    "fedprog."  # resolved-config keys inside a ConfigRecord (never "privacy.*": privacy mods read those)
-)
-PREP_KEY = "fedprog-prep"  # JSON of Preprocessing.state_dict()
-ACTION_KEY = "fedprog-action"  # query action: "describe" | "fit-stats"
-GENES_KEY = "fedprog-genes"  # fit-stats: JSON of the server's gene groups; empty: no expression
-KM_GRID_KEY = "km-grid"  # evaluate: when present, the site adds aggregate KM curves of its risk groups
-
-#: Every metric key a reply may carry (tests check replies against this allow-list).
-TRAIN_METRICS = ("num-examples", "n-events", "train-loss", "n-steps", "seconds")
-EVAL_METRICS = (
-    "num-examples",
-    "n-events",
-    "c-index",
-    "c-index-ipcw",
-    "ibs",
-    "mean-auc",
-    "logrank-p",
-    "loss",
-    "km-grid",
-    "km-low",
-    "km-high",
-    "km-n-low",
-    "km-n-high",
-    "km-events-low",
-    "km-events-high",
-)
-DESCRIBE_METRICS = ("n-cases", "n-events", "n-train-cases", "strong-dim")
-FIT_METRICS = ("expr-count", "expr-sum", "expr-sumsq", "event-hist")
+#: Flower's error code for an exception inside a ClientApp (flwr.common.constant.ErrorCode).
+CLIENT_APP_RAISED_EXCEPTION = 2
 
 
 class SiteRefusal(PermissionError):
     """The site refuses a request that breaks the protocol (e.g. fitting statistics from a held-out site)."""
-
-
-def config_record(cfg: DictConfig, **extra: Any) -> ConfigRecord:
-    """The resolved config as a ConfigRecord (``fedprog.<dotted key>``) plus ``extra`` entries."""
-    flat = {CFG_PREFIX + key: value for key, value in to_run_config(cfg).items()}
-    return ConfigRecord({**flat, **extra})
 
 
 _CONFIGS: dict[str, DictConfig] = {}
@@ -99,25 +93,61 @@ def config_from_record(record: Mapping[str, Any]) -> DictConfig:
 # ------------------------------------------------------------------------------------------ site resolution
 @dataclass
 class SiteHandle:
-    """A resolved site: its layout, loaded cohort and the device to use."""
+    """A resolved site: its layout, loaded cohort, device and its own disclosure limits."""
 
     site: Site
     layout: DatasetLayout
     cohort: Any
     device: str
+    policy: DisclosurePolicy
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Strings never to send in an error text: the cohort's case ids."""
+        return tuple(str(c) for c in self.cohort.labels.index)
 
 
 _SITES: dict[tuple[str, ...], SiteHandle] = {}
+_NODE_SITES: dict[int, SiteHandle] = {}  # node id -> its resolved site (names the site in error replies)
 _DATA: dict[tuple[str, ...], tuple[SurvivalDataset | None, SurvivalDataset]] = {}
 _FEDERATIONS: dict[tuple[str, ...], tuple[list[Site], dict[str, Cohort]]] = {}
+_CHECKED: set[tuple[str, str]] = set()  # (data root, cohort) that passed the data check in this process
 
 
-def _data_cfg(cfg: DictConfig, node_config: Mapping[str, Any]) -> dict[str, Any]:
+def _site_layout(cfg: DictConfig, node_config: Mapping[str, Any]) -> DatasetLayout:
+    """The data layout: in deployment the site's own (its manifest, or the server's keys confined to its
+    ``data-root``); in simulation the run config's."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     assert isinstance(data, dict)
-    if "data-root" in node_config:  # deployment: the hospital's own copy of its data
-        data["root"] = str(node_config["data-root"])
-    return data
+    if "data-root" not in node_config:
+        return DatasetLayout.load(data)
+    root = Path(str(node_config["data-root"]))
+    if (root / MANIFEST).is_file():  # the hospital's own manifest alone says where its files are
+        return DatasetLayout.load(root)
+    _refuse_paths_outside(data)
+    return DatasetLayout.load({**data, "root": str(root)})
+
+
+def _refuse_paths_outside(data: Any, name: str = "data") -> None:
+    """Refuse server-sent layout values that are absolute paths or climb out of the site's ``data-root``."""
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            if key != "root":
+                _refuse_paths_outside(value, f"{name}.{key}")
+    elif isinstance(data, list | tuple):
+        for index, value in enumerate(data):
+            _refuse_paths_outside(value, f"{name}[{index}]")
+    elif isinstance(data, str):
+        path = PurePath(data)
+        if path.is_absolute() or ".." in path.parts or data.startswith("~"):
+            raise SiteRefusal(f"{name}: a path outside this site's data-root is not accepted from the server")
+
+
+def _federation_name(cfg: DictConfig, node_config: Mapping[str, Any]) -> str | None:
+    """The federation file whose ``disclosure:`` limits a simulated site reads (None in deployment)."""
+    if "data-root" in node_config or "federation" not in cfg:
+        return None
+    return str(cfg.federation.get("name") or "") or None
 
 
 def resolve_site(cfg: DictConfig, context: Context) -> SiteHandle:
@@ -129,7 +159,7 @@ def resolve_site(cfg: DictConfig, context: Context) -> SiteHandle:
         When the node config names no usable site.
     """
     node_config = dict(context.node_config)
-    data = _data_cfg(cfg, node_config)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
     fed = OmegaConf.to_container(cfg.federation, resolve=True) if "federation" in cfg else {}
     heldout = cfg.get("heldout")
     heldout_list = None if heldout is None else list(heldout)
@@ -139,33 +169,61 @@ def resolve_site(cfg: DictConfig, context: Context) -> SiteHandle:
         json.dumps(heldout_list),
         json.dumps({k: str(v) for k, v in sorted(node_config.items())}),
     )
-    if key in _SITES:
-        return _SITES[key]
-    layout = DatasetLayout.load(data)
+    if key not in _SITES:
+        layout = _site_layout(cfg, node_config)
+        site, cohort = _resolve(layout, node_config, fed, heldout_list, key)
+        device = str(
+            node_config.get("device", cfg.training.get("device", "cpu") if "training" in cfg else "cpu")
+        )
+        policy = DisclosurePolicy.load(node_config, _federation_name(cfg, node_config))
+        _SITES[key] = SiteHandle(site, layout, cohort, device, policy)
+        log.info(
+            "node %s is site %s (%s, %d cases)", context.node_id, site.name, site.role, len(site.all_ids)
+        )
+    _NODE_SITES[context.node_id] = _SITES[key]
+    return _SITES[key]
+
+
+def _resolve(
+    layout: DatasetLayout,
+    node_config: Mapping[str, Any],
+    fed: Mapping[str, Any],
+    heldout: list[str] | None,
+    key: tuple[str, ...],
+) -> tuple[Site, Cohort]:
+    """The site and its loaded cohort: from the node config (deployment) or the federation table."""
     if (
         "site" in node_config and "cohort" in node_config
     ):  # deployment: the node config is the source of truth
         cohort_name = str(node_config["cohort"])
         cohort = load_cohort(layout, cohort_name)
         role = str(node_config.get("role", "train"))
-        site = Site(str(node_config["site"]), cohort_name, role, tuple(cohort.labels.index))
-    else:
-        sites, cohorts = _federation(layout, fed, heldout_list, key[:3])
-        name = resolve_site_name(node_config, [s.name for s in sites])
-        matches = [s for s in sites if s.name == name]
-        if not matches:
-            raise SiteResolutionError(
-                f"site {name!r} (node config) is not in the federation {[s.name for s in sites]}"
-            )
-        site = matches[0]
-        if "role" in node_config:
-            site = Site(site.name, site.cohort, str(node_config["role"]), site.case_ids, site.test_ids)
-        cohort = cohorts[site.cohort]
-    device = str(node_config.get("device", cfg.training.get("device", "cpu") if "training" in cfg else "cpu"))
-    handle = SiteHandle(site, layout, cohort, device)
-    _SITES[key] = handle
-    log.info("node %s is site %s (%s, %d cases)", context.node_id, site.name, site.role, len(site.all_ids))
-    return handle
+        return Site(str(node_config["site"]), cohort_name, role, tuple(cohort.labels.index)), cohort
+    sites, cohorts = _federation(layout, fed, heldout, key[:3])
+    name = resolve_site_name(node_config, [s.name for s in sites])
+    matches = [s for s in sites if s.name == name]
+    if not matches:
+        raise SiteResolutionError(
+            f"site {name!r} (node config) is not in the federation {[s.name for s in sites]}"
+        )
+    site = matches[0]
+    if "role" in node_config:
+        site = Site(site.name, site.cohort, str(node_config["role"]), site.case_ids, site.test_ids)
+    return site, cohorts[site.cohort]
+
+
+def check_site_data(handle: SiteHandle) -> None:
+    """Run the checks of ``fedprog data check`` on this site's cohort (once per process and cohort).
+
+    Raises
+    ------
+    CohortError
+        The first problem, naming file, column or case (sanitized before it leaves the site).
+    """
+    key = (str(handle.layout.root), handle.site.cohort)
+    if key not in _CHECKED:
+        check_dataset(dataclasses.replace(handle.layout, cohorts=(handle.site.cohort,)))
+        _CHECKED.add(key)
 
 
 def _federation(
@@ -246,6 +304,9 @@ def _fit_stats(cfg: DictConfig, handle: SiteHandle, genes_json: str) -> tuple[di
     """
     ids = list(handle.site.case_ids)
     labels = handle.cohort.labels
+    n_events = int((labels.loc[ids, "censorship"] == 0).sum())
+    handle.policy.check_counts(f"site {handle.site.name}: fit statistics", len(ids), n_events)
+    handle.policy.check_histogram(float(cfg.fit.time_grid_step))
     grid = time_grid(float(cfg.fit.time_grid_max), float(cfg.fit.time_grid_step))
     hist = event_histogram(
         labels.loc[ids, "survival_months"].to_numpy(), labels.loc[ids, "censorship"].to_numpy(), grid
@@ -284,38 +345,85 @@ def _fit_stats(cfg: DictConfig, handle: SiteHandle, genes_json: str) -> tuple[di
 
 
 # ------------------------------------------------------------------------------------------ handlers
+def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Wrap a handler: any exception becomes an error reply with the error class and a sanitized one-line
+    reason (no traceback, no absolute path, no case id); the full traceback goes to this site's log only."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as error:  # noqa: BLE001 - every failure leaves the site as a sanitized reply
+            return error_reply(msg, context, error)
+
+    return run
+
+
+def error_reply(msg: Message, context: Context, error: Exception) -> Message:
+    """The sanitized error reply for ``error``; the traceback goes to this site's own log only.
+
+    Module-level on purpose: Ray pickles the nested ``guarded`` closure by value, and a module global read
+    there would be a stale copy; this function is pickled by reference and sees the live site cache.
+    """
+    handle = _NODE_SITES.get(context.node_id)
+    site = handle.site.name if handle else _claimed_site(context)
+    reason = encode_error(site, error, secrets=handle.secrets if handle else ())
+    if "partition-id" in context.node_config:  # simulation: the site's log is the user's console
+        log.warning(
+            "site %s: %s request failed: %s", site, msg.metadata.message_type, json.loads(reason)["reason"]
+        )
+        log.debug("site %s: traceback", site, exc_info=error)
+    else:  # deployment: the full traceback stays in this hospital's own log
+        log.error("site %s: %s request failed", site, msg.metadata.message_type, exc_info=error)
+    return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def _claimed_site(context: Context) -> str | None:
+    """The site this node says it is before its site could be resolved (deployment name or partition)."""
+    node_config = context.node_config
+    if "site" in node_config:
+        return str(node_config["site"])
+    return f"partition-{node_config['partition-id']}" if "partition-id" in node_config else None
+
+
 def handle_query(msg: Message, context: Context) -> Message:
-    """``describe``: site, role, counts; ``fit-stats``: aggregates to fit bins/transform (training sites)."""
+    """``describe``: site, role, counts (after the data check); ``fit-stats``: aggregates to fit bins and
+    transforms (training sites, within the site's disclosure limits)."""
     record = msg.content.config_records["config"]
     cfg = config_from_record(record)
     handle = resolve_site(cfg, context)
-    site = handle.site
-    action = str(record.get(ACTION_KEY, "describe"))
-    labels = handle.cohort.labels
-    if action == "describe":
-        ids = list(site.all_ids)
-        n_events = int((labels.loc[ids, "censorship"] == 0).sum())
-        info: dict[str, Any] = {"site": site.name, "role": site.role, "cohort": site.cohort}
-        metrics = {"n-cases": len(ids), "n-events": n_events, "n-train-cases": len(site.case_ids)}
-        if site.role == "train":
-            groups = training_groups(handle.layout, handle.cohort.genes)
-            info["genes"] = [str(g) for g in handle.cohort.genes]
-            info["groups"] = None if groups is None else {"names": groups.names, "genes": groups.genes}
-            info["strong-kind"] = handle.layout.strong_kind or "none"
-            strong_dim = _strong_dim(handle)
-            if strong_dim is not None:
-                metrics["strong-dim"] = strong_dim
-        return Message(
-            RecordDict({"info": ConfigRecord({"json": json.dumps(info)}), "metrics": MetricRecord(metrics)}),
-            reply_to=msg,
+    action = str(record.get(ACTION_KEY, DESCRIBE))
+    if action == DESCRIBE:
+        check_site_data(handle)
+        info, metrics = _describe(handle)
+    elif action != FIT_STATS:
+        raise SiteRefusal(f"site {handle.site.name}: unknown query action {action[:40]!r}")
+    elif handle.site.role != "train":
+        raise SiteRefusal(
+            f"site {handle.site.name} is held out: it never contributes to fitting bins or transforms"
         )
-    if action != "fit-stats":
-        raise SiteRefusal(f"site {site.name}: unknown query action {action!r}")
-    if site.role != "train":
-        raise SiteRefusal(f"site {site.name} is held out: it never contributes to fitting bins or transforms")
-    metrics, info = _fit_stats(cfg, handle, str(record.get(GENES_KEY) or ""))
-    reply = {"metrics": MetricRecord(metrics), "info": ConfigRecord({"json": json.dumps(info)})}
+    else:
+        metrics, info = _fit_stats(cfg, handle, str(record.get(GENES_KEY) or ""))
+    reply = {"info": ConfigRecord({"json": json.dumps(info)}), "metrics": MetricRecord(metrics)}
     return Message(RecordDict(reply), reply_to=msg)
+
+
+def _describe(handle: SiteHandle) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(info, metrics) of the ``describe`` reply: who the site is, its counts, genes of a training site."""
+    site, labels = handle.site, handle.cohort.labels
+    ids = list(site.all_ids)
+    n_events = int((labels.loc[ids, "censorship"] == 0).sum())
+    info: dict[str, Any] = {"site": site.name, "role": site.role, "cohort": site.cohort}
+    metrics = {"n-cases": len(ids), "n-events": n_events, "n-train-cases": len(site.case_ids)}
+    if site.role == "train":
+        groups = training_groups(handle.layout, handle.cohort.genes)
+        info["genes"] = [str(g) for g in handle.cohort.genes]
+        info["groups"] = None if groups is None else {"names": groups.names, "genes": groups.genes}
+        info["strong-kind"] = handle.layout.strong_kind or "none"
+        strong_dim = _strong_dim(handle)
+        if strong_dim is not None:
+            metrics["strong-dim"] = strong_dim
+    return info, metrics
 
 
 def train_arrays(
@@ -329,6 +437,7 @@ def train_arrays(
     train_ds, _ = site_datasets(cfg, handle, str(config[PREP_KEY]))
     if train_ds is None:
         raise SiteRefusal(f"site {handle.site.name} has no training cases")
+    handle.policy.check_counts(f"site {handle.site.name}: training", len(train_ds))
     server_round = int(config.get("server-round", 0))
     seed = derived_seed(int(cfg.seed), server_round, handle.site.name)
     mu = float(config.get("proximal-mu", cfg.training.get("proximal_mu", 0.0)))
@@ -373,6 +482,11 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     cfg = config_from_record(config)
     handle = resolve_site(cfg, context)
     _, eval_ds = site_datasets(cfg, handle, str(config[PREP_KEY]))
+    handle.policy.check_counts(f"site {handle.site.name}: evaluation", len(eval_ds))
+    grid = np.asarray(list(config[KM_GRID_KEY]), dtype=float) if KM_GRID_KEY in config else None
+    if grid is not None:  # refuse before any work: the KM request is checked against the site's limits
+        handle.policy.check_km_grid(grid)
+        handle.policy.check_counts(f"site {handle.site.name}: KM curves", len(eval_ds), int(eval_ds.n_events))
     model = _model(cfg, eval_ds, msg.content["arrays"])
     result = engine.evaluate(
         model, eval_ds, bins=eval_ds.bins, device=handle.device, loss_cfg=_train_config(cfg)
@@ -388,9 +502,11 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         "logrank-p": float(m.get("logrank_p", float("nan"))),
         "loss": float(m.get("loss", float("nan"))),
     }
-    if KM_GRID_KEY in config:
-        grid = np.asarray(list(config[KM_GRID_KEY]), dtype=float)
-        metrics.update(km_aggregates(result.time, result.censorship, result.risk, grid))
+    if grid is not None:
+        km = km_aggregates(
+            result.time, result.censorship, result.risk, grid, min_at_risk=handle.policy.km_min_at_risk
+        )
+        metrics.update(km)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -406,11 +522,18 @@ def _build_app() -> ClientApp:
             privacy.privacy_mod,
         ]
     client = ClientApp(mods=mods)
-    client.query()(handle_query)
-    client.train()(handle_train)
-    client.evaluate()(handle_evaluate)
+    client.query()(HANDLERS["query"])
+    client.train()(HANDLERS["train"])
+    client.evaluate()(HANDLERS["evaluate"])
     return client
 
+
+#: The guarded handlers the ClientApp registers, by message type (tests call them through DirectGrid).
+HANDLERS = {
+    "query": guarded(handle_query),
+    "train": guarded(handle_train),
+    "evaluate": guarded(handle_evaluate),
+}
 
 #: The ClientApp named in pyproject.toml (``fedprog.federated.client_app:app``).
 app = _build_app()
@@ -420,5 +543,7 @@ def clear_caches() -> None:
     """Forget cached configs, sites and datasets (tests; a new dataset at the same path)."""
     _CONFIGS.clear()
     _SITES.clear()
+    _NODE_SITES.clear()
+    _CHECKED.clear()
     _DATA.clear()
     _FEDERATIONS.clear()

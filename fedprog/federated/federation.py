@@ -240,7 +240,7 @@ def assign_roles(infos: Sequence[SiteInfo], heldout: Sequence[str] | None) -> li
 
 
 def km_aggregates(
-    time: np.ndarray, censorship: np.ndarray, risk: np.ndarray, grid: np.ndarray
+    time: np.ndarray, censorship: np.ndarray, risk: np.ndarray, grid: np.ndarray, *, min_at_risk: int = 1
 ) -> dict[str, float | int | list[float]]:
     """Kaplan-Meier curves of the median-split risk groups on a coarse grid: what a site sends for KM plots.
 
@@ -251,7 +251,10 @@ def km_aggregates(
     risk : ndarray, shape = (n_patients,)
         Predicted risk, higher = worse; high-risk group = ``risk >= median(risk)`` (as ``logrank_split``).
     grid : ndarray, shape = (n_points,)
-        Coarse time grid (months) chosen by the server.
+        Coarse time grid (months) chosen by the server (within the site's disclosure limits).
+    min_at_risk : int
+        A point where fewer of the group's cases are still at risk is sent as NaN (suppressed); 1 only hides
+        the points past the group's follow-up.
 
     Returns
     -------
@@ -275,7 +278,8 @@ def km_aggregates(
         steps, prob = kaplan_meier_estimator(event[members], time[members])
         index = np.searchsorted(steps, grid, side="right") - 1  # last step at or before each grid point
         curve = np.where(index >= 0, prob[np.clip(index, 0, None)], 1.0)
-        curve = np.where(grid > time[members].max(), math.nan, curve)  # no extrapolation past follow-up
+        at_risk = (time[members][None, :] >= np.asarray(grid, dtype=float)[:, None]).sum(axis=1)
+        curve = np.where(at_risk < max(int(min_at_risk), 1), math.nan, curve)  # small risk sets stay home
         out[f"km-{name}"] = [float(v) for v in curve]
     return out
 

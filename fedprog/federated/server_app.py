@@ -1,17 +1,21 @@
-"""The fedprog Flower ServerApp: query sites, fit preprocessing from aggregates, run rounds, checkpoint.
+"""The fedprog Flower ServerApp: describe sites, fit preprocessing from aggregates, run rounds, checkpoint.
 
 One ServerApp serves simulation and deployment. Its run config holds ``config-name`` (default ``simulate``),
 ``overrides`` (space-separated Hydra overrides) and ``config-file`` (a resolved YAML; wins when set)::
 
     flwr run . --run-config "overrides='rounds=3 strategy=fedprox'"
 
-A run: (1) a ``describe`` query asks every node for its site, role and counts; (2) a ``fit-stats`` query asks
-the TRAINING sites only for aggregates of their training split (event-time histogram, per-gene expression
-moments, and for a tabular strong modality per-column moments and level counts) from which the survival bins,
-the expression transform and the ``TabularTransform`` are fitted; (3) each round the held-out-aware strategy
-sends the global model to training nodes only, screens and aggregates their updates, and every site evaluates
-the global model every ``eval_every`` rounds on its local test split (``Site.test_ids``; all its cases when it
-has none); (4) a checkpoint is written after every round; (5) outputs go to ``out``.
+A run (:class:`FederationRun`): (1) ``describe`` asks every node for its site, role and counts, each site
+first running the data checks on its own data (:mod:`fedprog.federated.fitting`); (2) ``fit-stats`` asks the
+TRAINING sites only for aggregates from which the survival bins and transforms are fitted; (3) each round the
+held-out-aware strategy sends the global model to training nodes only, screens and aggregates their updates
+(:mod:`fedprog.federated.messages` validates every reply), and every site evaluates the global model every
+``eval_every`` rounds on its local test split; (4) a checkpoint (with the run id) is written after every
+round; (5) outputs go to ``out``.
+
+No silent drops: a site that fails to connect, describe or evaluate is recorded (``results.json``'s
+``failures``, report.md) with a sanitized reason; a failed describe or a held-out site that cannot be
+evaluated stops the run (status ``failed``) unless ``allow_partial=true``.
 
 Privacy (``privacy`` group): ``central_dp`` / ``local_dp`` wrap the strategy (``privacy.wrap_strategy``); the
 spent (epsilon, delta) goes into every round's record, and the accountant state and the DP-noise RNG stream
@@ -26,36 +30,40 @@ import logging
 import math
 import shlex
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog.config import load_config, to_container
-from fedprog.data import CohortError, ExpressionTransform, GeneGroups, SurvivalBins, TabularTransform
 from fedprog.federated.checkpoint import (
     CHECKPOINT_DIR,
     Checkpoint,
+    CheckpointError,
     capture_rng,
+    check_fresh_out,
     load_checkpoint,
     restore_rng,
+    resume_config,
     save_checkpoint,
 )
-from fedprog.federated.client_app import ACTION_KEY, GENES_KEY, KM_GRID_KEY, PREP_KEY, config_record
-from fedprog.federated.federation import (
-    FitError,
-    SiteInfo,
-    assign_roles,
-    bin_edges_from_histogram,
-    pool_moments,
-    time_grid,
+from fedprog.federated.federation import FitError, SiteInfo
+from fedprog.federated.fitting import (  # noqa: F401 - describe_sites, fit_preprocessing: public entry points
+    Described,
+    SiteFailure,
+    describe_federation,
+    describe_sites,
+    fit_preprocessing,
+    initial_weights,
+    wait_for_nodes,
 )
+from fedprog.federated.messages import KM_GRID_KEY, PREP_KEY, config_record
 from fedprog.federated.strategy import (
     FederationError,
     HeldoutAwareMixin,
@@ -64,10 +72,13 @@ from fedprog.federated.strategy import (
     build_strategy,
     numpy_to_arrays,
 )
-from fedprog.models import create_model
-from fedprog.pipeline import Preprocessing, n_outputs_for
+from fedprog.pipeline import Preprocessing
 
 log = logging.getLogger(__name__)
+
+
+class RunFailed(FederationError):
+    """The run cannot give the results it promises (a site failed; see ``allow_partial``)."""
 
 
 class _NullAudit:
@@ -105,191 +116,16 @@ def _audit_log(cfg: DictConfig) -> Any:
     return AuditLog(str(audit.get("path") or Path(cfg.out) / "audit.jsonl"))
 
 
-# ------------------------------------------------------------------------------------------------ queries
-def _wait_for_nodes(grid: Grid, cfg: DictConfig) -> list[int]:
-    """Node ids once ``expected_sites`` nodes are connected (or the count is stable), at most the timeout."""
-    expected = cfg.get("expected_sites")
-    deadline = time.monotonic() + float(cfg.get("node_wait_timeout", 120))
-    settle = float(cfg.get("node_settle_s", 3.0))
-    last, stable_since = -1, time.monotonic()
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        now = time.monotonic()
-        if len(nodes) != last:
-            last, stable_since = len(nodes), now
-        if expected is not None and len(nodes) >= int(expected):
-            return nodes
-        if expected is None and nodes and now - stable_since >= settle:
-            return nodes
-        if now > deadline:
-            if not nodes:
-                raise FederationError(
-                    f"no site connected within node_wait_timeout={cfg.get('node_wait_timeout')} s"
-                )
-            log.warning("only %d of %s expected site(s) connected; going on with them", len(nodes), expected)
-            return nodes
-        time.sleep(0.2)
-
-
-def _query(grid: Grid, nodes: Sequence[int], record: ConfigRecord, timeout: float) -> dict[int, Message]:
-    messages = [
-        Message(content=RecordDict({"config": record}), message_type=MessageType.QUERY, dst_node_id=node)
-        for node in nodes
-    ]
-    replies = grid.send_and_receive(messages, timeout=timeout)
-    out = {}
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log.warning("query to node %d failed: %s", node, reply.error.reason)
-            continue
-        out[node] = reply
-    return out
-
-
-def _info(reply: Message) -> dict[str, Any]:
-    return json.loads(str(reply.content.config_records["info"]["json"]))
-
-
-def describe_sites(
-    grid: Grid, nodes: Sequence[int], cfg: DictConfig
-) -> tuple[list[SiteInfo], dict[str, dict]]:
-    """Ask each node who it is; return the site table and each training site's extra info (genes, groups)."""
-    replies = _query(grid, nodes, config_record(cfg, **{ACTION_KEY: "describe"}), float(cfg.round_timeout))
-    infos, extra = [], {}
-    for node, reply in sorted(replies.items()):
-        info = _info(reply)
-        metrics = reply.content.metric_records["metrics"]
-        infos.append(
-            SiteInfo(
-                node,
-                info["site"],
-                info["role"],
-                info["cohort"],
-                int(metrics["n-cases"]),
-                int(metrics["n-events"]),
-            )
-        )
-        extra[info["site"]] = {**info, "strong-dim": metrics.get("strong-dim")}
-    heldout = cfg.get("heldout")
-    return assign_roles(infos, None if heldout is None else list(heldout)), extra
-
-
-def fit_preprocessing(
-    grid: Grid, cfg: DictConfig, train_sites: Sequence[SiteInfo], extra: Mapping[str, Mapping[str, Any]]
-) -> Preprocessing:
-    """Fit groups, expression/tabular transforms and bins from training-site aggregates (never held-out ones).
-
-    The ``fit-stats`` query returns, per training site: the event-time histogram (bins), per-gene expression
-    count/sum/sum of squares (``ExpressionTransform.from_moments``) when the data have expression, and for a
-    tabular strong modality the per-column moments and level counts (``TabularTransform.from_moments``).
-
-    Raises
-    ------
-    FitError
-        A training site sent nothing, or the sites disagree on transform settings or table columns.
-    """
-    names = [s.site for s in train_sites]
-    groups = _common_groups(names, extra)
-    genes_json = json.dumps({"names": groups.names, "genes": groups.genes}) if groups is not None else ""
-    record = config_record(cfg, **{ACTION_KEY: "fit-stats", GENES_KEY: genes_json})
-    replies = _query(grid, [s.node_id for s in train_sites], record, float(cfg.round_timeout))
-    missing = sorted(set(names) - {s.site for s in train_sites if s.node_id in replies})
-    if missing:
-        raise FitError(f"training site(s) {missing} sent no fitting statistics; cannot fit the preprocessing")
-    grid_edges = time_grid(float(cfg.fit.time_grid_max), float(cfg.fit.time_grid_step))
-    hist = np.zeros(len(grid_edges) - 1)
-    moments, tables, infos = [], [], {}
-    for site in train_sites:
-        metrics = replies[site.node_id].content.metric_records["metrics"]
-        hist += np.asarray(metrics["event-hist"], dtype=float)
-        info = infos[site.site] = _info(replies[site.node_id])
-        if groups is not None:
-            moments.append(
-                {
-                    "count": metrics["expr-count"],
-                    "sum": metrics["expr-sum"],
-                    "sumsq": metrics["expr-sumsq"],
-                    "genes": info["genes"],
-                }
-            )
-        if "tabular" in info:
-            tables.append(info["tabular"])
-    bins = SurvivalBins(bin_edges_from_histogram(hist, grid_edges, int(cfg.n_bins)))
-    expression = None
-    if groups is not None:
-        settings = _same_settings(infos, "transform", "expression-transform")
-        pooled = pool_moments(moments)
-        expression = ExpressionTransform.from_moments(
-            pooled["count"], pooled["sum"], pooled["sumsq"], genes=pooled["genes"], **settings
-        )
-    strong = None
-    if tables:
-        if len(tables) != len(train_sites):
-            lacking = sorted(name for name, info in infos.items() if "tabular" not in info)
-            raise FitError(f"training site(s) {lacking} sent no tabular moments while others did")
-        settings = _same_settings(infos, "tabular-settings", "tabular-transform")
-        try:
-            strong = TabularTransform.from_moments(TabularTransform.merge_moments(tables), **settings)
-        except CohortError as error:
-            raise FitError(f"training sites {names}: tabular transform: {error}") from error
-    log.info(
-        "preprocessing fitted from the aggregates of %d training site(s) %s: %s%s",
-        len(names),
-        names,
-        bins,
-        "" if strong is None else f", {strong.n_features} tabular features",
-    )
-    return Preprocessing(groups=groups, expression=expression, strong=strong, bins=bins)
-
-
-def _common_groups(names: Sequence[str], extra: Mapping[str, Mapping[str, Any]]) -> GeneGroups | None:
-    """The gene groups restricted to the genes every training site has (None without expression)."""
-    first = extra[names[0]]
-    if first.get("groups") is None:
-        return None
-    common = set(first["genes"])
-    for name in names[1:]:
-        common &= set(extra[name]["genes"])
-    ordered = [g for g in first["genes"] if g in common]
-    return GeneGroups(list(first["groups"]["names"]), [list(g) for g in first["groups"]["genes"]]).restrict(
-        ordered
-    )
-
-
-def _same_settings(infos: Mapping[str, Mapping[str, Any]], key: str, what: str) -> dict[str, Any]:
-    """The transform settings every training site reported under ``key`` (they must agree)."""
-    seen = {site: json.dumps(info.get(key), sort_keys=True) for site, info in infos.items()}
-    if len(set(seen.values())) != 1:
-        raise FitError(f"training sites use different {what} settings: {seen}")
-    return dict(json.loads(next(iter(seen.values()))))
-
-
-def initial_weights(
-    cfg: DictConfig, prep: Preprocessing, strong_kind: str, strong_dim: int
-) -> dict[str, np.ndarray]:
-    """The seeded initial global model (same builder as the clients: ``fedprog.models.create_model``)."""
-    torch.manual_seed(int(cfg.seed))
-    group_index = prep.groups.indices(prep.groups.gene_order) if prep.groups is not None else []
-    model = create_model(
-        OmegaConf.to_container(cfg.model, resolve=True),
-        group_index=group_index,
-        strong_kind=strong_kind,
-        strong_dim=int(strong_dim),
-        n_outputs=n_outputs_for(str(cfg.training.loss), prep.bins),
-    )
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-
-
 # -------------------------------------------------------------------------------------------------- rounds
 @dataclass
 class RunState:
-    """What the server accumulates over a run (per-site rows, rejections, KM aggregates, round summaries)."""
+    """What the server accumulates over a run (per-site rows, rejections, failures, KM, round summaries)."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[dict[str, Any]] = field(default_factory=list)
     km: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _eval_rows(
@@ -340,241 +176,369 @@ def role_summary(rows: Sequence[Mapping[str, Any]], role: str) -> dict[str, floa
     }
 
 
+def resolve_start(cfg: DictConfig) -> tuple[DictConfig, Checkpoint | None]:
+    """The run's config and the checkpoint to continue from (None: a new run, with a fresh ``run_id``).
+
+    A resume keeps the checkpoint's run id and writes to the folder it resumes from (or a new ``out=``); a
+    config already prepared for this resume (same ``run_id``) is used as it is. A new run refuses an ``out``
+    that holds checkpoints.
+    """
+    if not cfg.get("resume"):
+        check_fresh_out(cfg.out)
+        cfg = OmegaConf.create(to_container(cfg))
+        cfg.run_id = cfg.get("run_id") or uuid.uuid4().hex[:12]
+        return cfg, None
+    checkpoint = load_checkpoint(cfg.resume)
+    if cfg.get("run_id") is None:  # not prepared: take the checkpoint's config (deployment)
+        return resume_config(cfg, None)
+    if checkpoint.run_id != cfg.run_id:
+        raise CheckpointError(
+            f"resume={cfg.resume}: the checkpoint belongs to run {checkpoint.run_id}, not run {cfg.run_id}"
+        )
+    return cfg, checkpoint
+
+
 def run_federation(grid: Grid, cfg: DictConfig, context: Context | None = None) -> dict[str, Any]:
     """Run the whole federation on ``grid`` and write the outputs to ``cfg.out``; returns the results dict.
 
     ``context`` is the ServerApp's context; only ``privacy.mode=secagg`` needs it (Flower's legacy
     workflow keeps its state there), and a fresh one is made when it is None.
+
+    Raises
+    ------
+    FederationError
+        The run stopped (too few sites: resumable) or failed (a site could not take part and
+        ``allow_partial`` is false); results.json and report.md are written first and say why.
     """
-    from fedprog.federated.simulation import write_outputs
-
-    checkpoint = load_checkpoint(cfg.resume) if cfg.get("resume") else None
-    if checkpoint is not None:
-        resume = str(cfg.resume)
-        cfg = OmegaConf.create(checkpoint.config)
-        cfg.resume = resume
-        log.info("resuming from %s after round %d", resume, checkpoint.server_round)
-    out = Path(str(cfg.out))
-    out.mkdir(parents=True, exist_ok=True)
-    mode = _privacy_mode(cfg)
-    audit = _audit_log(cfg)
-    audit.append(
-        "run_started",
-        strategy=str(cfg.strategy.name),
-        rounds=int(cfg.rounds),
-        seed=int(cfg.seed),
-        resume=str(cfg.get("resume")),
-        privacy=mode,
-    )
-
-    nodes = _wait_for_nodes(grid, cfg)
-    sites, extra = describe_sites(grid, nodes, cfg)
-    for s in sites:
-        audit.append(
-            "site_described",
-            site=s.site,
-            role=s.role,
-            node_id=s.node_id,
-            n_cases=s.n_cases,
-            n_events=s.n_events,
-        )
-    train_sites = [s for s in sites if s.role == "train"]
-    roles = {s.site: s.role for s in sites}
-    if len(train_sites) < int(cfg.min_train_sites):
+    cfg, checkpoint = resolve_start(cfg)
+    run = FederationRun(grid, cfg, context)
+    try:
+        run.start(checkpoint)
+        run.train_rounds()
+    except TooFewSitesError as error:
+        run.stop("stopped", str(error))
+    except (RunFailed, FitError) as error:
+        run.stop("failed", str(error))
+    results = run.write()
+    if run.status == "stopped":
         raise TooFewSitesError(
-            f"{len(train_sites)} training site(s) answered ({[s.site for s in train_sites]}), "
-            f"min_train_sites={cfg.min_train_sites}"
+            run.message + f" (checkpoint kept in {run.out / CHECKPOINT_DIR}; resume={run.out})"
         )
-    if checkpoint is not None:
-        prep = Preprocessing.from_state_dict(checkpoint.federation["prep"])
-        arrays = checkpoint.arrays
-        restore_rng(checkpoint.rng)
-        state = RunState(**checkpoint.federation.get("state", {}))
-        start = checkpoint.server_round
-    else:
-        prep = fit_preprocessing(grid, cfg, train_sites, extra)
-        first = extra[train_sites[0].site]
-        strong_dim = prep.strong.n_features if prep.strong is not None else int(first.get("strong-dim") or 1)
-        arrays = initial_weights(cfg, prep, str(first.get("strong-kind") or "none"), strong_dim)
-        state = RunState()
-        start = 0
-    prep_json = json.dumps(prep.state_dict())
-    audit.append(
-        "preprocessing",
-        bins=prep.bins.to_dict()["edges"],
-        fitted_on=[s.site for s in train_sites],
-        n_genes=0 if prep.groups is None else len(prep.groups.gene_order),
-        n_tabular_features=0 if prep.strong is None else prep.strong.n_features,
-    )
+    if run.status == "failed":
+        raise RunFailed(run.message)
+    return results
 
-    strategy = build_strategy(
-        OmegaConf.to_container(cfg.strategy, resolve=True),
-        weighting=str(cfg.weighting),
-        min_train_sites=int(cfg.min_train_sites),
-        max_update_norm=cfg.get("max_update_norm"),
-    )
-    inner: HeldoutAwareMixin = strategy
-    inner.set_sites({s.node_id: s.site for s in train_sites}, {s.node_id: s.site for s in sites})
-    if checkpoint is not None:
-        inner.load_state_dict(checkpoint.strategy_state)
-    strategy = _with_privacy(strategy, cfg, len(train_sites))
-    noise_rng = None
-    if mode in DP_MODES:
-        from fedprog.federated.privacy import NoiseRng, load_privacy_state
 
-        saved = checkpoint.federation.get("privacy", {}) if checkpoint is not None else {}
+class FederationRun:
+    """One run's state and its steps: start (resume or describe + fit), rounds, evaluation, checkpoints."""
+
+    def __init__(self, grid: Grid, cfg: DictConfig, context: Context | None) -> None:
+        self.grid, self.cfg, self.context = grid, cfg, context
+        self.out = Path(str(cfg.out))
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.mode = _privacy_mode(cfg)
+        self.audit = _audit_log(cfg)
+        self.rounds = int(cfg.rounds)
+        self.state = RunState()
+        self.sites: list[SiteInfo] = []
+        self.prep: Preprocessing | None = None
+        self.arrays: dict[str, np.ndarray] | None = None
+        self.status, self.message = "completed", ""
+        self.noise_rng: Any = None
+        self.start_round = 0
+
+    # ---------------------------------------------------------------------------------------------- start
+    def start(self, checkpoint: Checkpoint | None) -> None:
+        """Describe the sites, then restore the checkpoint or fit the preprocessing and initial model."""
+        cfg = self.cfg
+        self.audit.append(
+            "run_started",
+            run_id=str(cfg.run_id),
+            strategy=str(cfg.strategy.name),
+            rounds=self.rounds,
+            seed=int(cfg.seed),
+            resume=str(cfg.get("resume")),
+            privacy=self.mode,
+        )
+        described = self._describe()
+        train_sites = [s for s in self.sites if s.role == "train"]
         if checkpoint is not None:
-            load_privacy_state(strategy, saved)
-        noise_rng = NoiseRng(saved.get("noise_rng"))
+            self.prep = Preprocessing.from_state_dict(checkpoint.federation["prep"])
+            self.arrays = checkpoint.arrays
+            restore_rng(checkpoint.rng)
+            self.state = RunState(**checkpoint.federation.get("state", {}))
+            self.start_round = checkpoint.server_round
+        else:
+            self.prep = fit_preprocessing(self.grid, cfg, train_sites, described.extra)
+            first = described.declared[train_sites[0].site]
+            strong_kind = str(first.info.get("strong-kind") or "none")
+            strong_dim = (
+                self.prep.strong.n_features if self.prep.strong is not None else int(first.strong_dim or 1)
+            )
+            self.arrays = initial_weights(cfg, self.prep, strong_kind, strong_dim)
+        self.state.failures.extend(f.to_dict() for f in described.failures)
+        self.audit.append(
+            "preprocessing",
+            bins=self.prep.bins.to_dict()["edges"],
+            fitted_on=[s.site for s in train_sites],
+            n_genes=0 if self.prep.groups is None else len(self.prep.groups.gene_order),
+            n_tabular_features=0 if self.prep.strong is None else self.prep.strong.n_features,
+        )
+        self._build_strategy(described, train_sites, checkpoint)
+        if self.start_round == 0:
+            self.save(0)
 
-    def save(server_round: int) -> None:
+    def _describe(self) -> Described:
+        """Wait for the nodes and describe them; any failure stops the run unless ``allow_partial``."""
+        nodes, missing = wait_for_nodes(self.grid, self.cfg)
+        described = describe_federation(self.grid, nodes, self.cfg)
+        described.failures[:0] = missing
+        self.sites = described.sites
+        for s in self.sites:
+            self.audit.append(
+                "site_described",
+                site=s.site,
+                role=s.role,
+                node_id=s.node_id,
+                n_cases=s.n_cases,
+                n_events=s.n_events,
+            )
+        for failure in described.failures:
+            self.audit.append("site_failed", stage=failure.stage, site=failure.site, reason=failure.reason)
+        if described.failures and not self.cfg.allow_partial:
+            self.state.failures.extend(f.to_dict() for f in described.failures)
+            names = ", ".join(f"{f.site} ({f.reason})" for f in described.failures)
+            raise RunFailed(
+                f"{len(described.failures)} site(s) failed before the first round: {names}; "
+                "fix them or set allow_partial=true"
+            )
+        train_sites = [s for s in self.sites if s.role == "train"]
+        if len(train_sites) < int(self.cfg.min_train_sites):
+            raise TooFewSitesError(
+                f"{len(train_sites)} training site(s) answered ({[s.site for s in train_sites]}), "
+                f"min_train_sites={self.cfg.min_train_sites}"
+            )
+        return described
+
+    def _build_strategy(
+        self, described: Described, train_sites: Sequence[SiteInfo], checkpoint: Checkpoint | None
+    ) -> None:
+        cfg = self.cfg
+        strategy = build_strategy(
+            OmegaConf.to_container(cfg.strategy, resolve=True),
+            weighting=str(cfg.weighting),
+            min_train_sites=int(cfg.min_train_sites),
+            max_update_norm=cfg.max_update_norm,
+        )
+        self.inner: HeldoutAwareMixin = strategy
+        strategy.set_sites(
+            {s.node_id: s.site for s in train_sites},
+            {s.node_id: s.site for s in self.sites},
+            described.declared,
+        )
+        if checkpoint is not None:
+            strategy.load_state_dict(checkpoint.strategy_state)
+        self.strategy = _with_privacy(strategy, cfg, len(train_sites))
+        if self.mode in DP_MODES:
+            from fedprog.federated.privacy import NoiseRng, load_privacy_state
+
+            saved = checkpoint.federation.get("privacy", {}) if checkpoint is not None else {}
+            if checkpoint is not None:
+                load_privacy_state(self.strategy, saved)
+            self.noise_rng = NoiseRng(saved.get("noise_rng"))
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def save(self, server_round: int) -> None:
+        """Write the checkpoint of ``server_round`` (weights, strategy, RNG, config, run id, state)."""
+        assert self.prep is not None and self.arrays is not None
         federation = {
-            "prep": prep.state_dict(),
-            "sites": [s.to_dict() for s in sites],
-            "state": state.__dict__,
+            "prep": self.prep.state_dict(),
+            "sites": [s.to_dict() for s in self.sites],
+            "state": self.state.__dict__,
         }
-        if mode in DP_MODES:
+        if self.mode in DP_MODES:
             from fedprog.federated.privacy import privacy_state
 
-            federation["privacy"] = {**privacy_state(strategy), "noise_rng": noise_rng.state_dict()}
-        save_checkpoint(
-            out / CHECKPOINT_DIR,
-            Checkpoint(
-                server_round=server_round,
-                arrays=arrays,
-                strategy_state=inner.state_dict(),
-                rng=capture_rng(),
-                config=to_container(cfg),
-                federation=federation,
-            ),
-            keep=int(cfg.checkpoint.keep),
+            federation["privacy"] = {**privacy_state(self.strategy), "noise_rng": self.noise_rng.state_dict()}
+        checkpoint = Checkpoint(
+            server_round=server_round,
+            arrays=self.arrays,
+            strategy_state=self.inner.state_dict(),
+            rng=capture_rng(),
+            config=to_container(self.cfg),
+            federation=federation,
+            run_id=str(self.cfg.run_id),
         )
+        save_checkpoint(self.out / CHECKPOINT_DIR, checkpoint, keep=int(self.cfg.checkpoint.keep))
 
-    if start == 0:
-        save(0)
-    rounds = int(cfg.rounds)
-    base = {PREP_KEY: prep_json}
-    km_grid = np.linspace(0.0, float(cfg.report.km_grid_max), int(cfg.report.km_grid_points)).tolist()
+    # --------------------------------------------------------------------------------------------- rounds
+    def _base_config(self, **extra: Any) -> ConfigRecord:
+        assert self.prep is not None
+        return config_record(self.cfg, **{PREP_KEY: json.dumps(self.prep.state_dict())}, **extra)
 
-    def finish_round(
-        server_round: int, current: dict[str, np.ndarray], summary: dict[str, Any], started: float
-    ) -> None:
-        """After the aggregate ``current`` of ``server_round``: privacy, evaluation, checkpoint."""
-        nonlocal arrays
-        arrays = current
-        if mode in DP_MODES:
-            from fedprog.federated.privacy import privacy_spent
-
-            spent = privacy_spent(strategy)
-            summary["privacy"] = {"epsilon": spent["epsilon"], "delta": spent["delta"]}
-        last = server_round == rounds
-        if server_round % int(cfg.eval_every) == 0 or last:
-            eval_cfg = config_record(cfg, **base, **({KM_GRID_KEY: km_grid} if last else {}))
-            eval_messages = list(
-                strategy.configure_evaluate(server_round, numpy_to_arrays(arrays), eval_cfg, grid)
+    def train_rounds(self) -> None:
+        """Rounds ``start_round + 1 .. rounds`` (SecAgg+ through Flower's legacy workflow)."""
+        start = self.start_round
+        if self.mode == "secagg":
+            train_sites = [s for s in self.sites if s.role == "train"]
+            self.arrays = _run_secagg_rounds(
+                self.grid,
+                self.context,
+                self.cfg,
+                self.arrays,
+                start,
+                train_sites,
+                self._base_config(),
+                self.finish_round,
             )
-            eval_replies = list(grid.send_and_receive(eval_messages, timeout=float(cfg.round_timeout)))
-            strategy.aggregate_evaluate(server_round, eval_replies)
-            rows = _eval_rows(server_round, inner.last_eval, roles)
-            for row in rows:
-                row.update({k: v for k, v in summary.get("privacy", {}).items()})
-            state.rows.extend(rows)
-            audit.append("round_evaluated", round=server_round, sites=sorted(inner.last_eval))
-            summary["holdout"] = role_summary(rows, "holdout")
-            summary["train"] = role_summary(rows, "train")
-            if last:
-                state.km = {
-                    site: {k: v for k, v in m.items() if k.startswith("km-") or k == "logrank-p"}
-                    for site, m in inner.last_eval.items()
-                    if roles.get(site) == "holdout" and "km-grid" in m
-                }
-        summary["seconds"] = time.perf_counter() - started
-        state.rounds.append(summary)
-        save(server_round)
-        _progress(summary, rounds)
+            start = self.rounds
+        for server_round in range(start + 1, self.rounds + 1):
+            self.train_round(server_round)
 
-    status, message = "completed", ""
-    if mode == "secagg":
-        arrays = _run_secagg_rounds(
-            grid, context, cfg, arrays, start, train_sites, config_record(cfg, **base), finish_round
-        )
-        start = rounds
-    for server_round in range(start + 1, rounds + 1):
+    def train_round(self, server_round: int) -> None:
+        """One training round: send, screen and aggregate the updates, then :meth:`finish_round`."""
         started = time.perf_counter()
-        global_sha = _sha(arrays)
+        inner = self.inner
         try:
-            messages = list(
-                strategy.configure_train(
-                    server_round, numpy_to_arrays(arrays), config_record(cfg, **base), grid
+            outgoing = list(
+                self.strategy.configure_train(
+                    server_round, numpy_to_arrays(self.arrays), self._base_config(), self.grid
                 )
             )
-            audit.append(
+            self.audit.append(
                 "train_sent",
                 round=server_round,
-                model_sha256=global_sha,
-                sites=sorted(inner.train_nodes[m.metadata.dst_node_id] for m in messages),
+                model_sha256=_sha(self.arrays),
+                sites=sorted(inner.train_nodes[m.metadata.dst_node_id] for m in outgoing),
             )
-            replies = list(grid.send_and_receive(messages, timeout=float(cfg.round_timeout)))
-            if noise_rng is None:
-                new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            replies = list(self.grid.send_and_receive(outgoing, timeout=float(self.cfg.round_timeout)))
+            if self.noise_rng is None:
+                new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
             else:
-                with noise_rng.active():  # the DP noise comes from its own checkpointed stream
-                    new_arrays, _ = strategy.aggregate_train(server_round, replies)
-        except TooFewSitesError as error:
-            status, message = "stopped", str(error)
-            _audit_round(audit, inner, server_round)
-            audit.append("run_stopped", round=server_round, reason=message)
-            log.error(
-                "run stopped in round %d: %s. Resume with `fedprog simulate resume=%s` when enough sites "
-                "are back.",
-                server_round,
-                message,
-                out,
-            )
-            break
-        report = _audit_round(audit, inner, server_round)
-        state.rejections.extend(
-            {"round": server_round, "site": r.site, "reason": r.reason}
-            for r in (report.rejected if report else [])
-        )
+                with self.noise_rng.active():  # the DP noise comes from its own checkpointed stream
+                    new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        finally:
+            report = self._record_round(server_round)
         summary: dict[str, Any] = {
             "round": server_round,
             "accepted": report.accepted if report else [],
             "rejected": [r.site for r in report.rejected] if report else [],
         }
         if new_arrays is None:
-            if mode not in DP_MODES:
+            if self.mode not in DP_MODES:
                 raise FederationError(f"round {server_round}: aggregation returned no model")
             log.error(
-                "round %d: the privacy wrapper skipped the aggregate (see above); the global model is kept",
-                server_round,
+                "round %d: the privacy wrapper skipped the aggregate; the global model is kept", server_round
             )
             summary["skipped"] = True
         else:
-            arrays = arrays_to_numpy(new_arrays)
-        audit.append(
+            self.arrays = arrays_to_numpy(new_arrays)
+        self.audit.append(
             "round_aggregated",
             round=server_round,
-            model_sha256=_sha(arrays),
-            accepted=report.accepted if report else [],
+            model_sha256=_sha(self.arrays),
+            accepted=summary["accepted"],
         )
         if report and report.train_metrics:
             summary["train_loss"] = _weighted_train_loss(report.train_metrics.values())
-        finish_round(server_round, arrays, summary, started)
-    results = write_outputs(
-        out,
-        cfg,
-        state=state,
-        sites=[s.to_dict() for s in sites],
-        final_arrays=arrays,
-        status=status,
-        message=message,
-        prep=prep.state_dict(),
-    )
-    audit.append("run_finished", status=status, model_sha256=_sha(arrays))
-    if status != "completed":
-        raise TooFewSitesError(message + f" (checkpoint kept in {out / CHECKPOINT_DIR}; resume={out})")
-    return results
+        self.finish_round(server_round, self.arrays, summary, started)
+
+    def _record_round(self, server_round: int) -> Any:
+        """Audit the round's accepted and rejected updates and keep the rejections (with reasons)."""
+        report = _audit_round(self.audit, self.inner, server_round)
+        if report is not None and report.server_round == server_round:
+            self.state.rejections.extend(
+                {"round": server_round, "site": r.site, "reason": r.reason} for r in report.rejected
+            )
+        return report
+
+    def finish_round(
+        self, server_round: int, current: dict[str, np.ndarray], summary: dict[str, Any], started: float
+    ) -> None:
+        """After the aggregate ``current`` of ``server_round``: privacy, evaluation, checkpoint."""
+        self.arrays = current
+        if self.mode in DP_MODES:
+            from fedprog.federated.privacy import privacy_spent
+
+            spent = privacy_spent(self.strategy)
+            summary["privacy"] = {"epsilon": spent["epsilon"], "delta": spent["delta"]}
+        if server_round % int(self.cfg.eval_every) == 0 or server_round == self.rounds:
+            self.evaluate(server_round, summary)
+        summary["seconds"] = time.perf_counter() - started
+        self.state.rounds.append(summary)
+        self.save(server_round)
+        _progress(summary, self.rounds)
+
+    def evaluate(self, server_round: int, summary: dict[str, Any]) -> None:
+        """Every site evaluates the global model; a held-out site that cannot stops the run (unless
+        ``allow_partial``); the last round also asks held-out sites for aggregate KM curves."""
+        last = server_round == self.rounds
+        km_grid = np.linspace(0.0, float(self.cfg.report.km_grid_max), int(self.cfg.report.km_grid_points))
+        eval_cfg = self._base_config(**({KM_GRID_KEY: km_grid.tolist()} if last else {}))
+        outgoing = list(
+            self.strategy.configure_evaluate(server_round, numpy_to_arrays(self.arrays), eval_cfg, self.grid)
+        )
+        replies = list(self.grid.send_and_receive(outgoing, timeout=float(self.cfg.round_timeout)))
+        self.strategy.aggregate_evaluate(server_round, replies)
+        inner, roles = self.inner, {s.site: s.role for s in self.sites}
+        rows = _eval_rows(server_round, inner.last_eval, roles)
+        for row in rows:
+            row.update(summary.get("privacy", {}))
+        self.state.rows.extend(rows)
+        self.audit.append("round_evaluated", round=server_round, sites=sorted(inner.last_eval))
+        summary["holdout"] = role_summary(rows, "holdout")
+        summary["train"] = role_summary(rows, "train")
+        if last:
+            self.state.km = {
+                site: {k: v for k, v in m.items() if k.startswith("km-") or k == "logrank-p"}
+                for site, m in inner.last_eval.items()
+                if roles.get(site) == "holdout" and KM_GRID_KEY in m
+            }
+        self._check_evaluated(server_round, roles)
+
+    def _check_evaluated(self, server_round: int, roles: Mapping[str, str]) -> None:
+        """Record every site that sent no usable evaluation; fail on a held-out one unless allow_partial."""
+        answered = set(self.inner.last_eval)
+        failed = dict(self.inner.eval_failures)
+        failed.update(
+            {site: "no evaluation reply" for site in roles if site not in answered and site not in failed}
+        )
+        for site, reason in sorted(failed.items()):
+            self.state.failures.append(SiteFailure(site, "evaluate", reason, server_round).to_dict())
+            self.audit.append("site_failed", stage="evaluate", round=server_round, site=site, reason=reason)
+        held = sorted(site for site in failed if roles.get(site) == "holdout")
+        if held and not self.cfg.allow_partial:
+            names = ", ".join(f"{s} ({failed[s]})" for s in held)
+            raise RunFailed(
+                f"round {server_round}: held-out site(s) {names} could not be evaluated; the headline would "
+                "not cover them (set allow_partial=true to report the others)"
+            )
+
+    # --------------------------------------------------------------------------------------------- finish
+    def stop(self, status: str, message: str) -> None:
+        """Mark the run stopped (resumable) or failed, with a one-line message."""
+        self.status, self.message = status, message
+        self.audit.append("run_stopped" if status == "stopped" else "run_failed", reason=message)
+        log.error("run %s: %s", status, message)
+
+    def write(self) -> dict[str, Any]:
+        """Write results.json, rounds.csv, report.md (and the final weights when there is a model)."""
+        from fedprog.federated.simulation import write_outputs
+
+        results = write_outputs(
+            self.out,
+            self.cfg,
+            state=self.state,
+            sites=[s.to_dict() for s in self.sites],
+            final_arrays=self.arrays,
+            status=self.status,
+            message=self.message,
+            prep=self.prep.state_dict() if self.prep is not None else {},
+        )
+        self.audit.append(
+            "run_finished", status=self.status, model_sha256=_sha(self.arrays) if self.arrays else None
+        )
+        return results
 
 
 #: Privacy modes whose spent (epsilon, delta) is reported every round and checkpointed.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,17 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog.config import to_container
-from fedprog.federated.checkpoint import load_checkpoint
+from fedprog.federated.checkpoint import CheckpointError, check_fresh_out, resume_config
 from fedprog.federated.strategy import BASELINES, FederationError
-from fedprog.report import ReportBuilder, environment_info, plot_rounds, save_run_config, write_json
+from fedprog.report import (
+    ReportBuilder,
+    UnsafePathError,
+    environment_info,
+    plot_rounds,
+    safe_output_path,
+    save_run_config,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +45,19 @@ FLWR_ENV = {
 
 
 def prepare(cfg: DictConfig) -> DictConfig:
-    """Resolve the config with absolute paths, generate the default dataset when missing, count the sites."""
+    """Resolve the config with absolute paths, generate the default dataset when missing, count the sites.
+
+    ``out`` is validated first (a writable folder without another run's checkpoints). With ``resume``, the
+    checkpoint's config is taken with the harmless overrides applied (others are refused, one line) and the
+    run continues in the folder it resumes from, or in a new ``out=`` (:func:`checkpoint.resume_config`).
+    """
+    from fedprog.config import load_config
     from fedprog.data import DatasetLayout, build_sites
 
     if cfg.get("resume"):
-        checkpoint = load_checkpoint(cfg.resume)
-        resume = str(Path(str(cfg.resume)).resolve())
-        cfg = OmegaConf.create(checkpoint.config)
-        cfg.resume = resume
-        return cfg
+        resumed, _ = resume_config(cfg, load_config("simulate"))
+        return resumed
+    check_fresh_out(str(cfg.out))
     cfg = OmegaConf.create(to_container(cfg))
     cfg.out = str(Path(str(cfg.out)).resolve())
     cfg.data.root = str(Path(str(cfg.data.root)).resolve())
@@ -106,25 +119,41 @@ def run_simulation(cfg: DictConfig) -> dict[str, Any]:
 
 def main(cfg: DictConfig) -> int:
     """``fedprog simulate``: federated run (or ``strategy=local|pooled`` baseline); prints a short summary."""
+    from fedprog.data import CohortError
+
+    try:
+        cfg = prepare(cfg)
+    except (CheckpointError, CohortError, OSError) as error:  # a user or data error: one line, no traceback
+        print(f"fedprog simulate: error: {' | '.join(str(error).splitlines())}", file=sys.stderr)
+        return 2
     if str(cfg.strategy.name) in BASELINES:
         from fedprog.federated.baselines import run_baseline
 
-        results = run_baseline(prepare(cfg))
+        results = run_baseline(cfg)
     else:
-        cfg = prepare(cfg)
         try:
             results = run_simulation(cfg)
         except FederationError as error:
-            print(f"fedprog simulate: stopped: {error}")
+            print(f"fedprog simulate: {_status(cfg)}: {error} -> {cfg.out}", file=sys.stderr)
             return 1
     head = results.get("headline", {})
     print(
         f"fedprog simulate [{results.get('strategy')}] {results.get('status')}: held-out C-index "
-        f"(event-weighted) {_fmt(head.get('heldout_c_index'))}, "
-        f"training sites {_fmt(head.get('train_c_index'))}"
+        f"(event-weighted over {head.get('heldout_sites_evaluated')} of {head.get('heldout_sites')} held-out "
+        f"site(s)) {_fmt(head.get('heldout_c_index'))}, training sites {_fmt(head.get('train_c_index'))}"
         f" -> {results.get('out')}"
     )
     return 0 if results.get("status") == "completed" else 1
+
+
+def _status(cfg: DictConfig) -> str:
+    """The status results.json records for a run that raised (``failed`` when unreadable)."""
+    import json
+
+    try:
+        return str(json.loads((Path(str(cfg.out)) / "results.json").read_text())["status"])
+    except (OSError, ValueError, KeyError):
+        return "failed"
 
 
 def _fmt(value: Any) -> str:
@@ -157,6 +186,12 @@ def write_outputs(
     final = rows[rows["round"] == final_round]
     final_records = final.to_dict("records")
     summary = {role: role_summary(final_records, role) for role in ("holdout", "train")}
+    heldout = sorted(str(s["site"]) for s in sites if s.get("role") == "holdout")
+    known = {str(s["site"]) for s in sites} | {str(s.get("cohort")) for s in sites}
+    heldout += sorted(
+        str(h) for h in (cfg.get("heldout") or []) if str(h) not in known
+    )  # failed before describe
+    covered = sorted({str(r["site"]) for r in final_records if r["role"] == "holdout"})
     sha = None
     if final_arrays is not None:
         np.savez(out / "final_weights.npz", **final_arrays)
@@ -176,13 +211,18 @@ def write_outputs(
         "headline": {
             "heldout_c_index": summary["holdout"]["c_index"],
             "train_c_index": summary["train"]["c_index"],
-            "note": "event-weighted mean over sites of the final round's Harrell C-index",
+            "heldout_sites": len(heldout),
+            "heldout_sites_evaluated": len(covered),
+            "heldout_sites_missing": sorted(set(heldout) - set(covered)),
+            "sites_failed": sorted({str(f["site"]) for f in getattr(state, "failures", [])}),
+            "note": "event-weighted mean over the evaluated sites of the final round's Harrell C-index",
         },
         "summary": summary,
         "sites": list(sites),
         "final": final_records,
         "rounds": state.rounds,
         "rejections": state.rejections,
+        "failures": getattr(state, "failures", []),
         "km": state.km,
         "bins": prep.get("bins"),
         "final_model_sha256": sha,
@@ -204,6 +244,13 @@ def _privacy_summary(cfg: DictConfig, rounds: Sequence[Mapping[str, Any]]) -> di
     if spent:
         out.update(epsilon=spent[-1]["epsilon"], delta=spent[-1]["delta"])
     return out
+
+
+def _failure_sentence(results: Mapping[str, Any]) -> str:
+    failed = results["headline"]["sites_failed"]
+    if not failed:
+        return ""
+    return f" **{len(failed)} site(s) failed** ({', '.join(failed)}): see Site failures."
 
 
 def _privacy_sentence(privacy: Mapping[str, Any]) -> str:
@@ -254,10 +301,14 @@ def _report(out: Path, cfg: DictConfig, rows: pd.DataFrame, results: Mapping[str
         f"Status **{results['status']}** after {results['rounds_completed']} of {results['rounds_planned']} "
         f"round(s){': ' + results['message'] if results['message'] else ''}. "
         f"Seed {results['seed']}, weighting by "
-        f"{results['weighting']}. Held-out C-index (event-weighted over held-out sites): "
-        f"**{_fmt(head['heldout_c_index'])}**; training sites: {_fmt(head['train_c_index'])}."
+        f"{results['weighting']}. Held-out C-index (event-weighted over {head['heldout_sites_evaluated']} of "
+        f"{head['heldout_sites']} held-out site(s)): **{_fmt(head['heldout_c_index'])}**; training sites: "
+        f"{_fmt(head['train_c_index'])}."
+        + _failure_sentence(results)
         + _privacy_sentence(results["privacy"]),
     )
+    if results["failures"]:
+        report.table("Site failures", pd.DataFrame(results["failures"]))
     report.table("Sites", pd.DataFrame(results["sites"]))
     if len(rows):
         final = rows[rows["round"] == rows["round"].max()]
@@ -275,8 +326,13 @@ def _report(out: Path, cfg: DictConfig, rows: pd.DataFrame, results: Mapping[str
         report.table("Updates left out", pd.DataFrame(results["rejections"]))
     for site, km in sorted(results["km"].items()):
         if km.get("km-grid"):
-            figure = plot_km_aggregate(site, km, out / f"km_{site}.png")
-            report.figure(f"Kaplan-Meier of predicted risk groups: {site}", figure)
+            try:
+                path = safe_output_path(out, f"km_{site}.png")
+            except UnsafePathError as error:
+                log.warning("no KM plot for site %r: %s", site[:40], error)
+                report.section(f"Kaplan-Meier: {site[:40]!r}", f"not drawn: {error}")
+                continue
+            report.figure(f"Kaplan-Meier of predicted risk groups: {site}", plot_km_aggregate(site, km, path))
     env = results["environment"]
     report.section("Environment", ", ".join(f"{k} {v}" for k, v in env.items()))
     report.write()

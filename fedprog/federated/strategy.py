@@ -13,6 +13,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
 
+from fedprog.federated import messages
+from fedprog.federated.messages import DescribeReply, ReplyError
+
 log = logging.getLogger(__name__)
 
 #: ``weighting`` config value -> the reply metric that weights a client's update.
@@ -124,19 +127,10 @@ def check_update(
     norm : float
         The update's L2 distance to ``reference`` (NaN when it could not be computed).
     """
-    missing = sorted(set(reference) - set(update))
-    extra = sorted(set(update) - set(reference))
-    if missing or extra:
-        return (
-            f"array keys differ from the global model (missing {missing[:3]}, unexpected {extra[:3]})",
-            math.nan,
-        )
-    for key, value in update.items():
-        if value.shape != reference[key].shape:
-            return f"array {key!r} has shape {value.shape}, expected {reference[key].shape}", math.nan
-        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
-            n_bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
-            return f"array {key!r} holds {n_bad} NaN/Inf value(s)", math.nan
+    try:
+        messages.check_update(update, reference)
+    except ReplyError as error:
+        return str(error), math.nan
     norm = update_norm(update, reference)
     if not math.isfinite(norm):
         return "update norm is not finite", norm
@@ -173,8 +167,14 @@ class HeldoutAwareMixin:
     min_train_sites: int = 1
     max_update_norm: float | None = None
 
-    def set_sites(self, train_nodes: Mapping[int, str], eval_nodes: Mapping[int, str]) -> None:
-        """Register ``{node_id: site}`` of the training nodes and of all evaluating nodes."""
+    def set_sites(
+        self,
+        train_nodes: Mapping[int, str],
+        eval_nodes: Mapping[int, str],
+        declared: Mapping[str, DescribeReply] | None = None,
+    ) -> None:
+        """Register ``{node_id: site}`` of the training and of all evaluating nodes, and each site's describe
+        reply (``declared``: the counts that bound its later replies)."""
         overlap = set(train_nodes) - set(eval_nodes)
         if overlap:
             raise FederationError(f"training nodes {sorted(overlap)} are not among the evaluating nodes")
@@ -182,6 +182,8 @@ class HeldoutAwareMixin:
         self.eval_nodes = dict(eval_nodes)
         self.last_round: RoundReport | None = None
         self.last_eval: dict[str, dict[str, float]] = {}
+        self.eval_failures: dict[str, str] = {}  # site -> why its evaluation reply was unusable
+        self.declared = dict(declared or {})
 
     def _site(self, node_id: int) -> str:
         return self.eval_nodes.get(node_id, f"<unknown node {node_id}>")
@@ -218,26 +220,7 @@ class HeldoutAwareMixin:
         for msg in replies:
             node = msg.metadata.src_node_id
             site = self._site(node)
-            reason = None
-            if node not in self.train_nodes:
-                reason = "reply from a node that is not a training site"
-            elif msg.has_error():
-                reason = f"client error: {msg.error.reason}"
-            elif len(msg.content.array_records) != 1 or len(msg.content.metric_records) != 1:
-                reason = "reply must hold exactly one ArrayRecord and one MetricRecord"
-            else:
-                metrics = next(iter(msg.content.metric_records.values()))
-                weight = metrics.get(weight_key)
-                if not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
-                    reason = f"metric {weight_key!r} missing or invalid ({weight!r})"
-                else:
-                    update = arrays_to_numpy(next(iter(msg.content.array_records.values())))
-                    reason, norm = check_update(update, self._global, max_update_norm=self.max_update_norm)
-                    report.update_norms[site] = norm
-                    report.update_bytes[site] = int(sum(v.nbytes for v in update.values()))
-                    report.train_metrics[site] = {
-                        k: v for k, v in metrics.items() if isinstance(v, int | float)
-                    }
+            reason = self._check_train_reply(msg, site, report)
             if reason is None:
                 usable.append((site, msg))
             else:
@@ -246,13 +229,37 @@ class HeldoutAwareMixin:
                     "round %d: update of site %s (node %d) rejected: %s", server_round, site, node, reason
                 )
         usable.sort(key=lambda item: item[0])
-        total_weight = sum(next(iter(m.content.metric_records.values()))[weight_key] for _, m in usable)
+        total_weight = sum(report.train_metrics[site][weight_key] for site, _ in usable)
         if usable and total_weight <= 0:
             for site, msg in usable:
                 report.rejected.append(Rejection(site, msg.metadata.src_node_id, f"total {weight_key} is 0"))
             usable = []
         report.accepted = [site for site, _ in usable]
         return [msg for _, msg in usable]
+
+    def _check_train_reply(self, msg: Message, site: str, report: RoundReport) -> str | None:
+        """Why a training reply is unusable (None when usable); records its norm, size and metrics."""
+        if msg.metadata.src_node_id not in self.train_nodes:
+            return "reply from a node that is not a training site"
+        error = messages.reply_error(msg)
+        if error is not None:
+            return f"client error: {error}"
+        if len(msg.content.array_records) != 1 or len(msg.content.metric_records) != 1:
+            return "reply must hold exactly one ArrayRecord and one MetricRecord"
+        try:
+            metrics = messages.check_train_metrics(
+                messages.reply_metrics(msg),
+                self.declared.get(site),
+                self.weighted_by_key,  # type: ignore[attr-defined]
+            )
+            update = arrays_to_numpy(next(iter(msg.content.array_records.values())))
+        except (ReplyError, TypeError, ValueError) as error:
+            return messages.sanitize(str(error))
+        reason, norm = check_update(update, self._global, max_update_norm=self.max_update_norm)
+        report.update_norms[site] = norm
+        report.update_bytes[site] = int(sum(v.nbytes for v in update.values()))
+        report.train_metrics[site] = metrics
+        return reason
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -289,20 +296,21 @@ class HeldoutAwareMixin:
         ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Keep every site's metrics in ``last_eval``; return the event-weighted mean over sites."""
-        self.last_eval = {}
+        """Keep every site's checked metrics in ``last_eval`` (failures, with reasons, in ``eval_failures``);
+        return the event-weighted mean over sites."""
+        self.last_eval, self.eval_failures = {}, {}
         for msg in replies:
             site = self._site(msg.metadata.src_node_id)
-            if msg.has_error():
-                log.warning(
-                    "round %d: evaluation on site %s failed: %s", server_round, site, msg.error.reason
-                )
+            error = messages.reply_error(msg)
+            try:
+                if error is not None:
+                    raise ReplyError(f"client error: {error}")
+                metrics = messages.check_eval_metrics(messages.reply_metrics(msg), self.declared.get(site))
+            except ReplyError as reason:
+                self.eval_failures[site] = messages.sanitize(str(reason))
+                log.warning("round %d: evaluation on site %s failed: %s", server_round, site, reason)
                 continue
-            if not msg.content.metric_records:
-                log.warning("round %d: evaluation reply of site %s holds no metrics", server_round, site)
-                continue
-            metrics = next(iter(msg.content.metric_records.values()))
-            self.last_eval[site] = dict(metrics)
+            self.last_eval[site] = metrics
         if not self.last_eval:
             return None
         return MetricRecord(event_weighted_summary(self.last_eval.values()))
