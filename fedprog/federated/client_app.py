@@ -48,6 +48,7 @@ PREP_KEY = "fedprog-prep"  # JSON of Preprocessing.state_dict()
 ACTION_KEY = "fedprog-action"  # query action: "describe" | "fit-stats"
 GENES_KEY = "fedprog-genes"  # fit-stats: JSON of the server's gene groups; empty: no expression
 KM_GRID_KEY = "km-grid"  # evaluate: when present, the site adds aggregate KM curves of its risk groups
+OPTIMIZER_STATE_KEY = "fedprog-optimizer"  # context.state: this site's optimizer moments, kept across rounds
 
 #: Every metric key a reply may carry (tests check replies against this allow-list).
 TRAIN_METRICS = ("num-examples", "n-events", "train-loss", "n-steps", "seconds")
@@ -339,6 +340,8 @@ def train_arrays(
     train_ds.set_epoch(0)
     model = _model(cfg, train_ds, arrays)
     anchors = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+    kept = context.state.array_records.get(OPTIMIZER_STATE_KEY) if train_cfg.keep_optimizer_state else None
+    rounds = max(int(cfg.rounds), server_round)  # a resumed or extended run keeps a valid schedule position
     history = engine.train(
         model,
         train_ds,
@@ -347,7 +350,11 @@ def train_arrays(
         device=handle.device,
         progress=False,
         log_prefix=f"[{handle.site.name} r{server_round}] ",
+        optimizer_state=None if kept is None else kept.to_torch_state_dict(),
+        run_position=engine.RunPosition(max(server_round - 1, 0), rounds),
     )
+    if history.optimizer_state is not None:
+        context.state[OPTIMIZER_STATE_KEY] = ArrayRecord(history.optimizer_state)
     model.to("cpu")
     metrics = MetricRecord(
         {
