@@ -7,8 +7,8 @@ the rounds run in-process, so the comparison isolates the optimizer. Usage::
         --setting radam-reset:radam:false --setting adam-kept:adam:true [hydra overrides ...]
 
 prints one row per (setting, seed): held-out C-index (each held-out site and their mean) and the mean
-in-sample C-index of the training sites. With ``--rotation OUT`` every cohort is held out in turn (the others train) and
-each setting writes ``OUT/<label>/rotation.json`` and ``predictions.csv.gz`` for simulations/compare.py.
+in-sample C-index of the training sites. With ``--rotation OUT`` every cohort is held out in turn (the others
+train) and each setting writes ``OUT/<label>/rotation.json`` and ``predictions.csv.gz`` (for compare.py).
 """
 
 from __future__ import annotations
