@@ -154,6 +154,13 @@ def prediction_frame(cohort: Cohort, seed: int, result: EvalResult) -> pd.DataFr
     )
 
 
+def effective_seeds(cfg: DictConfig) -> list[int]:
+    """``rotation.seeds`` in a rotation that sets them, else the top-level ``seeds``."""
+    if cfg.rotation.mode != "none" and cfg.rotation.seeds is not None:
+        return [int(s) for s in cfg.rotation.seeds]
+    return [int(s) for s in cfg.seeds]
+
+
 def rotation_folds(cfg: DictConfig, cohorts: Sequence[str]) -> list[tuple[str, list[str]]]:
     """Leave-one-cancer-out folds: (target, sources = every other cohort) for each ``rotation.targets``."""
     targets = list(cfg.rotation.targets) if cfg.rotation.targets is not None else list(cohorts)
@@ -171,7 +178,7 @@ def run_rotation(cfg: DictConfig, out_dir: Path | None = None) -> tuple[list[dic
     """Leave-one-cancer-out over targets and seeds; return (records, predictions of every target case)."""
     layout = prepare_layout(cfg.data)
     cohorts = load_cohorts(layout)
-    seeds = list(cfg.rotation.seeds) if cfg.rotation.seeds is not None else list(cfg.seeds)
+    seeds = effective_seeds(cfg)
     records: list[dict[str, Any]] = []
     predictions: list[pd.DataFrame] = []
     folds = rotation_folds(cfg, list(cohorts))
@@ -243,7 +250,7 @@ def write_outputs(
     report.section(
         "Protocol",
         f"Data `{cfg.data.get('name') or cfg.data.root}`, backbone `{cfg.model.name}`, "
-        f"modules `{modules_label(cfg.model)}`, seeds {list(cfg.seeds)}. Each source is split "
+        f"modules `{modules_label(cfg.model)}`, seeds {effective_seeds(cfg)}. Each source is split "
         f"{1 - cfg.val_fraction:.0%}/{cfg.val_fraction:.0%} into train/validation (model selection on the "
         "source validation split only); targets are evaluated on all their cases with the source's "
         "preprocessing and bins. C-index: Harrell's; mean over seeds.",
@@ -256,8 +263,9 @@ def write_outputs(
             rotation[columns],
         )
     report.table("Cross-cancer C-index (source -> target)", targets.drop(columns=["split"]))
-    pivot = targets.pivot_table(index="source", columns="target", values="c_index")
-    report.table("C-index matrix (rows: source, columns: target)", pivot.reset_index())
+    if rotation is None:
+        pivot = targets.pivot_table(index="source", columns="target", values="c_index")
+        report.table("C-index matrix (rows: source, columns: target)", pivot.reset_index())
     report.table("In-domain validation", summary[summary["split"] != "target"].drop(columns=["split"]))
     for png in sorted(out_dir.glob("km_*.png")):
         report.figure(png.stem.replace("_", " "), png)
