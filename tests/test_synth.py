@@ -435,6 +435,7 @@ def test_cli_writes_and_summarizes(tmp_path: Path, capsys: pytest.CaptureFixture
     assert cli_main(["synth", f"out={out}", *SMALL]) == 0
     printed = capsys.readouterr().out
     assert f"dataset written to {out}" in printed and "c5" in printed
+    assert "transfer_c_index" in printed and "c5-F2" in printed
     assert (out / "fedprog.yaml").is_file() and len(_cases(out, "c3")) == 18
 
 

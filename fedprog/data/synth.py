@@ -813,4 +813,6 @@ def main(cfg: DictConfig) -> int:
             f"{cancer:<8} {len(cases):>8} {len(labels):>6} {cases[SITE_COLUMN].nunique():>5} "
             f"{cases['censorship'].mean():>8.2f} {cases['survival_months'].median():>9.1f}"
         )
+    print("\nCeilings (Harrell's C of the true risk = oracle, of its shared part = transfer ceiling):")
+    print(site_ceilings(out).to_string(index=False, float_format="%.3f"))
     return 0
