@@ -58,12 +58,13 @@ def split_cases(cohort: Cohort, val_fraction: float, seed: int) -> tuple[list[st
     return sorted(train_ids), sorted(val_ids)
 
 
-def oracle_cindex(layout: DatasetLayout, cohort: str, result: EvalResult) -> float:
-    """Harrell's C-index of the TRUE risk on the evaluated cases (generated data only; NaN otherwise)."""
+def oracle_cindex(layout: DatasetLayout, cohort: str, result: EvalResult, column: str = "true_risk") -> float:
+    """Harrell's C-index of the TRUE risk (or ``column``: ``shared_risk`` gives the transfer ceiling) on the
+    evaluated cases (generated data only; NaN otherwise)."""
     if layout.truth is None or not layout.root_file(layout.truth).is_file():
         return math.nan
     truth = pd.read_csv(layout.root_file(layout.truth))
-    truth = truth[truth["cohort"] == cohort].set_index("case_id")["true_risk"]
+    truth = truth[truth["cohort"] == cohort].set_index("case_id")[column]
     return harrell_cindex(result.time, result.censorship, truth.loc[result.case_ids].to_numpy())
 
 
@@ -126,6 +127,9 @@ def run_source(
         result = evaluate(model, data, bins=prep.bins, device=device, loss_cfg=train_cfg, **reference)
         record = {**base, "target": name, "split": kind, **{k: result.metrics.get(k) for k in METRICS}}
         record["oracle_c_index"] = oracle_cindex(layout, cohort, result) if cohort else math.nan
+        record["transfer_c_index"] = (
+            oracle_cindex(layout, cohort, result, "shared_risk") if cohort else math.nan
+        )
         records.append(record)
         log.info(
             "%s-> %s: c-index %.3f (oracle %.3f)", label, name, record["c_index"], record["oracle_c_index"]
@@ -227,6 +231,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         c_index_ipcw=("c_index_ipcw", "mean"),
         ibs=("ibs", "mean"),
         oracle=("oracle_c_index", "mean"),
+        transfer=("transfer_c_index", "mean"),
         seeds=("seed", "nunique"),
     )
     return stats.reset_index()

@@ -83,6 +83,7 @@ def test_summary_averages_over_seeds():
             "c_index_ipcw": c,
             "ibs": 0.2,
             "oracle_c_index": np.nan,
+            "transfer_c_index": np.nan,
         }
         for s, c in enumerate([0.6, 0.7])
     ]
@@ -146,6 +147,10 @@ def test_rotation_runs_end_to_end_and_compares(tmp_path):
             rows = predictions[(predictions["target"] == target) & (predictions["seed"] == seed)]
             assert sorted(rows["case_id"]) == sorted(cases)
     results = json.loads((run_a / "results.json").read_text())["records"]
+    transfer = {r["target"]: r["transfer_c_index"] for r in results if r["split"] == "target"}
+    assert transfer["c0"] == pytest.approx(
+        truth_ceilings(truth, truth.index[truth["cohort"] == "c0"])["transfer_c_index"]
+    )
     for r in results:
         if r["split"] == "target":
             assert r["target"] not in r["source"].split("+") and len(r["source"].split("+")) == 2
