@@ -180,3 +180,14 @@ def test_rotation_runs_end_to_end_and_compares(tmp_path):
     for name in ["comparison.md", "comparison.json", "forest.png"]:
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     assert "Paired differences to `snn-a`" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_compare_refuses_folders_without_rotation_results(tmp_path, capsys):
+    from fedprog.compare import CompareError, compare
+    from fedprog.compare import main as compare_main
+
+    (tmp_path / "x").mkdir()
+    with pytest.raises(CompareError, match="two or more run folders"):
+        compare([tmp_path / "x"], tmp_path / "out")
+    assert compare_main([str(tmp_path / "x"), str(tmp_path / "x")]) == 2
+    assert "x: no rotation.json" in capsys.readouterr().err
