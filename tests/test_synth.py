@@ -313,7 +313,7 @@ def test_expression_transfers_but_not_to_the_ceiling(default: tuple[Path, float]
         scores.append(
             concordance_index_censored(target["censorship"] == 0, target["survival_months"], risk)[0]
         )
-    assert 0.6 < np.mean(scores) < ceilings["transfer_c_index"].mean() - 0.02
+    assert 0.55 < np.mean(scores) < ceilings["transfer_c_index"].mean() - 0.02
 
 
 def test_shared_risk_is_the_same_function_in_every_cancer(default: tuple[Path, float]) -> None:
