@@ -41,7 +41,9 @@ class TrainConfig:
     ``epochs`` passes over the data, or exactly ``local_steps`` optimizer steps when that is set (FLamby's
     federated protocol). One optimizer step uses ``batch_size * grad_accum`` patients: batches of one bag with
     gradient accumulation are the MCAT/SurvPath practice; padded batches (``batch_size > 1``) suit tabular
-    data and the Cox loss, whose risk sets live inside one batch.
+    data and the Cox loss, whose risk sets live inside one batch. Federated clients call :func:`train` once
+    per round: ``keep_optimizer_state`` carries the optimizer moments (and RAdam's step count) from one call
+    to the next, and the schedule runs over the whole run (:class:`RunPosition`), never restarting per round.
     """
 
     epochs: int = 20
@@ -54,6 +56,7 @@ class TrainConfig:
     momentum: float = 0.0
     scheduler: str = "cosine"
     warmup_epochs: float = 1.0
+    keep_optimizer_state: bool = True
     loss: str = "nll"
     alpha_surv: float = 0.5
     balanced_sampling: bool = True
@@ -96,6 +99,22 @@ class TrainConfig:
             raise ValueError("training.batch_size and training.grad_accum must be >= 1")
 
 
+@dataclass(frozen=True)
+class RunPosition:
+    """Where one :func:`train` call sits in a multi-call run: call ``index`` (0-based) of ``calls``.
+
+    A federated client trains once per round with the same number of local steps, so round ``r`` of ``R``
+    covers global steps ``r * steps .. (r + 1) * steps - 1`` of a schedule of ``R * steps`` steps.
+    """
+
+    index: int = 0
+    calls: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.calls:
+            raise ValueError(f"run position: call index {self.index} outside 0..{self.calls - 1}")
+
+
 @dataclass
 class TrainHistory:
     """What one call of :func:`train` did: per-epoch losses and validation scores, the selected epoch."""
@@ -107,6 +126,8 @@ class TrainHistory:
     selected_epoch: int | None = None
     seconds: float = 0.0
     no_event_batches: int = 0
+    optimizer_state: dict[str, torch.Tensor] | None = None  # flat (optimizer_state_dict); None: not kept
+    lr_last: float = math.nan  # learning rate of the last step taken
 
     @property
     def loss(self) -> float:
@@ -189,6 +210,7 @@ def _proximal_term(model: nn.Module, global_params: Sequence[torch.Tensor]) -> t
 
 
 def _lr_lambda(cfg: TrainConfig, total_steps: int, steps_per_epoch: int):
+    """LR factor of global step ``step`` in a run of ``total_steps`` (linear warm-up, then cosine)."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if cfg.scheduler == "cosine" else 0
 
     def factor(step: int) -> float:
@@ -200,6 +222,42 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int, steps_per_epoch: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer, name: str) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat ``<name>/<param index>/<key>`` CPU tensors.
+
+    Flat tensors travel in a Flower ``ArrayRecord`` (the client's ``context.state``); hyper-parameters are not
+    stored: they come from the config of every call.
+    """
+    flat = {}
+    for index, entries in optimizer.state_dict()["state"].items():
+        for key, value in entries.items():
+            if value is None:
+                continue
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            flat[f"{name}/{index}/{key}"] = tensor.detach().to("cpu", copy=True)
+    return flat
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, name: str, flat: Mapping[str, torch.Tensor]
+) -> None:
+    """Load the state written by :func:`optimizer_state_dict` into a fresh ``optimizer`` of kind ``name``."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        kind, index, entry = key.split("/", 2)
+        if kind != name:
+            raise ValueError(
+                f"training.optimizer={name!r} but the kept optimizer state is {kind!r}; "
+                "set training.keep_optimizer_state=false or keep the optimizer"
+            )
+        state.setdefault(int(index), {})[entry] = torch.as_tensor(value).clone()
+    current = optimizer.state_dict()
+    n_params = sum(len(group["params"]) for group in current["param_groups"])
+    if state and max(state) >= n_params:
+        raise ValueError(f"kept optimizer state has parameter {max(state)} but the model has {n_params}")
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
 def _batches(loader: DataLoader, data: SurvivalDataset) -> Iterator[Batch]:
@@ -221,6 +279,8 @@ def train(
     device: str | torch.device = "cpu",
     progress: bool = True,
     log_prefix: str = "",
+    optimizer_state: Mapping[str, torch.Tensor] | None = None,
+    run_position: RunPosition | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``train_data``; return what happened.
 
@@ -238,6 +298,10 @@ def train(
         The global model of this round; with ``cfg.proximal_mu > 0`` adds the FedProx proximal term.
     device : str or torch.device
         ``cpu``, ``cuda`` or ``auto``.
+    optimizer_state : mapping, optional
+        ``history.optimizer_state`` of the previous call (same site); used if ``cfg.keep_optimizer_state``.
+    run_position : RunPosition, optional
+        This call's place in the run (federated round ``r`` of ``R``): the LR schedule continues across calls.
     """
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     if cfg.num_threads:
@@ -251,7 +315,11 @@ def train(
     total_steps = cfg.local_steps or steps_per_epoch * cfg.epochs
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = OPTIMIZERS[cfg.optimizer]([p for p in model.parameters() if p.requires_grad], cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps, steps_per_epoch))
+    if optimizer_state and cfg.keep_optimizer_state:
+        load_optimizer_state(optimizer, cfg.optimizer, optimizer_state)
+    run = run_position or RunPosition()
+    lr_factor = _lr_lambda(cfg, total_steps * run.calls, steps_per_epoch)
+    first_step = run.index * total_steps  # the schedule is defined over the whole run
 
     history = TrainHistory()
     best_score, best_state = -math.inf, None
@@ -280,8 +348,10 @@ def train(
                 history.n_examples_seen += len(batch.case_ids)
             if cfg.max_grad_norm:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            history.lr_last = cfg.lr * lr_factor(first_step + history.n_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = history.lr_last
             optimizer.step()
-            scheduler.step()
             history.n_steps += 1
         history.epoch_loss.append(float(np.mean(losses)) if losses else float("nan"))
         message = f"{log_prefix}epoch {epoch + 1}/{n_epochs} loss {history.loss:.4f}"
@@ -307,6 +377,8 @@ def train(
         model.load_state_dict(best_state)
     else:
         history.selected_epoch = n_epochs
+    if cfg.keep_optimizer_state:
+        history.optimizer_state = optimizer_state_dict(optimizer, cfg.optimizer)
     history.seconds = time.perf_counter() - started
     if history.no_event_batches:
         log.info("%s%d training batch(es) had no event: zero Cox loss", log_prefix, history.no_event_batches)

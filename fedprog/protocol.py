@@ -58,12 +58,13 @@ def split_cases(cohort: Cohort, val_fraction: float, seed: int) -> tuple[list[st
     return sorted(train_ids), sorted(val_ids)
 
 
-def oracle_cindex(layout: DatasetLayout, cohort: str, result: EvalResult) -> float:
-    """Harrell's C-index of the TRUE risk on the evaluated cases (generated data only; NaN otherwise)."""
+def oracle_cindex(layout: DatasetLayout, cohort: str, result: EvalResult, column: str = "true_risk") -> float:
+    """Harrell's C-index of the TRUE risk (or ``column``: ``shared_risk`` gives the transfer ceiling) on the
+    evaluated cases (generated data only; NaN otherwise)."""
     if layout.truth is None or not layout.root_file(layout.truth).is_file():
         return math.nan
     truth = pd.read_csv(layout.root_file(layout.truth))
-    truth = truth[truth["cohort"] == cohort].set_index("case_id")["true_risk"]
+    truth = truth[truth["cohort"] == cohort].set_index("case_id")[column]
     return harrell_cindex(result.time, result.censorship, truth.loc[result.case_ids].to_numpy())
 
 
@@ -84,8 +85,14 @@ def run_source(
     seed: int,
     *,
     km_dir: Path | None = None,
+    targets: Sequence[str] | None = None,
+    predictions: list[pd.DataFrame] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train on ``source`` with ``seed``; return one record per evaluated cohort (in-domain first)."""
+    """Train on ``source`` with ``seed``; return one record per evaluated cohort (in-domain first).
+
+    ``targets`` overrides ``cfg.targets``; with ``predictions``, each target's per-case risks are appended
+    to it (:func:`prediction_frame`).
+    """
     splits = {name: split_cases(cohorts[name], cfg.val_fraction, seed) for name in source}
     prep = fit_preprocessing(layout, cohorts, {n: s[0] for n, s in splits.items()}, n_bins=cfg.n_bins)
     train_cfg = TrainConfig.from_cfg(cfg.training, seed=seed)
@@ -111,7 +118,8 @@ def run_source(
     }
     reference = {"train_times": train_data.times, "train_censorship": train_data.censorship}
     evaluations = [("+".join(source), "in-domain (val)", val_data, None)]
-    targets = cfg.targets if cfg.targets is not None else [c for c in cohorts if c not in source]
+    if targets is None:
+        targets = cfg.targets if cfg.targets is not None else [c for c in cohorts if c not in source]
     for target in targets:
         evaluations.append((target, "target", dataset(target, cohorts[target].case_ids), target))
     records = []
@@ -119,14 +127,84 @@ def run_source(
         result = evaluate(model, data, bins=prep.bins, device=device, loss_cfg=train_cfg, **reference)
         record = {**base, "target": name, "split": kind, **{k: result.metrics.get(k) for k in METRICS}}
         record["oracle_c_index"] = oracle_cindex(layout, cohort, result) if cohort else math.nan
+        record["transfer_c_index"] = (
+            oracle_cindex(layout, cohort, result, "shared_risk") if cohort else math.nan
+        )
         records.append(record)
         log.info(
             "%s-> %s: c-index %.3f (oracle %.3f)", label, name, record["c_index"], record["oracle_c_index"]
         )
+        if predictions is not None and kind == "target":
+            predictions.append(prediction_frame(cohorts[name], seed, result))
         if km_dir is not None and kind == "target":
             path = km_dir / f"km_{base['source']}_to_{name}_{base['backbone']}_{base['modules']}.png"
             plot_km(result.time, result.censorship, result.risk, path, f"{base['source']} -> {name}")
     return records
+
+
+def prediction_frame(cohort: Cohort, seed: int, result: EvalResult) -> pd.DataFrame:
+    """Per-case risks of one target evaluation, in the rotation's predictions format."""
+    sites = cohort.labels.loc[result.case_ids, "site"].astype(str)
+    return pd.DataFrame(
+        {
+            "target": cohort.name,
+            "seed": seed,
+            "site": [f"{cohort.name}-{site}" for site in sites],
+            "case_id": result.case_ids,
+            "time": result.time,
+            "censorship": result.censorship,
+            "risk": result.risk,
+        }
+    )
+
+
+def effective_seeds(cfg: DictConfig) -> list[int]:
+    """``rotation.seeds`` in a rotation that sets them, else the top-level ``seeds``."""
+    if cfg.rotation.mode != "none" and cfg.rotation.seeds is not None:
+        return [int(s) for s in cfg.rotation.seeds]
+    return [int(s) for s in cfg.seeds]
+
+
+def rotation_folds(cfg: DictConfig, cohorts: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Leave-one-cancer-out folds: (target, sources = every other cohort) for each ``rotation.targets``."""
+    targets = list(cfg.rotation.targets) if cfg.rotation.targets is not None else list(cohorts)
+    unknown = sorted(set(targets) - set(cohorts))
+    if unknown:
+        raise ValueError(
+            f"rotation.targets name unknown cohort(s) {unknown}; the dataset has {list(cohorts)}"
+        )
+    if len(cohorts) < 2:
+        raise ValueError(f"rotation.mode=loco needs two or more cohorts, the dataset has {list(cohorts)}")
+    return [(target, [c for c in cohorts if c != target]) for target in targets]
+
+
+def run_rotation(cfg: DictConfig, out_dir: Path | None = None) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+    """Leave-one-cancer-out over targets and seeds; return (records, predictions of every target case)."""
+    layout = prepare_layout(cfg.data)
+    cohorts = load_cohorts(layout)
+    seeds = effective_seeds(cfg)
+    records: list[dict[str, Any]] = []
+    predictions: list[pd.DataFrame] = []
+    folds = rotation_folds(cfg, list(cohorts))
+    for i, (target, sources) in enumerate(folds, 1):
+        for j, seed in enumerate(seeds):
+            log.info(
+                "rotation %d/%d: target %s, seed %d (%d/%d)", i, len(folds), target, seed, j + 1, len(seeds)
+            )
+            km_dir = out_dir if (out_dir is not None and cfg.km_plots and j == 0) else None
+            records.extend(
+                run_source(
+                    cfg,
+                    layout,
+                    cohorts,
+                    sources,
+                    int(seed),
+                    km_dir=km_dir,
+                    targets=[target],
+                    predictions=predictions,
+                )
+            )
+    return records, pd.concat(predictions, ignore_index=True)
 
 
 def run_protocol(cfg: DictConfig, out_dir: Path | None = None) -> list[dict[str, Any]]:
@@ -153,12 +231,19 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         c_index_ipcw=("c_index_ipcw", "mean"),
         ibs=("ibs", "mean"),
         oracle=("oracle_c_index", "mean"),
+        transfer=("transfer_c_index", "mean"),
         seeds=("seed", "nunique"),
     )
     return stats.reset_index()
 
 
-def write_outputs(cfg: DictConfig, out_dir: Path, records: Sequence[Mapping[str, Any]]) -> None:
+def write_outputs(
+    cfg: DictConfig,
+    out_dir: Path,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    rotation: pd.DataFrame | None = None,
+) -> None:
     """results.json (records + summary + environment) and report.md with tables and KM plots."""
     summary = summarize(records)
     write_json(
@@ -170,18 +255,69 @@ def write_outputs(cfg: DictConfig, out_dir: Path, records: Sequence[Mapping[str,
     report.section(
         "Protocol",
         f"Data `{cfg.data.get('name') or cfg.data.root}`, backbone `{cfg.model.name}`, "
-        f"modules `{modules_label(cfg.model)}`, seeds {list(cfg.seeds)}. Each source is split "
+        f"modules `{modules_label(cfg.model)}`, seeds {effective_seeds(cfg)}. Each source is split "
         f"{1 - cfg.val_fraction:.0%}/{cfg.val_fraction:.0%} into train/validation (model selection on the "
         "source validation split only); targets are evaluated on all their cases with the source's "
         "preprocessing and bins. C-index: Harrell's; mean over seeds.",
     )
+    if rotation is not None:
+        columns = ["target", "c_index", "ci_low", "ci_high", "transfer_c_index", "oracle_c_index", "chance"]
+        columns += ["n_seeds", "n_events", "few_events"]
+        report.table(
+            f"Leave-one-cancer-out (mean over seeds, {cfg.rotation.level:.0%} bootstrap CI)",
+            rotation[columns],
+        )
     report.table("Cross-cancer C-index (source -> target)", targets.drop(columns=["split"]))
-    pivot = targets.pivot_table(index="source", columns="target", values="c_index")
-    report.table("C-index matrix (rows: source, columns: target)", pivot.reset_index())
+    if rotation is None:
+        pivot = targets.pivot_table(index="source", columns="target", values="c_index")
+        report.table("C-index matrix (rows: source, columns: target)", pivot.reset_index())
     report.table("In-domain validation", summary[summary["split"] != "target"].drop(columns=["split"]))
     for png in sorted(out_dir.glob("km_*.png")):
         report.figure(png.stem.replace("_", " "), png)
     report.write()
+
+
+def setting_label(cfg: DictConfig) -> str:
+    """``cfg.label``, or ``<backbone>+<modules>`` (``pooled``: one centralized model on the sources)."""
+    return str(cfg.label) if cfg.label else f"{cfg.model.name}+{modules_label(cfg.model)}"
+
+
+def write_rotation_outputs(
+    cfg: DictConfig, out_dir: Path, records: Sequence[Mapping[str, Any]], predictions: pd.DataFrame
+) -> pd.DataFrame:
+    """rotation.json and predictions.csv.gz (fedprog.compare), plus the rotation table in report.md."""
+    from fedprog.compare import write_rotation
+
+    layout = prepare_layout(cfg.data)
+    truth = None
+    if layout.truth is not None and layout.root_file(layout.truth).is_file():
+        from fedprog.data.synth import read_truth
+
+        truth = read_truth(layout.root)
+    setting = {
+        "label": setting_label(cfg),
+        "command": "train",
+        "strategy": "pooled",
+        "model": cfg.model.name,
+        "modules": modules_label(cfg.model),
+        "rotation": cfg.rotation.mode,
+        "targets": list(dict.fromkeys(predictions["target"])),
+    }
+    validation = [
+        {"target": r["source"], "seed": r["seed"], "c_index": r["c_index"]}
+        for r in records
+        if r["split"] != "target"
+    ]
+    summary = write_rotation(
+        out_dir,
+        setting,
+        predictions,
+        truth=truth,
+        n_boot=int(cfg.rotation.n_boot),
+        level=float(cfg.rotation.level),
+        extra={"source_validation": validation},
+    )
+    return summary
 
 
 def main(cfg: DictConfig) -> int:
@@ -189,6 +325,15 @@ def main(cfg: DictConfig) -> int:
     out_dir = create_run_dir(cfg.out)
     save_run_config(cfg, out_dir)
     log.info("fedprog train -> %s", out_dir)
+    if cfg.rotation.mode not in {"none", "loco"}:
+        raise ValueError(f"rotation.mode={cfg.rotation.mode!r}; choose none or loco")
+    if cfg.rotation.mode == "loco":
+        records, predictions = run_rotation(cfg, out_dir)
+        rotation = write_rotation_outputs(cfg, out_dir, records, predictions)
+        write_outputs(cfg, out_dir, records, rotation=rotation)
+        print(rotation.to_string(index=False, float_format="%.3f"))
+        print(f"\nrotation: {out_dir / 'rotation.json'}\nreport:   {out_dir / 'report.md'}")
+        return 0
     records = run_protocol(cfg, out_dir)
     write_outputs(cfg, out_dir, records)
     print(summarize(records).to_string(index=False))

@@ -23,7 +23,7 @@ from fedprog.deploy.certs import make_certificates
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SYNTH = [
-    "data.synth.n_patients=[40,40,40,40]",
+    "data.synth.n_patients=[40,40,40,40,40,40]",
     "data.synth.patches=[4,8]",
     "data.synth.feature_dim=8",
     "data.synth.n_genes=30",

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -139,3 +140,105 @@ def test_preprocessing_is_fitted_on_training_cases_only(two_cohorts):
     assert prep.expression.count == len(cohorts["c0"])  # the target cohort c1 contributed nothing
     times = cohorts["c0"].labels["survival_months"]
     assert prep.bins.edges[0] < times.min() and prep.bins.edges[-1] > times.max()
+
+
+def _fresh_model(data, seed=7):
+    torch.manual_seed(seed)
+    return build_model(small_model_cfg(), data, loss="nll")
+
+
+def test_optimizer_state_is_kept_across_calls_or_reset_per_option(two_cohorts):
+    _, cohorts, prep = two_cohorts
+    data = make_dataset(cohorts["c0"], cohorts["c0"].case_ids, prep, max_patches=8)
+    cfg = tiny_train_cfg(local_steps=3, optimizer="adam", scheduler="constant")
+    first = train(_fresh_model(data), data, cfg, progress=False)
+    steps = {k: float(v) for k, v in first.optimizer_state.items() if k.endswith("/step")}
+    assert steps and set(steps.values()) == {3.0}
+    kept = train(_fresh_model(data), data, cfg, progress=False, optimizer_state=first.optimizer_state)
+    assert {float(v) for k, v in kept.optimizer_state.items() if k.endswith("/step")} == {6.0}
+    first_moment = next(k for k in first.optimizer_state if k.endswith("exp_avg_sq"))
+    assert not torch.equal(kept.optimizer_state[first_moment], first.optimizer_state[first_moment])
+    reset_cfg = tiny_train_cfg(
+        local_steps=3, optimizer="adam", scheduler="constant", keep_optimizer_state=False
+    )
+    reset = train(_fresh_model(data), data, reset_cfg, progress=False, optimizer_state=first.optimizer_state)
+    assert reset.optimizer_state is None
+    # reset: the second call repeats the first exactly (a fresh optimizer from the same weights and seed)
+    model_a, model_b = _fresh_model(data), _fresh_model(data)
+    train(model_a, data, reset_cfg, progress=False)
+    train(model_b, data, reset_cfg, progress=False, optimizer_state=first.optimizer_state)
+    for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="training.optimizer='radam'.*kept optimizer state is 'adam'"):
+        train(_fresh_model(data), data, tiny_train_cfg(local_steps=1), optimizer_state=first.optimizer_state)
+
+
+def test_kept_radam_state_leaves_the_warm_up_behind(two_cohorts):
+    _, cohorts, prep = two_cohorts
+    data = make_dataset(cohorts["c0"], cohorts["c0"].case_ids, prep, max_patches=8)
+    cfg = tiny_train_cfg(local_steps=6, optimizer="radam", scheduler="constant", weight_decay=0.0)
+
+    def change(state):
+        model = _fresh_model(data)
+        before = [p.detach().clone() for p in model.parameters()]
+        history = train(model, data, cfg, progress=False, optimizer_state=state)
+        pairs = zip(model.parameters(), before, strict=True)
+        moved = sum((p.detach() - b).abs().sum().item() for p, b in pairs)
+        return moved, history
+
+    _, warm = change(None)
+    for _ in range(2):  # 18 kept steps: past RAdam's rectification threshold (step 6 is still un-rectified)
+        _, warm = change(warm.optimizer_state)
+    reset_move, _ = change(None)
+    kept_move, _ = change(warm.optimizer_state)
+    assert kept_move > 2 * reset_move
+
+
+def test_schedule_continues_across_rounds(two_cohorts):
+    from fedprog.engine import RunPosition
+
+    _, cohorts, prep = two_cohorts
+    data = make_dataset(cohorts["c0"], cohorts["c0"].case_ids, prep, max_patches=8)
+    cfg = tiny_train_cfg(local_steps=4, optimizer="adam", scheduler="cosine", warmup_epochs=0.0, lr=0.1)
+    lrs = [
+        train(_fresh_model(data), data, cfg, progress=False, run_position=RunPosition(r, 3)).lr_last
+        for r in range(3)
+    ]
+    total = 12  # 3 rounds x 4 local steps: round r's last step is global step 4r + 3
+    expected = [0.05 * (1 + math.cos(math.pi * (4 * r + 3) / total)) for r in range(3)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[0] > lrs[1] > lrs[2]
+    single = train(_fresh_model(data), data, cfg, progress=False).lr_last  # one call = the whole run
+    assert single == pytest.approx(0.05 * (1 + math.cos(math.pi * 3 / 4)))
+    with pytest.raises(ValueError, match="call index 3 outside 0..2"):
+        RunPosition(3, 3)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_client_keeps_its_optimizer_state_in_the_node_context(tmp_path, keep):
+    from fed_helpers import DirectGrid, tiny_config
+
+    from fedprog.federated import client_app
+    from fedprog.federated.server_app import describe_sites, fit_preprocessing, initial_weights
+    from fedprog.federated.simulation import prepare
+    from fedprog.federated.strategy import numpy_to_arrays
+
+    root = tmp_path / "synth"
+    overrides = ["training.optimizer=adam", f"training.keep_optimizer_state={str(keep).lower()}"]
+    cfg = prepare(tiny_config(root, tmp_path / "out", *overrides, "training.local_steps=2"))
+    client_app.clear_caches()
+    grid = DirectGrid(int(cfg.expected_sites))
+    sites, extra = describe_sites(grid, grid.get_node_ids(), cfg)
+    prep = fit_preprocessing(grid, cfg, [s for s in sites if s.role == "train"], extra)
+    first = extra[sites[0].site]
+    weights = numpy_to_arrays(initial_weights(cfg, prep, first["strong-kind"], first["strong-dim"]))
+    context = grid.contexts[grid.node_ids[0]]
+    steps = []
+    for server_round in (1, 2):
+        config = client_app.config_record(
+            cfg, **{client_app.PREP_KEY: json.dumps(prep.state_dict()), "server-round": server_round}
+        )
+        client_app.train_arrays(weights, config, context)
+        kept = context.state.array_records.get(client_app.OPTIMIZER_STATE_KEY)
+        steps.append(None if kept is None else float(kept["adam/0/step"].numpy()))
+    assert steps == ([2.0, 4.0] if keep else [None, None])

@@ -83,9 +83,111 @@ def test_summary_averages_over_seeds():
             "c_index_ipcw": c,
             "ibs": 0.2,
             "oracle_c_index": np.nan,
+            "transfer_c_index": np.nan,
         }
         for s, c in enumerate([0.6, 0.7])
     ]
     summary = summarize(records)
     assert summary.loc[0, "c_index"] == pytest.approx(0.65)
     assert summary.loc[0, "seeds"] == 2
+
+
+TINY_SYNTH = [
+    "data.synth.cancers=[c0,c1,c2]",
+    "data.synth.n_patients=[36,30,30]",
+    "data.synth.patches=[4,8]",
+    "data.synth.feature_dim=8",
+    "data.synth.n_genes=24",
+    "data.synth.n_pathways=4",
+    "data.synth.survival.weibull_scale=[60.0,40.0,50.0]",
+    "data.synth.survival.weibull_shape=[1.2,1.0,1.1]",
+    "data.synth.survival.censoring=[0.4,0.4,0.4]",
+]
+
+
+def rotation_cfg(root, out, *extra):
+    return load_config(
+        "train",
+        [
+            f"data.root={root}",
+            *TINY_SYNTH,
+            "rotation=loco",
+            "rotation.seeds=[0,1]",
+            "rotation.n_boot=200",
+            "model=snn",
+            "model.dim=8",
+            "training.epochs=1",
+            "training.grad_accum=8",
+            "km_plots=false",
+            "n_bins=2",
+            f"out={out}",
+            *extra,
+        ],
+    )
+
+
+def test_rotation_runs_end_to_end_and_compares(tmp_path):
+    import pandas as pd
+
+    from fedprog.compare import compare, load_rotation
+    from fedprog.data.synth import read_truth, truth_ceilings
+    from fedprog.survival.stats import cindex
+
+    root = tmp_path / "synth"
+    assert main(rotation_cfg(root, tmp_path / "a", "label=snn-a")) == 0
+    assert main(rotation_cfg(root, tmp_path / "b", "label=snn-b", "training.lr=1e-2")) == 0
+    (run_a,) = (tmp_path / "a").iterdir()
+    (run_b,) = (tmp_path / "b").iterdir()
+    record, predictions = load_rotation(run_a)
+    truth = read_truth(root)
+    # every case of every target, once per seed; sources never include the target (model selection on sources)
+    for target in ["c0", "c1", "c2"]:
+        cases = truth.index[truth["cohort"] == target]
+        for seed in [0, 1]:
+            rows = predictions[(predictions["target"] == target) & (predictions["seed"] == seed)]
+            assert sorted(rows["case_id"]) == sorted(cases)
+    results = json.loads((run_a / "results.json").read_text())["records"]
+    transfer = {r["target"]: r["transfer_c_index"] for r in results if r["split"] == "target"}
+    assert transfer["c0"] == pytest.approx(
+        truth_ceilings(truth, truth.index[truth["cohort"] == "c0"])["transfer_c_index"]
+    )
+    for r in results:
+        if r["split"] == "target":
+            assert r["target"] not in r["source"].split("+") and len(r["source"].split("+")) == 2
+    summary = pd.DataFrame(record["summary"]).set_index("target")
+    assert list(summary.index) == ["c0", "c1", "c2", "overall"]
+    for target in ["c0", "c1", "c2"]:
+        rows = predictions[predictions["target"] == target]
+        per_seed = [cindex(g["time"], g["censorship"], g["risk"]) for _, g in rows.groupby("seed")]
+        assert summary.loc[target, "c_index"] == pytest.approx(np.mean(per_seed))
+        assert (
+            summary.loc[target, "ci_low"] <= summary.loc[target, "c_index"] <= summary.loc[target, "ci_high"]
+        )
+        expected = truth_ceilings(truth, rows["case_id"].unique())
+        assert summary.loc[target, "transfer_c_index"] == pytest.approx(expected["transfer_c_index"])
+        assert summary.loc[target, "oracle_c_index"] == pytest.approx(expected["oracle_c_index"])
+    folds = pd.DataFrame(record["folds"])
+    assert set(folds["site"]) >= {"c0-A1", "c0-A2", "all"}
+    assert "Leave-one-cancer-out" in (run_a / "report.md").read_text()
+
+    tables = compare([run_a, run_b], tmp_path / "cmp", n_boot=100)
+    paired = tables["paired"].set_index("target")
+    settings = tables["settings"].set_index(["setting", "target"])
+    for target in ["c0", "c1", "c2"]:
+        gap = settings.loc[("snn-b", target), "c_index"] - settings.loc[("snn-a", target), "c_index"]
+        assert paired.loc[target, "difference"] == pytest.approx(gap)
+    assert paired.loc["overall", "n_pairs"] == 6
+    for name in ["comparison.md", "comparison.json", "forest.png"]:
+        assert (tmp_path / "cmp" / name).stat().st_size > 0
+    assert "Paired differences to `snn-a`" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_compare_refuses_folders_without_rotation_results(tmp_path, capsys):
+    from fedprog.compare import CompareError, compare
+    from fedprog.compare import main as compare_main
+
+    (tmp_path / "x").mkdir()
+    with pytest.raises(CompareError, match="two or more run folders"):
+        compare([tmp_path / "x"], tmp_path / "out")
+    assert compare_main([str(tmp_path / "x"), str(tmp_path / "x")]) == 2
+    assert "x: no rotation.json" in capsys.readouterr().err

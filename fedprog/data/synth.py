@@ -1,9 +1,14 @@
 """Generate the default multi-site, multimodal survival dataset (``fedprog synth out=DIR``).
 
-The dataset carries the premise of the paper: a strong WSI modality that predicts well in-domain partly
-through cancer-specific cues, a weaker but transferable expression modality, cancer-specific shifts of the WSI
-feature statistics and site batch effects in expression. It is written in the on-disk format of
-docs/architecture.md section 1, and the same parameters and seed give byte-identical files.
+The dataset is a fair cross-cancer benchmark: risk has a part shared by every cancer (the same function of the
+shared factors everywhere) and a cancer-specific part whose direction is drawn at random per cancer. Both
+modalities see the shared factors; WSI hides them behind a cancer- and site-specific per-channel style (the
+mean and scale of each channel across a bag's patches) that also carries the cancer-specific factors, so a
+method that learns to ignore style drops the non-transferable part and keeps the transferable one. Expression
+sees the shared factors through pathways common to all cancers plus cancer-specific pathway effects, and site
+batch effects. ``truth.csv`` holds the true risk, its shared part and the latent factors, from which
+:func:`site_ceilings` computes the oracle and transfer ceilings of every site. Files follow
+docs/architecture.md section 1; the same parameters and seed give byte-identical files.
 
 Generative model
 ----------------
@@ -19,10 +24,10 @@ Risk, the linear predictor (truth.csv: ``true_risk``; its two terms are ``shared
 
     eta_i   = beta' z_i + gamma_k' u_i
     beta    = shared_effect * (random unit vector), the same in every cancer
-    gamma_k = specific_effect * (cos th_k e_1 + sin th_k e_2),  th_k = th_0 + 2 pi k / K     (q_c >= 2)
-    gamma_k = specific_effect * (-1)^k e_1                                                (q_c = 1)
+    gamma_k = specific_effect * (random unit vector), drawn independently for every cancer
 
-so the mapping of the cancer-specific factors to risk rotates from cancer to cancer.
+The transfer ceiling of a cancer is the C-index of ``shared_risk`` (what a model that never saw the cancer can
+reach at best); the oracle is the C-index of ``true_risk``.
 
 Survival: Weibull proportional hazards with a cancer-specific baseline,
 S(t) = exp(-(t / lambda_k)^nu_k e^eta)::
@@ -39,31 +44,36 @@ n_l ~ U(patches) patches::
 
     zt_i  = z_i + tau_w xi_i                  noisy copy of the shared factors (tau_w = shared_noise)
     rho_i ~ U(informative_fraction),  pi_lj ~ Bernoulli(rho_i)       the patches that carry the signal
-    f_ljc = m_kc + r_kc * (b_c + pi_lj [a_u (L_u u_i)_c + a_z (L_z zt_i)_c] + d_lc + sigma_p eps_ljc)
+    x_ljc = b_c + pi_lj [a_t t_c + a_z (L_z zt_i)_c] + d_lc + sigma_p eps_ljc        content
+    f_ljc = mu_ic + s_ic x_ljc                                                        style
+    mu_ic = m_kc + m_sc + a_u (L_u u_i)_c,   log s_ic = r_kc + r_sc + a_v (L_v u_i)_c
 
-    m_kc ~ N(0, cancer_mean_shift^2), log r_kc ~ N(0, cancer_log_scale^2)     cancer shift of mean and scale
-    b_c ~ N(0, background_sd^2), L_u and L_z entries ~ N(0, 1/q), d_lc ~ N(0, slide_noise^2), eps ~ N(0, 1)
+    m_kc ~ N(0, cancer_mean_shift^2), r_kc ~ N(0, cancer_log_scale^2)     cancer style
+    m_sc ~ N(0, site_mean_shift^2),   r_sc ~ N(0, site_log_scale^2)       site style
+    b_c ~ N(0, background_sd^2), t_c ~ N(0, 1) (marker), L_u, L_v, L_z entries ~ N(0, 1/q),
+    d_lc ~ N(0, slide_noise^2), eps ~ N(0, 1)
 
-with a_u = specific_strength, a_z = shared_strength, sigma_p = patch_noise. The WSI therefore predicts
-strongly in-domain (it encodes u_i well and z_i weakly), but the risk of u_i is read differently in every
-cancer.
+with a_t = marker_strength, a_z = ``wsi.shared_strength``, a_u = ``wsi.specific_strength``, a_v =
+specific_log_scale, sigma_p = patch_noise. Standardizing each channel across a bag's patches removes mu and s
+exactly (style and the cancer-specific factors) and keeps the content: the informative patches (marked by t)
+carry z. Raw features predict well in-domain through u, whose risk is read differently in every cancer.
 
 Expression. pathways.csv is the 0/1 membership M: every gene has one primary pathway and joins each other
 pathway with probability ``pathway_overlap``::
 
-    a_ip = (A z_i)_p + tau_e xi'_ip                          pathway activities (tau_e = pathway_noise)
+    a_ip = (A z_i)_p + a_e (B_k u_i)_p + tau_e xi'_ip          pathway activities (tau_e = pathway_noise)
     e_ig = sum_p M_gp W_gp a_ip / sqrt(sum_p M_gp) + sigma_g eps'_ig            (sigma_g = gene_noise)
     x_ig = mu_g + c_kg + h_sg + exp(l_sg) e_ig
 
-    A entries ~ N(0, 1/q_s), W_gp ~ N(0, loading_sd^2), mu_g ~ N(baseline_mean, baseline_sd^2)
+    A entries ~ N(0, 1/q_s) (all cancers), B_k entries ~ N(0, 1/q_c) (per cancer; a_e = expression
+    .specific_strength), W_gp ~ N(0, loading_sd^2), mu_g ~ N(baseline_mean, baseline_sd^2)
     c_kg ~ N(0, cancer_shift^2)                                  cancer shift
     h_sg ~ N(0, site_shift^2), l_sg ~ N(0, site_log_scale^2)     site batch effect (gene-wise)
 
-Expression sees only the shared factors, through the same A and W in every cancer: weaker, but transferable.
-
 Random streams are keyed by (seed, part[, cancer]): one cancer's draws do not depend on another's size.
 Case ids are ``<case_prefix>-<site>-<nnnn>`` (``SYNT-A1-0001``): characters 6-7 are the site code, like
-TCGA's tissue-source site; cancer k has the sites ``<letter k>1``, ``<letter k>2``, ...
+TCGA's tissue-source site; cancer k has the sites ``<letter k>1``, ``<letter k>2``, ... ``truth.csv`` has one
+row per case: cohort, case_id, true_risk, shared_risk, specific_risk, site, z1..z_qs, u1..u_qc.
 """
 
 from __future__ import annotations
@@ -77,7 +87,7 @@ import string
 import tempfile
 import typing
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +99,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump when the generative model changes: stored datasets are then regenerated
+GENERATOR_VERSION = 2  # bump when the generative model changes: stored datasets are then regenerated
 MANIFEST = "fedprog.yaml"
 LABELS = "labels.csv"
 RNA = "rna.csv.gz"
@@ -134,7 +144,11 @@ class WsiParams:
     background_sd: float
     cancer_mean_shift: float
     cancer_log_scale: float
+    site_mean_shift: float
+    site_log_scale: float
     specific_strength: float
+    specific_log_scale: float
+    marker_strength: float
     shared_strength: float
     shared_noise: float
     informative_fraction: tuple[float, ...]
@@ -150,6 +164,7 @@ class ExpressionParams:
     baseline_sd: float
     loading_sd: float
     pathway_noise: float
+    specific_strength: float
     gene_noise: float
     cancer_shift: float
     site_shift: float
@@ -331,8 +346,10 @@ class _Shared:
 
     beta: np.ndarray  # [q_s]
     gammas: np.ndarray  # [K, q_c]
-    loading_u: np.ndarray  # [D, q_c]
+    loading_u: np.ndarray  # [D, q_c]: u -> bag-level channel means (style)
+    loading_v: np.ndarray  # [D, q_c]: u -> bag-level channel log scales (style)
     loading_z: np.ndarray  # [D, q_s]
+    marker: np.ndarray  # [D] the direction that marks informative patches (entries N(0, 1))
     background: np.ndarray  # [D]
     pathway_loading: np.ndarray  # A, [P, q_s]
     membership: np.ndarray  # M, [G, P] 0/1
@@ -354,15 +371,12 @@ def _draw_shared(p: SynthParams) -> _Shared:
     beta = rng.standard_normal(q_s)
     beta *= p.risk.shared_effect / np.linalg.norm(beta)
     k = len(p.cancers)
-    gammas = np.zeros((k, q_c))
-    if q_c == 1:
-        gammas[:, 0] = p.risk.specific_effect * (-1.0) ** np.arange(k)
-    else:
-        theta = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.arange(k) / k
-        gammas[:, 0], gammas[:, 1] = np.cos(theta), np.sin(theta)
-        gammas *= p.risk.specific_effect
+    gammas = rng.standard_normal((k, q_c))  # independent random directions: no symmetry across cancers
+    gammas *= p.risk.specific_effect / np.linalg.norm(gammas, axis=1, keepdims=True)
     loading_u = rng.standard_normal((dim, q_c)) / np.sqrt(q_c)
+    loading_v = rng.standard_normal((dim, q_c)) / np.sqrt(q_c)
     loading_z = rng.standard_normal((dim, q_s)) / np.sqrt(q_s)
+    marker = rng.standard_normal(dim)
     background = rng.normal(0.0, p.wsi.background_sd, dim)
     pathway_loading = rng.standard_normal((n_paths, q_s)) / np.sqrt(q_s)
     membership = (rng.random((n_genes, n_paths)) < p.pathway_overlap).astype(np.int64)
@@ -376,7 +390,9 @@ def _draw_shared(p: SynthParams) -> _Shared:
         beta=beta,
         gammas=gammas,
         loading_u=loading_u,
+        loading_v=loading_v,
         loading_z=loading_z,
+        marker=marker,
         background=background,
         pathway_loading=pathway_loading,
         membership=membership,
@@ -434,17 +450,16 @@ class _CohortData:
 def _draw_cohort(p: SynthParams, k: int, shared: _Shared) -> _CohortData:
     """Draw every patient of cancer k (module docstring equations)."""
     rng = _rng(p.seed, _CANCER, k)
-    n, dim, n_genes = p.n_patients[k], p.feature_dim, p.n_genes
+    n, n_genes, n_sites = p.n_patients[k], p.n_genes, len(p.site_fractions)
     sites = p.sites[p.cancers[k]]
-    wsi, expr = p.wsi, p.expression
-    # cancer-level parameters
-    mean_shift = rng.normal(0.0, wsi.cancer_mean_shift, dim)  # m_k
-    scale_shift = np.exp(rng.normal(0.0, wsi.cancer_log_scale, dim))  # r_k
+    style = _draw_style(rng, p, n_sites)  # (cancer + site) per-channel mean and log scale, [S, D] each
+    expr = p.expression
     cancer_gene_shift = rng.normal(0.0, expr.cancer_shift, n_genes)  # c_k
-    site_gene_shift = rng.normal(0.0, expr.site_shift, (len(sites), n_genes))  # h_s
-    site_gene_scale = np.exp(rng.normal(0.0, expr.site_log_scale, (len(sites), n_genes)))  # exp(l_s)
+    site_gene_shift = rng.normal(0.0, expr.site_shift, (n_sites, n_genes))  # h_s
+    site_gene_scale = np.exp(rng.normal(0.0, expr.site_log_scale, (n_sites, n_genes)))  # exp(l_s)
+    specific_pathways = rng.standard_normal((p.n_pathways, p.specific_factors)) / np.sqrt(p.specific_factors)
     # patients: sites, latents, risk, times
-    site_index = np.repeat(np.arange(len(sites)), _split_sizes(n, p.site_fractions))
+    site_index = np.repeat(np.arange(n_sites), _split_sizes(n, p.site_fractions))
     rng.shuffle(site_index)
     z = rng.standard_normal((n, p.shared_factors))
     u = rng.standard_normal((n, p.specific_factors))
@@ -458,8 +473,12 @@ def _draw_cohort(p: SynthParams, k: int, shared: _Shared) -> _CohortData:
     censored = censor_times < times
     resolution = 10.0**-p.survival.time_decimals
     months = np.maximum(np.round(np.minimum(times, censor_times), p.survival.time_decimals), resolution)
-    # expression
-    activity = z @ shared.pathway_loading.T + expr.pathway_noise * rng.standard_normal((n, p.n_pathways))
+    # expression: shared pathways (A z) plus cancer-specific ones (B_k u)
+    activity = (
+        z @ shared.pathway_loading.T
+        + expr.specific_strength * u @ specific_pathways.T
+        + expr.pathway_noise * rng.standard_normal((n, p.n_pathways))
+    )
     signal = activity @ shared.gene_loading.T + expr.gene_noise * rng.standard_normal((n, n_genes))
     values = (
         shared.gene_baseline
@@ -467,32 +486,14 @@ def _draw_cohort(p: SynthParams, k: int, shared: _Shared) -> _CohortData:
         + site_gene_shift[site_index]
         + site_gene_scale[site_index] * signal
     )
-    # case ids: numbered within each site
     case_ids = np.empty(n, dtype=object)
     for s, site in enumerate(sites):
         members = np.flatnonzero(site_index == s)
         case_ids[members] = [f"{p.case_prefix}-{site}-{j + 1:04d}" for j in range(members.size)]
-    # WSI bags
-    noisy_z = z + wsi.shared_noise * rng.standard_normal(z.shape)
-    patient_signal = (
-        wsi.specific_strength * u @ shared.loading_u.T + wsi.shared_strength * noisy_z @ shared.loading_z.T
-    )
-    informative = rng.uniform(*wsi.informative_fraction, n)
-    n_slides = 1 + (rng.random(n) < p.second_slide_fraction)
-    rows, bags = [], {}
-    for i in range(n):
-        for slide in range(n_slides[i]):
-            slide_id = f"{case_ids[i]}-01Z-00-DX{slide + 1}"
-            n_patches = int(rng.integers(p.patches[0], p.patches[1], endpoint=True))
-            carries = rng.random((n_patches, 1)) < informative[i]
-            latent = (
-                shared.background
-                + carries * patient_signal[i]
-                + rng.normal(0.0, wsi.slide_noise, dim)
-                + wsi.patch_noise * rng.standard_normal((n_patches, dim))
-            )
-            bags[slide_id] = (mean_shift + scale_shift * latent).astype(np.float32)
-            rows.append((case_ids[i], months[i], int(censored[i]), slide_id, sites[site_index[i]]))
+    rows, bags = _draw_bags(rng, p, shared, style, z, u, site_index, case_ids, sites)
+    for row in rows:
+        i = row.pop()
+        row[1:1] = [months[i], int(censored[i])]
     labels = pd.DataFrame(rows, columns=["case_id", "survival_months", "censorship", "slide_id", SITE_COLUMN])
     rna = pd.DataFrame(values, columns=shared.genes)
     rna.insert(0, "case_id", case_ids)
@@ -503,6 +504,9 @@ def _draw_cohort(p: SynthParams, k: int, shared: _Shared) -> _CohortData:
             "true_risk": risk,
             "shared_risk": shared_risk,
             "specific_risk": specific_risk,
+            SITE_COLUMN: [sites[s] for s in site_index],
+            **{f"z{j + 1}": z[:, j] for j in range(z.shape[1])},
+            **{f"u{j + 1}": u[:, j] for j in range(u.shape[1])},
         }
     )
     order = np.argsort(case_ids)
@@ -512,6 +516,53 @@ def _draw_cohort(p: SynthParams, k: int, shared: _Shared) -> _CohortData:
         truth=truth.iloc[order].reset_index(drop=True),
         bags=bags,
     )
+
+
+def _draw_style(rng: np.random.Generator, p: SynthParams, n_sites: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel style of each site of one cancer: mean m_ks = m_k + m_s and log scale r_ks = r_k + r_s."""
+    wsi, dim = p.wsi, p.feature_dim
+    cancer_mean = rng.normal(0.0, wsi.cancer_mean_shift, dim)
+    cancer_log_scale = rng.normal(0.0, wsi.cancer_log_scale, dim)
+    site_mean = rng.normal(0.0, wsi.site_mean_shift, (n_sites, dim))
+    site_log_scale = rng.normal(0.0, wsi.site_log_scale, (n_sites, dim))
+    return cancer_mean + site_mean, cancer_log_scale + site_log_scale
+
+
+def _draw_bags(
+    rng: np.random.Generator,
+    p: SynthParams,
+    shared: _Shared,
+    style: tuple[np.ndarray, np.ndarray],
+    z: np.ndarray,
+    u: np.ndarray,
+    site_index: np.ndarray,
+    case_ids: np.ndarray,
+    site_names: list[str],
+) -> tuple[list[list[Any]], dict[str, np.ndarray]]:
+    """WSI bags: the shared factors in the informative patches, the specific ones in each bag's style."""
+    wsi, dim = p.wsi, p.feature_dim
+    noisy_z = z + wsi.shared_noise * rng.standard_normal(z.shape)
+    pattern = wsi.marker_strength * shared.marker + wsi.shared_strength * noisy_z @ shared.loading_z.T
+    bag_mean = style[0][site_index] + wsi.specific_strength * u @ shared.loading_u.T
+    bag_scale = np.exp(style[1][site_index] + wsi.specific_log_scale * u @ shared.loading_v.T)
+    informative = rng.uniform(*wsi.informative_fraction, len(z))
+    n_slides = 1 + (rng.random(len(z)) < p.second_slide_fraction)
+    rows: list[list[Any]] = []
+    bags = {}
+    for i in range(len(z)):
+        for slide in range(n_slides[i]):
+            slide_id = f"{case_ids[i]}-01Z-00-DX{slide + 1}"
+            n_patches = int(rng.integers(p.patches[0], p.patches[1], endpoint=True))
+            carries = rng.random((n_patches, 1)) < informative[i]
+            latent = (
+                shared.background
+                + carries * pattern[i]
+                + rng.normal(0.0, wsi.slide_noise, dim)
+                + wsi.patch_noise * rng.standard_normal((n_patches, dim))
+            )
+            bags[slide_id] = (bag_mean[i] + bag_scale[i] * latent).astype(np.float32)
+            rows.append([case_ids[i], slide_id, site_names[site_index[i]], i])
+    return rows, bags
 
 
 # -------------------------------------------------------------------------------- writing
@@ -698,6 +749,58 @@ def ensure_generated(data_cfg: Mapping[str, Any] | DictConfig) -> Path:
     return generate(p, root)
 
 
+# -------------------------------------------------------------------------------- ceilings
+
+CEILING_COLUMNS = ("cohort", "site", "n", "n_events", "oracle_c_index", "transfer_c_index")
+
+
+def read_truth(root: str | Path) -> pd.DataFrame:
+    """``<root>/truth.csv`` joined with the outcome (first label row per case), indexed by case id."""
+    root = Path(root)
+    truth = pd.read_csv(root / TRUTH, dtype={"case_id": str}).set_index("case_id")
+    outcomes = []
+    for cohort in truth["cohort"].unique():
+        labels = pd.read_csv(root / str(cohort) / LABELS, dtype={"case_id": str})
+        outcomes.append(
+            labels.drop_duplicates("case_id").set_index("case_id")[["survival_months", "censorship"]]
+        )
+    outcome = pd.concat(outcomes)
+    missing = truth.index.difference(outcome.index)
+    if len(missing):
+        raise SynthError(f"{root / TRUTH}: case {missing[0]} has no row in its cohort's {LABELS}")
+    return truth.join(outcome)
+
+
+def truth_ceilings(truth: pd.DataFrame, case_ids: Sequence[str] | None = None) -> dict[str, float]:
+    """Oracle (true risk) and transfer (shared part) Harrell C-index on ``case_ids`` (all cases if None).
+
+    ``truth`` is :func:`read_truth`'s frame. The oracle is the best any model can do on these patients; the
+    transfer ceiling is the best a model can do without the target cancer's specific factors, i.e. trained on
+    other cancers only.
+    """
+    from fedprog.survival.metrics import harrell_cindex
+
+    rows = truth if case_ids is None else truth.loc[list(case_ids)]
+    time_, censorship = rows["survival_months"].to_numpy(), rows["censorship"].to_numpy()
+    return {
+        "n": len(rows),
+        "n_events": int((censorship == 0).sum()),
+        "oracle_c_index": harrell_cindex(time_, censorship, rows["true_risk"].to_numpy()),
+        "transfer_c_index": harrell_cindex(time_, censorship, rows["shared_risk"].to_numpy()),
+    }
+
+
+def site_ceilings(root: str | Path) -> pd.DataFrame:
+    """Oracle and transfer ceilings of every site (``<cohort>-<code>``) and every cohort (site ``all``)."""
+    truth = read_truth(root)
+    rows = []
+    for (cohort, code), group in truth.groupby(["cohort", SITE_COLUMN], sort=True):
+        rows.append({"cohort": cohort, "site": f"{cohort}-{code}", **truth_ceilings(group)})
+    for cohort, group in truth.groupby("cohort", sort=True):
+        rows.append({"cohort": cohort, "site": "all", **truth_ceilings(group)})
+    return pd.DataFrame(rows, columns=list(CEILING_COLUMNS))
+
+
 def main(cfg: DictConfig) -> int:
     """``fedprog synth out=DIR``: generate the dataset and print a per-cohort summary."""
     out = generate(SynthParams.from_config(cfg.data.synth), cfg.out)
@@ -710,4 +813,6 @@ def main(cfg: DictConfig) -> int:
             f"{cancer:<8} {len(cases):>8} {len(labels):>6} {cases[SITE_COLUMN].nunique():>5} "
             f"{cases['censorship'].mean():>8.2f} {cases['survival_months'].median():>9.1f}"
         )
+    print("\nCeilings (Harrell's C of the true risk = oracle, of its shared part = transfer ceiling):")
+    print(site_ceilings(out).to_string(index=False, float_format="%.3f"))
     return 0

@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 #: Flower's error code for an exception inside a ClientApp (flwr.common.constant.ErrorCode).
 CLIENT_APP_RAISED_EXCEPTION = 2
+OPTIMIZER_STATE_KEY = "fedprog-optimizer"  # context.state: this site's optimizer moments, kept across rounds
 
 
 class SiteRefusal(PermissionError):
@@ -448,6 +449,8 @@ def train_arrays(
     train_ds.set_epoch(0)
     model = _model(cfg, train_ds, arrays)
     anchors = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+    kept = context.state.array_records.get(OPTIMIZER_STATE_KEY) if train_cfg.keep_optimizer_state else None
+    rounds = max(int(cfg.rounds), server_round)  # a resumed or extended run keeps a valid schedule position
     history = engine.train(
         model,
         train_ds,
@@ -456,7 +459,11 @@ def train_arrays(
         device=handle.device,
         progress=False,
         log_prefix=f"[{handle.site.name} r{server_round}] ",
+        optimizer_state=None if kept is None else kept.to_torch_state_dict(),
+        run_position=engine.RunPosition(max(server_round - 1, 0), rounds),
     )
+    if history.optimizer_state is not None:
+        context.state[OPTIMIZER_STATE_KEY] = ArrayRecord(history.optimizer_state)
     model.to("cpu")
     metrics = MetricRecord(
         {
