@@ -7,7 +7,6 @@ import math
 import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
 from fedprog.data import Batch, SurvivalBins, SurvivalDataset, collate
+from fedprog.device import autocast, resolve_device
 from fedprog.survival.losses import cox_ph_loss, nll_survival_loss, risk_from_logits, survival_from_logits
 from fedprog.survival.metrics import evaluate_predictions
 
@@ -67,6 +67,8 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     num_threads: int | None = None
+    device: str = "auto"  # auto | cpu | cuda[:N], resolved by fedprog.device (callers pass it to train())
+    max_patches: int | None = 4096  # patches sampled per bag in training (the datasets' setting)
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any], **overrides: Any) -> TrainConfig:
@@ -133,19 +135,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(device: str) -> torch.device:
-    """Map ``auto`` to CUDA when available, else CPU; validate explicit choices."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} requested but CUDA is not available on this machine")
-    return torch.device(device)
-
-
 def _autocast(device: torch.device, cfg: TrainConfig):
-    if not cfg.amp:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, cfg.amp_dtype))
+    return autocast(device, enabled=cfg.amp, dtype=cfg.amp_dtype)
 
 
 def _sampler(data: SurvivalDataset, cfg: TrainConfig, generator: torch.Generator) -> Sampler[int]:

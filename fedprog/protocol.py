@@ -91,11 +91,11 @@ def run_source(
     train_cfg = TrainConfig.from_cfg(cfg.training, seed=seed)
 
     def dataset(name: str, ids: Sequence[str]):
-        return make_dataset(cohorts[name], ids, prep, max_patches=cfg.max_patches, seed=seed)
+        return make_dataset(cohorts[name], ids, prep, max_patches=cfg.training.max_patches, seed=seed)
 
     train_data = PooledDataset([dataset(n, s[0]) for n, s in splits.items()])
     val_data = PooledDataset([dataset(n, s[1]) for n, s in splits.items() if s[1]])
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.training.device)
     seed_everything(seed)  # the initial weights depend on the seed only, not on what ran before
     model = build_model(cfg.model, train_data, loss=train_cfg.loss)
     label = f"{'+'.join(source)} seed {seed}: "

@@ -1,7 +1,9 @@
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
-from fedprog.config import JSON_PREFIX, from_run_config, load_config, to_run_config
+from fedprog.config import JSON_PREFIX, config_dir, from_run_config, load_config, sites_dir, to_run_config
 
 
 @pytest.mark.parametrize(
@@ -31,3 +33,67 @@ def test_run_config_round_trip_is_exact():
 def test_strings_that_look_encoded_survive_the_round_trip():
     tree = {"a": {"b": "json:[1]", "c": None, "d": [1, {"e": 2}], "f": 1.5, "g": True}}
     assert OmegaConf.to_container(from_run_config(to_run_config(tree))) == tree
+
+
+# ------------------------------------------------------------------------------------------ declared keys
+# A config read in the code is `cfg.a.b`, `cfg.a.get("b")` or `cfg["a"]["b"]`, where `cfg` is a config or a
+# sub-tree of one (e.g. the training group inside the engine), so a read passes when it is a path *inside*
+# some declared config tree. Attributes of typed objects that are also named `cfg` are not config keys:
+NOT_CONFIG_KEYS = {
+    "cade.kwargs": "models.model: ModelConfig.cade is a dataclass; kwargs() is its method",
+    "sdir.kwargs": "models.model: ModelConfig.sdir is a dataclass; kwargs() is its method",
+    "to_config": "federated.privacy.settings: a PrivacySettings method",
+}
+CONFIG_READ = re.compile(
+    r"\bcfg((?:\.[A-Za-z_]\w*)+)(?:\(\s*[\"']([A-Za-z_]\w*)[\"'])?|\bcfg((?:\[[\"'][A-Za-z_]\w*[\"']\])+)"
+)
+CONTAINER_METHODS = {"get", "items", "keys", "values", "pop", "setdefault"}
+
+
+def _declared_paths() -> set[str]:
+    """Every dotted path inside every YAML config (group files under their group or ``@package``)."""
+    paths: set[str] = set()
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key != "defaults":
+                    path = f"{prefix}.{key}" if prefix else str(key)
+                    paths.add(path)
+                    walk(path, value)
+
+    for root in (config_dir(), sites_dir()):
+        for path in root.rglob("*.yaml"):
+            first = path.read_text().splitlines()[:1]
+            package = re.match(r"#\s*@package\s+(\w+)", first[0]) if first else None
+            group = path.parent.name if path.parent not in (config_dir(), sites_dir() / "examples") else ""
+            prefix = package.group(1) if package else group
+            paths.update([prefix] if prefix else [])
+            walk(prefix, OmegaConf.to_container(OmegaConf.load(path)))
+    return {".".join(p.split(".")[i:]) for p in paths for i in range(len(p.split(".")))}
+
+
+def _code_reads() -> dict[str, set[str]]:
+    """Dotted config reads in fedprog/ -> the files reading them."""
+    reads: dict[str, set[str]] = {}
+    for path in (config_dir().parent / "fedprog").rglob("*.py"):
+        for match in CONFIG_READ.finditer(path.read_text()):
+            if match.group(3):
+                chain = re.findall(r"[\"'](\w+)[\"']", match.group(3))
+            else:
+                chain = match.group(1).lstrip(".").split(".")
+                if chain[-1] in CONTAINER_METHODS:
+                    chain = chain[:-1] + ([match.group(2)] if match.group(2) else [])
+            if chain:
+                reads.setdefault(".".join(chain), set()).add(path.name)
+    return reads
+
+
+def test_every_key_the_code_reads_is_declared_in_a_config():
+    reads = _code_reads()
+    assert "training.max_patches" in reads and "rounds" in reads  # the walk sees the code's reads
+    declared = _declared_paths()
+    undeclared = {key: sorted(files) for key, files in reads.items() if key not in declared}
+    assert not set(undeclared) - set(NOT_CONFIG_KEYS), {
+        key: files for key, files in undeclared.items() if key not in NOT_CONFIG_KEYS
+    }

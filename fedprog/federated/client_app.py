@@ -29,6 +29,7 @@ from fedprog.data import Cohort, DatasetLayout, Site, SurvivalDataset, build_sit
 from fedprog.data.dataset import expression_frame
 from fedprog.data.groups import GeneGroups
 from fedprog.data.transforms import expression_transform_for, tabular_transform_for
+from fedprog.device import client_device
 from fedprog.federated.federation import (
     SiteResolutionError,
     derived_seed,
@@ -161,8 +162,7 @@ def resolve_site(cfg: DictConfig, context: Context) -> SiteHandle:
         if "role" in node_config:
             site = Site(site.name, site.cohort, str(node_config["role"]), site.case_ids, site.test_ids)
         cohort = cohorts[site.cohort]
-    device = str(node_config.get("device", cfg.training.get("device", "cpu") if "training" in cfg else "cpu"))
-    handle = SiteHandle(site, layout, cohort, device)
+    handle = SiteHandle(site, layout, cohort, client_device(cfg.training.device, node_config))
     _SITES[key] = handle
     log.info("node %s is site %s (%s, %d cases)", context.node_id, site.name, site.role, len(site.all_ids))
     return handle
@@ -189,13 +189,13 @@ def site_datasets(
 ) -> tuple[SurvivalDataset | None, SurvivalDataset]:
     """(train dataset or None for a held-out site, evaluation dataset), cached by site and data signature."""
     digest = hashlib.sha256(prep_json.encode()).hexdigest()
-    key = (handle.site.name, str(handle.layout.root), digest, str(cfg.training.get("max_patches")))
+    key = (handle.site.name, str(handle.layout.root), digest, str(cfg.training.max_patches))
     if key not in _DATA:
         prep = Preprocessing.from_state_dict(json.loads(prep_json))
 
         def make(ids: tuple[str, ...]) -> SurvivalDataset:
             return make_dataset(
-                handle.cohort, ids, prep, max_patches=cfg.training.get("max_patches"), seed=int(cfg.seed)
+                handle.cohort, ids, prep, max_patches=cfg.training.max_patches, seed=int(cfg.seed)
             )
 
         train_ds = (

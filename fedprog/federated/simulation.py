@@ -21,6 +21,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog.config import to_container
+from fedprog.device import client_resources, simulation_device
 from fedprog.federated.checkpoint import load_checkpoint
 from fedprog.federated.strategy import BASELINES, FederationError
 from fedprog.report import ReportBuilder, environment_info, plot_rounds, save_run_config, write_json
@@ -58,6 +59,8 @@ def prepare(cfg: DictConfig) -> DictConfig:
     heldout = cfg.get("heldout")
     sites = build_sites(layout, cfg.federation, None if heldout is None else list(heldout))
     cfg.expected_sites = len(sites)
+    sim = cfg.simulation
+    cfg.training.device, sim.num_gpus = simulation_device(cfg.training.device, sim.num_gpus)
     return cfg
 
 
@@ -84,7 +87,7 @@ def run_simulation(cfg: DictConfig) -> dict[str, Any]:
     if sim.get("ray_num_cpus"):
         init_args["num_cpus"] = int(sim.ray_num_cpus)
     backend_config = {
-        "client_resources": {"num_cpus": float(sim.num_cpus), "num_gpus": float(sim.num_gpus)},
+        "client_resources": client_resources(sim.num_cpus, sim.num_gpus),
         "init_args": init_args,
     }
     context = Context(
