@@ -12,9 +12,11 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from omegaconf import DictConfig
 
 from fedprog.config import config_dir, group_file, groups, key_comments, load_config
 
@@ -163,6 +165,12 @@ def _overrides(words: Sequence[str], rest: Sequence[str]) -> list[str]:
     return overrides
 
 
+def implementation(command: Command) -> Callable[[DictConfig], int | None]:
+    """Import and return the function that runs ``command`` (only once its config is valid)."""
+    module_name, function_name = command.target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
 def one_line(error: BaseException) -> str:
     """A user-facing, one-line message for a config error (Hydra's ``+key`` advice removed)."""
     text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
@@ -211,8 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{label}: {one_line(error)}", file=sys.stderr)
         return USAGE_ERROR
-    module_name, function_name = COMMANDS[words].target.split(":")
-    function = getattr(importlib.import_module(module_name), function_name)
+    function = implementation(COMMANDS[words])
     try:
         result = function(cfg)
     except (ValueError, LookupError, OSError) as error:

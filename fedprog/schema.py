@@ -182,6 +182,17 @@ def check_key(schema: CommandSchema, path: str, value: Any, *, adding: bool = Fa
         raise ConfigError(f"{path}={value!r}: {path} expects {key.expected} (default: {key.default!r})")
 
 
+def _parse(parser: Any, line: str) -> Any:
+    """One Hydra override, parsed; a syntax error names the override."""
+    from hydra.errors import HydraException
+
+    try:
+        return parser.parse_override(line)
+    except HydraException as error:  # Hydra raises its base class for syntax errors
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(f"{line}: not a valid override ({reason}); write key=value") from error
+
+
 def check_overrides(
     name: str,
     overrides: Sequence[str],
@@ -198,7 +209,7 @@ def check_overrides(
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
 
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    parsed = [_parse(OverridesParser.create(), line) for line in overrides]
     choices, group_lines, key_overrides = {}, [], []
     for override in parsed:
         path = override.key_or_group

@@ -4,6 +4,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedprog.config import JSON_PREFIX, config_dir, from_run_config, load_config, sites_dir, to_run_config
+from fedprog.schema import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -97,3 +98,64 @@ def test_every_key_the_code_reads_is_declared_in_a_config():
     assert not set(undeclared) - set(NOT_CONFIG_KEYS), {
         key: files for key, files in undeclared.items() if key not in NOT_CONFIG_KEYS
     }
+
+
+# ------------------------------------------------------------------------------------------ override checks
+@pytest.mark.parametrize("override", ["roundz=3", "+roundz=3"])
+def test_unknown_key_names_the_nearest_valid_one_and_never_advises_plus(override):
+    with pytest.raises(ConfigError, match=r"^unknown key 'roundz'; did you mean 'rounds'\?$") as error:
+        load_config("simulate", [override])
+    assert "+" not in str(error.value)
+
+
+def test_a_key_of_a_group_is_suggested_by_its_full_path():
+    with pytest.raises(ConfigError, match="unknown key 'epochs'; did you mean 'training.epochs'"):
+        load_config("train", ["epochs=3"])
+    with pytest.raises(ConfigError, match="unknown key 'training.epocs'; did you mean 'training.epochs'"):
+        load_config("simulate", ["training.epocs=3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rounds=two", "rounds='two': rounds expects int"),
+        ("rounds=2.5", "rounds=2.5: rounds expects int"),
+        ("training.lr=fast", "training.lr='fast': training.lr expects float"),
+        (
+            "training.balanced_sampling=1",
+            "training.balanced_sampling=1: training.balanced_sampling expects bool",
+        ),
+        ("heldout=c3", "heldout='c3': heldout expects list"),
+        ("rounds=null", "rounds=null: rounds expects int, not null"),
+    ],
+)
+def test_wrong_type_names_key_expected_type_and_value(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("simulate", [override])
+
+
+def test_bad_group_choice_lists_the_valid_options():
+    with pytest.raises(
+        ConfigError, match=r"strategy=fedavgg: no such strategy \(valid: .*fedavg, fedprox"
+    ) as e:
+        load_config("simulate", ["strategy=fedavgg"])
+    assert "did you mean 'fedavg'" in str(e.value)
+
+
+def test_valid_overrides_pass_and_group_keys_follow_the_chosen_option():
+    cfg = load_config(
+        "simulate",
+        [
+            "strategy=fedprox",
+            "strategy.proximal_mu=0.5",  # declared by strategy=fedprox only
+            "heldout=null",  # documented null
+            "max_update_norm=null",
+            "training.max_patches=null",
+            "training.lr=1",  # an int is a valid float
+            "+data.tables.extra={path: extra.csv}",  # extends an open map
+        ],
+    )
+    assert cfg.strategy.proximal_mu == 0.5 and cfg.heldout is None and cfg.training.max_patches is None
+    assert cfg.data.tables.extra.path == "extra.csv"
+    with pytest.raises(ConfigError, match="unknown key 'strategy.proximal_mu'"):
+        load_config("simulate", ["strategy.proximal_mu=0.5"])  # fedavg has no proximal term
