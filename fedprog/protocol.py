@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from fedprog.data import Cohort, DatasetLayout, load_cohorts
 from fedprog.engine import EvalResult, TrainConfig, evaluate, resolve_device, seed_everything, train
 from fedprog.pipeline import PooledDataset, build_model, fit_preprocessing, make_dataset
-from fedprog.report import ReportBuilder, create_run_dir, environment_info, save_run_config, write_json
+from fedprog.report import ReportBuilder, environment_info, write_json
+from fedprog.results import start_run
 from fedprog.survival.metrics import harrell_cindex, plot_km
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,7 @@ def write_outputs(cfg: DictConfig, out_dir: Path, records: Sequence[Mapping[str,
 
 def main(cfg: DictConfig) -> int:
     """``fedprog train``: run the protocol and write results.json and report.md under ``out``."""
-    out_dir = create_run_dir(cfg.out)
-    save_run_config(cfg, out_dir)
+    out_dir = start_run("train", cfg)  # out=null: a new runs/train/<time stamp>/ folder
     log.info("fedprog train -> %s", out_dir)
     records = run_protocol(cfg, out_dir)
     write_outputs(cfg, out_dir, records)

@@ -25,6 +25,7 @@ from fedprog.device import client_resources, simulation_device
 from fedprog.federated.checkpoint import load_checkpoint
 from fedprog.federated.strategy import BASELINES, FederationError
 from fedprog.report import ReportBuilder, environment_info, plot_rounds, save_run_config, write_json
+from fedprog.results import run_folder, save_versions
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ def prepare(cfg: DictConfig) -> DictConfig:
         cfg = OmegaConf.create(checkpoint.config)
         cfg.resume = resume
         return cfg
+    cfg.out = str(run_folder("simulate", cfg.out))  # out=null: a new runs/simulate/<time stamp>/ folder
     cfg = OmegaConf.create(to_container(cfg))
-    cfg.out = str(Path(str(cfg.out)).resolve())
     cfg.data.root = str(Path(str(cfg.data.root)).resolve())
     if cfg.data.get("synth") is not None and cfg.data.get("generate_if_missing", False):
         from fedprog.data.synth import ensure_generated
@@ -61,6 +62,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
     cfg.expected_sites = len(sites)
     sim = cfg.simulation
     cfg.training.device, sim.num_gpus = simulation_device(cfg.training.device, sim.num_gpus)
+    save_versions(Path(cfg.out))
     return cfg
 
 
