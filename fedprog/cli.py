@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig
 
 from fedprog.config import config_dir, group_file, groups, key_comments, load_config
@@ -23,7 +25,18 @@ from fedprog.config import config_dir, group_file, groups, key_comments, load_co
 USAGE_ERROR = 2
 HELP_FLAGS = {"-h", "--help"}
 DEBUG_HINT = "(run with --debug for the traceback)"
-QUIET_LOGGERS = ("alembic", "sqlalchemy", "ray", "matplotlib", "PIL", "h5py", "urllib3", "filelock")
+QUIET_LOGGERS = (
+    "alembic",
+    "sqlalchemy",
+    "ray",
+    "numexpr",
+    "matplotlib",
+    "PIL",
+    "h5py",
+    "urllib3",
+    "filelock",
+)
+LOG_DIGITS = 4  # significant digits of the numbers in log lines
 
 
 @dataclass(frozen=True)
@@ -177,6 +190,27 @@ def one_line(error: BaseException) -> str:
     return text.split("To append to your config use +")[0].strip()
 
 
+def round_numbers(value: Any, digits: int = LOG_DIGITS) -> Any:
+    """``value`` with each float (in tuples, lists and dicts too) rounded to ``digits`` significant digits."""
+    if isinstance(value, float | np.floating) and math.isfinite(value):
+        return float(f"{float(value):.{digits}g}")
+    if isinstance(value, tuple | list):
+        return type(value)(round_numbers(item, digits) for item in value)
+    if isinstance(value, dict):
+        return {key: round_numbers(item, digits) for key, item in value.items()}
+    return value
+
+
+class RoundNumbers(logging.Filter):
+    """Round the floats of a log record's arguments, so log lines read 25.51, not 25.509999999999998."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Round ``record.args`` in place; never drops a record."""
+        if record.args:
+            record.args = round_numbers(record.args)
+        return True
+
+
 def configure_logging(*, debug: bool = False) -> None:
     """INFO logs of fedprog and Flower (DEBUG with ``--debug``); third-party chatter silenced.
 
@@ -188,11 +222,12 @@ def configure_logging(*, debug: bool = False) -> None:
     level = logging.DEBUG if debug else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler; avoid doubled lines
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RoundNumbers())
     if not debug:
         for noisy in QUIET_LOGGERS:
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\.|$)")
-        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # Ray's worker processes too
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\.|$)")  # ray.init's tips
 
 
 def main(argv: Sequence[str] | None = None) -> int:

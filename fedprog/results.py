@@ -55,8 +55,9 @@ def run_folder(
     else:
         stamp = (now or dt.datetime.now()).strftime(STAMP_FORMAT)
         folder = claim_new_folder(runs_root / command, stamp)
+    folder = folder.resolve()
     log.info("run folder %s", folder)
-    return folder.resolve()
+    return folder
 
 
 def save_config(cfg: DictConfig, folder: Path) -> Path:

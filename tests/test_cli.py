@@ -1,3 +1,5 @@
+import logging
+
 import pandas as pd
 import pytest
 from data_factory import write_cohort
@@ -106,3 +108,17 @@ def test_config_errors_print_one_line_and_exit_2_before_start_up(args, words, ne
 def test_debug_shows_the_traceback(never_starts):
     with pytest.raises(ConfigError, match="unknown key 'roundz'"):
         main(["--debug", "simulate", "roundz=3"])
+
+
+def test_log_lines_round_numbers_and_quiet_third_party_chatter():
+    cli.configure_logging()
+    try:
+        args = ({"median": 25.509999999999998}, 0.1 + 0.2)
+        record = logging.LogRecord("fedprog.x", logging.INFO, __file__, 1, "cohort %s: %s", args, None)
+        cli.RoundNumbers().filter(record)
+        assert record.getMessage() == "cohort {'median': 25.51}: 0.3"
+        assert cli.round_numbers([1, True, "x"]) == [1, True, "x"]  # ints, bools and text untouched
+        assert not logging.getLogger("alembic.runtime.plugins").isEnabledFor(logging.INFO)
+        assert logging.getLogger("fedprog.federated").isEnabledFor(logging.INFO)
+    finally:
+        logging.basicConfig(force=True)
