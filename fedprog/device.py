@@ -34,24 +34,27 @@ def check_device_name(requested: str, key: str = "training.device") -> str:
     return str(requested)
 
 
-def resolve_device(requested: str, *, num_gpus: float | None = None) -> torch.device:
+def resolve_device(
+    requested: str, *, num_gpus: float | None = None, key: str = "training.device"
+) -> torch.device:
     """The torch device for ``requested`` (auto | cpu | cuda | cuda:N).
 
     ``num_gpus`` is the GPU share this process was given (a simulated client's ``simulation.num_gpus``);
     ``None`` means not limited. ``auto`` gives CUDA when CUDA is available and the share is not zero.
+    ``key`` is the setting named in errors.
 
     Raises
     ------
     DeviceError
         For an unknown name, or CUDA requested where none is available (or the share is zero).
     """
-    name = check_device_name(requested)
+    name = check_device_name(requested, key)
     has_gpu = torch.cuda.is_available() and (num_gpus is None or num_gpus > 0)
     if name == "auto":
         return torch.device("cuda" if has_gpu else "cpu")
     if name.startswith("cuda") and not has_gpu:
         where = "this client was given no GPU (simulation.num_gpus=0)" if num_gpus == 0 else "CUDA is missing"
-        raise DeviceError(f"training.device={name}: {where} on this machine; use training.device=cpu or auto")
+        raise DeviceError(f"{key}={name}: {where} on this machine; use {key}=cpu or auto")
     return torch.device(name)
 
 

@@ -28,6 +28,7 @@ from fedprog.engine import TrainConfig
 def fake_cuda(monkeypatch):
     """Pretend this machine has CUDA (nothing is moved to the GPU in these tests)."""
     monkeypatch.setattr(device_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(device_module.torch.cuda, "get_device_name", lambda *_: "fake GPU")
 
 
 def test_auto_follows_cuda_availability_and_the_gpu_share(monkeypatch):
@@ -172,3 +173,17 @@ def test_engine_trains_under_bf16_autocast_like_fp32(tmp_path):
     assert np.all(np.isfinite(losses[True]))
     assert not np.array_equal(losses[True], losses[False])  # autocast did change the arithmetic
     np.testing.assert_allclose(losses[True], losses[False], rtol=5e-2)
+
+
+def test_site_start_checks_the_hospital_device_before_starting(tmp_path, monkeypatch):
+    from fedprog.config import load_config
+    from fedprog.deploy.site import SiteConfigError, load_settings
+
+    monkeypatch.setattr(device_module.torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "h1.yaml"
+    base = "site: h1\ndata_root: data\ncohort: c0\nrole: train\n"
+    path.write_text(base + "device: auto\n")
+    assert load_settings(load_config("site", [f"config={path}"])).device == "auto"
+    path.write_text(base + "device: cuda\n")
+    with pytest.raises(SiteConfigError, match=r"h1.yaml: device=cuda: CUDA is missing"):
+        load_settings(load_config("site", [f"config={path}"]))
