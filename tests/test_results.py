@@ -7,6 +7,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from fed_helpers import tiny_config
 from omegaconf import OmegaConf
 
@@ -50,7 +51,7 @@ def test_start_run_saves_the_resolved_config_and_versions(tmp_path, monkeypatch)
     assert {"python", "fedprog", "torch", "flwr"} <= set(versions)
 
 
-def test_simulate_gets_a_new_folder_per_run(tmp_path, monkeypatch):
+def test_simulate_gets_a_new_folder_per_run_and_none_for_a_refused_run(tmp_path, monkeypatch):
     from fedprog.federated.simulation import prepare
 
     monkeypatch.chdir(tmp_path)
@@ -61,5 +62,7 @@ def test_simulate_gets_a_new_folder_per_run(tmp_path, monkeypatch):
     for cfg in (first, second):
         folder = Path(cfg.out)
         assert folder.parent == (tmp_path / "runs" / "simulate").resolve()
-        assert cfg.audit.path == str(folder / "audit.jsonl")  # ${out} interpolations follow the folder
         assert (folder / "versions.json").is_file()
+    with pytest.raises(ValueError, match="zz"):  # refused before start-up: no empty run folder is left
+        prepare(tiny_config(data_root, Path("ignored"), "out=null", "heldout=[zz]"))
+    assert len(list((tmp_path / "runs" / "simulate").iterdir())) == 2

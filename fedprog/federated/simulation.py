@@ -47,7 +47,6 @@ def prepare(cfg: DictConfig) -> DictConfig:
         cfg = OmegaConf.create(checkpoint.config)
         cfg.resume = resume
         return cfg
-    cfg.out = str(run_folder("simulate", cfg.out))  # out=null: a new runs/simulate/<time stamp>/ folder
     cfg = OmegaConf.create(to_container(cfg))
     cfg.data.root = str(Path(str(cfg.data.root)).resolve())
     if cfg.data.get("synth") is not None and cfg.data.get("generate_if_missing", False):
@@ -62,6 +61,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
     cfg.expected_sites = len(sites)
     sim = cfg.simulation
     cfg.training.device, sim.num_gpus = simulation_device(cfg.training.device, sim.num_gpus)
+    cfg.out = str(run_folder("simulate", cfg.out))  # out=null: a new runs/simulate/<time stamp>/ folder
     save_versions(Path(cfg.out))
     return cfg
 
