@@ -178,6 +178,21 @@ def _overrides(words: Sequence[str], rest: Sequence[str]) -> list[str]:
     return overrides
 
 
+def require_values(words: Sequence[str], cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first mandatory key (``???``) left without a value.
+
+    Commands whose positional argument is a config file (``site``, ``server``) fill such keys from that file.
+    """
+    from fedprog.schema import ConfigError, missing_keys
+
+    command = COMMANDS[tuple(words)]
+    if command.positional == "config":
+        return
+    for key in missing_keys(cfg):
+        how = f"fedprog {' '.join(words)} {key.upper()}" if key == command.positional else f"{key}=..."
+        raise ConfigError(f"{key} has no value; give {how}")
+
+
 def implementation(command: Command) -> Callable[[DictConfig], int | None]:
     """Import and return the function that runs ``command`` (only once its config is valid)."""
     module_name, function_name = command.target.split(":")
@@ -249,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         configure_logging(debug=debug)
         cfg = load_config(COMMANDS[words].config, _overrides(words, rest))
+        require_values(words, cfg)
     except Exception as error:  # noqa: BLE001 - every config error becomes one line (traceback with --debug)
         if debug:
             raise

@@ -143,6 +143,11 @@ def nearest(word: str, candidates: Sequence[str]) -> str | None:
     return matches[0] if matches else None
 
 
+def missing_keys(cfg: DictConfig) -> list[str]:
+    """Dotted keys still ``???`` (mandatory, no default) after composition."""
+    return [path for path, key in declared_keys(cfg).items() if key.default == "???"]
+
+
 # ------------------------------------------------------------------------------------------------ checking
 @dataclass(frozen=True)
 class CommandSchema:

@@ -95,6 +95,8 @@ def never_starts(monkeypatch):
         (["simulate", "strategy=fedavgg"], ["fedavg, fedprox", "did you mean 'fedavg'"]),
         (["train", "model=transformer"], ["no such model", "survpath"]),
         (["simulate", "rounds=[1"], ["rounds=[1"]),  # Hydra's own parse error, in one line
+        (["train", "data=folder"], ["data.root has no value; give data.root="]),
+        (["audit", "verify"], ["path has no value; give fedprog audit verify PATH"]),
     ],
 )
 def test_config_errors_print_one_line_and_exit_2_before_start_up(args, words, never_starts, capsys):
