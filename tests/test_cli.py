@@ -102,7 +102,7 @@ def never_starts(monkeypatch):
 def test_config_errors_print_one_line_and_exit_2_before_start_up(args, words, never_starts, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"fedprog {args[0]}: ")
+    assert err.count("\n") == 1 and err.startswith(f"fedprog {args[0]}")
     assert all(word in err for word in words), err
     assert "+roundz" not in err and "Traceback" not in err
 
