@@ -55,6 +55,7 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         groups(),
         lambda group_overrides: compose_config(name, group_overrides),
         lambda choices: key_comments(name, choices),
+        options_declaring,
     )
     return compose_config(name, overrides)
 
@@ -73,6 +74,15 @@ def group_file(group: str, option: str) -> Path:
         if path.is_file():
             return path
     raise FileNotFoundError(f"no {group} option {option!r} under {config_dir()} or {sites_dir()}")
+
+
+def options_declaring(path: str) -> list[str]:
+    """``group=option`` choices whose YAML declares ``path`` (``strategy.proximal_mu``: ``strategy=fedprox``)."""
+    from fedprog.schema import yaml_comments
+
+    group = path.split(".", 1)[0]
+    options = groups().get(group, [])
+    return [f"{group}={o}" for o in options if path in yaml_comments(group_file(group, o), prefix=group)]
 
 
 def key_comments(name: str, choices: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -156,6 +156,7 @@ class CommandSchema:
     name: str
     groups: dict[str, list[str]]
     keys: dict[str, Key]
+    declared_by: Callable[[str], list[str]] | None = None  # path -> group choices that declare it
 
 
 def _suggest(candidate: str | None) -> str:
@@ -177,6 +178,11 @@ def check_key(schema: CommandSchema, path: str, value: Any, *, adding: bool = Fa
         parent = schema.keys.get(path.rsplit(".", 1)[0]) if "." in path else None
         if adding and parent is not None and isinstance(parent.default, dict):
             return  # `+map.newkey=...` extends an open map (e.g. data.tables)
+        choices = schema.declared_by(path) if schema.declared_by else []
+        if choices:
+            raise ConfigError(
+                f"unknown key {path!r}: only {' or '.join(choices)} declares it; choose it first"
+            )
         hint = _suggest(nearest(path, [k for k in schema.keys if not k.startswith("hydra")]))
         raise ConfigError(f"unknown key {path!r}{hint}")
     if value is None:
@@ -204,12 +210,13 @@ def check_overrides(
     groups: Mapping[str, list[str]],
     compose: Callable[[list[str]], DictConfig],
     comments: Callable[[Mapping[str, str]], Mapping[str, str]],
+    declared_by: Callable[[str], list[str]] | None = None,
 ) -> None:
     """Check Hydra ``overrides`` of command config ``name``; raise ConfigError (one line) at the first error.
 
     Group choices (``strategy=fedprox``) are checked against the group's options first; the keys then against
     the config composed with those choices (``compose``), whose YAML comments (``comments(choices)``) say
-    which keys take ``null``.
+    which keys take ``null``; ``declared_by(path)`` names the group choices that would declare an unknown key.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
@@ -227,7 +234,7 @@ def check_overrides(
         else:
             key_overrides.append(override)
     cfg = compose(group_lines)
-    schema = CommandSchema(name, dict(groups), declared_keys(cfg, comments(choices)))
+    schema = CommandSchema(name, dict(groups), declared_keys(cfg, comments(choices)), declared_by)
     for override in key_overrides:
         adding = override.type in (OverrideType.ADD, OverrideType.FORCE_ADD)
         value = None if override.type == OverrideType.DEL else override.value()
