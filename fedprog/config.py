@@ -77,7 +77,7 @@ def group_file(group: str, option: str) -> Path:
 
 
 def options_declaring(path: str) -> list[str]:
-    """``group=option`` choices whose YAML declares ``path`` (``strategy.proximal_mu``: ``strategy=fedprox``)."""
+    """Group choices (``group=option``) whose YAML declares ``path``, e.g. ``strategy=fedprox``."""
     from fedprog.schema import yaml_comments
 
     group = path.split(".", 1)[0]

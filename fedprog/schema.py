@@ -180,9 +180,8 @@ def check_key(schema: CommandSchema, path: str, value: Any, *, adding: bool = Fa
             return  # `+map.newkey=...` extends an open map (e.g. data.tables)
         choices = schema.declared_by(path) if schema.declared_by else []
         if choices:
-            raise ConfigError(
-                f"unknown key {path!r}: only {' or '.join(choices)} declares it; choose it first"
-            )
+            only = ", ".join(choices)
+            raise ConfigError(f"unknown key {path!r}: declared only by {only}; choose one first")
         hint = _suggest(nearest(path, [k for k in schema.keys if not k.startswith("hydra")]))
         raise ConfigError(f"unknown key {path!r}{hint}")
     if value is None:
