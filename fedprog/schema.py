@@ -1,8 +1,8 @@
 """The typed schema of every command's config, read from its YAML defaults; overrides are checked against it.
 
 Each key's expected type is the type of its default value in the composed config (``int``, ``float``,
-``bool``, ``str``, ``list``, ``dict``); a key whose default is ``null`` (or ``???``) takes any value, and a
-number-, bool-, string- or list-valued key takes ``null`` only where its YAML comment says so (``null: ...``).
+``bool``, ``str``, ``list``, ``dict``); a key whose default is ``null`` (or ``???``) takes any value. Text,
+list and map keys also take ``null``; a number or flag takes it only where its YAML comment mentions ``null``.
 :func:`check_overrides` runs before Hydra composes the final config, so a typo or a wrong type fails in one
 line, naming the key, what it expected and the nearest valid key or choice, before Ray or Flower starts.
 """
@@ -42,8 +42,8 @@ class Key:
 
     @property
     def nullable(self) -> bool:
-        """Whether ``null`` is a valid value: a null default, or a comment that documents ``null``."""
-        return self.default is None or self.expected == ANY or "null" in self.comment
+        """Whether ``null`` is valid: for text, lists and maps; for a number or flag only where documented."""
+        return self.expected in (ANY, "str", "list", "dict") or "null" in self.comment
 
 
 def expected_type(default: Any) -> str:

@@ -148,14 +148,16 @@ def test_valid_overrides_pass_and_group_keys_follow_the_chosen_option():
         [
             "strategy=fedprox",
             "strategy.proximal_mu=0.5",  # declared by strategy=fedprox only
-            "heldout=null",  # documented null
-            "max_update_norm=null",
+            "heldout=null",  # lists, maps and text take null
+            "weighting=null",
+            "max_update_norm=null",  # a number whose comment documents null
             "training.max_patches=null",
             "training.lr=1",  # an int is a valid float
             "+data.tables.extra={path: extra.csv}",  # extends an open map
         ],
     )
     assert cfg.strategy.proximal_mu == 0.5 and cfg.heldout is None and cfg.training.max_patches is None
+    assert cfg.weighting is None
     assert cfg.data.tables.extra.path == "extra.csv"
     with pytest.raises(ConfigError, match="'strategy.proximal_mu': declared only by strategy=fedprox"):
         load_config("simulate", ["strategy.proximal_mu=0.5"])  # fedavg has no proximal term
