@@ -67,7 +67,7 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     num_threads: int | None = None
-    device: str = "auto"  # auto | cpu | cuda[:N], resolved by fedprog.device (callers pass it to train())
+    device: str = "auto"  # auto | cpu | cuda[:N] (fedprog.device): train()/evaluate() default device
     max_patches: int | None = 4096  # patches sampled per bag in training (the datasets' setting)
 
     @classmethod
@@ -209,7 +209,7 @@ def train(
     *,
     val_data: SurvivalDataset | None = None,
     global_params: Sequence[torch.Tensor] | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     progress: bool = True,
     log_prefix: str = "",
 ) -> TrainHistory:
@@ -227,10 +227,10 @@ def train(
         Validation split of the SOURCE data only; with ``cfg.select_on != "last"`` the best epoch is kept.
     global_params : sequence of tensors, optional
         The global model of this round; with ``cfg.proximal_mu > 0`` adds the FedProx proximal term.
-    device : str or torch.device
-        ``cpu``, ``cuda`` or ``auto``.
+    device : str or torch.device, optional
+        ``cpu``, ``cuda`` or ``auto``; default ``cfg.device`` (``training.device``).
     """
-    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    device = device if isinstance(device, torch.device) else resolve_device(str(device or cfg.device))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
@@ -334,7 +334,7 @@ def evaluate(
     data: SurvivalDataset,
     *,
     bins: SurvivalBins,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     train_times: np.ndarray | None = None,
     train_censorship: np.ndarray | None = None,
     loss_cfg: TrainConfig | None = None,
@@ -344,9 +344,10 @@ def evaluate(
     Metrics (``fedprog.survival.metrics.evaluate_predictions``): Harrell's C-index, Uno's IPCW C-index and the
     integrated Brier score (these two need ``train_times``/``train_censorship`` as censoring reference), the
     mean time-dependent AUC, the median-split log-rank p-value, and the mean loss. A metric that cannot be
-    computed is NaN with its reason logged.
+    computed is NaN with its reason logged. ``device`` defaults to ``loss_cfg.device`` (CPU without one).
     """
-    cfg = loss_cfg or TrainConfig()
+    cfg = loss_cfg or TrainConfig(device="cpu")
+    device = device or cfg.device
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     case_ids, logits, risk, survival = predict(model, data, device=device, batch_size=cfg.eval_batch_size)

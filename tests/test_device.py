@@ -151,7 +151,7 @@ def test_bf16_autocast_runs_on_cpu_and_matches_fp32():
         autocast(torch.device("cpu"), enabled=True, dtype="float8")
 
 
-def test_engine_trains_under_bf16_autocast_like_fp32(tmp_path):
+def test_engine_trains_under_bf16_autocast_like_fp32_on_training_device(tmp_path, monkeypatch):
     from data_factory import write_cohort
 
     from fedprog.config import load_config
@@ -173,6 +173,10 @@ def test_engine_trains_under_bf16_autocast_like_fp32(tmp_path):
     assert np.all(np.isfinite(losses[True]))
     assert not np.array_equal(losses[True], losses[False])  # autocast did change the arithmetic
     np.testing.assert_allclose(losses[True], losses[False], rtol=5e-2)
+    monkeypatch.setattr(device_module.torch.cuda, "is_available", lambda: False)
+    on_cuda = TrainConfig.from_cfg({"epochs": 1, "select_on": "last", "device": "cuda"})
+    with pytest.raises(DeviceError, match="training.device=cuda"):  # train() defaults to training.device
+        train(model, data, on_cuda, progress=False)
 
 
 def test_site_start_checks_the_hospital_device_before_starting(tmp_path, monkeypatch):
