@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from fedprog.config import config_dir, group_file, groups, key_comments, load_config
 
 USAGE_ERROR = 2
 HELP_FLAGS = {"-h", "--help"}
+CONFIG_ERRORS = (HydraException, OmegaConfBaseException)  # raised for a config they cannot compose
 DEBUG_HINT = "(run with --debug for the traceback)"
 QUIET_LOGGERS = (
     "alembic",
@@ -265,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(debug=debug)
         cfg = load_config(COMMANDS[words].config, _overrides(words, rest))
         require_values(words, cfg)
-    except Exception as error:  # noqa: BLE001 - every config error becomes one line (traceback with --debug)
+    except (*CONFIG_ERRORS, ValueError, LookupError, OSError) as error:  # one line; --debug: the traceback
         if debug:
             raise
         print(f"{label}: {one_line(error)}", file=sys.stderr)
