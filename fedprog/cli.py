@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -170,6 +171,13 @@ def _match(argv: Sequence[str]) -> tuple[tuple[str, ...], list[str]]:
     raise SystemExit(f"fedprog: unknown command {' '.join(argv[:2])!r}\n\n{usage()}")
 
 
+def quote(value: str) -> str:
+    """``value`` as a quoted Hydra string (paths with spaces, commas or brackets stay one value)."""
+    # Hydra unescapes backslashes only where they precede a quote (or the closing quote)
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+    return f"'{escaped}'"
+
+
 def _overrides(words: Sequence[str], rest: Sequence[str]) -> list[str]:
     command = COMMANDS[tuple(words)]
     overrides = [arg for arg in rest if "=" in arg or arg.startswith("~")]
@@ -177,7 +185,7 @@ def _overrides(words: Sequence[str], rest: Sequence[str]) -> list[str]:
     if positionals:
         if command.positional is None or len(positionals) > 1:
             raise SystemExit(f"fedprog {' '.join(words)}: unexpected argument(s) {positionals}")
-        overrides.append(f"{command.positional}={positionals[0]}")
+        overrides.append(f"{command.positional}={quote(positionals[0])}")
     return overrides
 
 

@@ -124,3 +124,10 @@ def test_log_lines_round_numbers_and_quiet_third_party_chatter():
         assert logging.getLogger("fedprog.federated").isEnabledFor(logging.INFO)
     finally:
         logging.basicConfig(force=True)
+
+
+@pytest.mark.parametrize("path", ["/tmp/my data,1", "/tmp/it's [x]", "C:\\runs\\", "a\\'b"])
+def test_positional_argument_arrives_intact(path):
+    from fedprog.config import load_config
+
+    assert load_config("audit", [cli._overrides(("audit", "verify"), [path])[0]]).path == path
