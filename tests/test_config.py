@@ -37,16 +37,22 @@ def test_strings_that_look_encoded_survive_the_round_trip():
 
 
 # ------------------------------------------------------------------------------------------ declared keys
-# A config read in the code is `cfg.a.b`, `cfg.a.get("b")` or `cfg["a"]["b"]`, where `cfg` is a config or a
-# sub-tree of one (e.g. the training group inside the engine), so a read passes when it is a path *inside*
-# some declared config tree. Attributes of typed objects that are also named `cfg` are not config keys:
+# A config read in the code is `cfg.a.b`, `cfg.a.get("b")` or `cfg["a"]["b"]`, where `cfg` (or another name in
+# CONFIG_NAMES) is a config or a sub-tree of one (e.g. the training group inside the engine), so a read passes
+# when it is a path *inside* some declared config tree. Attributes of typed objects with those names are not
+# config keys:
 NOT_CONFIG_KEYS = {
     "cade.kwargs": "models.model: ModelConfig.cade is a dataclass; kwargs() is its method",
     "sdir.kwargs": "models.model: ModelConfig.sdir is a dataclass; kwargs() is its method",
     "to_config": "federated.privacy.settings: a PrivacySettings method",
+    "to_flat": "federated.privacy.central/local: a settings object's method",
 }
+CONFIG_NAMES = r"\b(?:cfg|settings|data_cfg|sim|fed)"  # the names the code gives a config or a sub-tree
 CONFIG_READ = re.compile(
-    r"\bcfg((?:\.[A-Za-z_]\w*)+)(?:\(\s*[\"']([A-Za-z_]\w*)[\"'])?|\bcfg((?:\[[\"'][A-Za-z_]\w*[\"']\])+)"
+    CONFIG_NAMES
+    + r"((?:\.[A-Za-z_]\w*)+)(?:\(\s*[\"']([A-Za-z_]\w*)[\"'])?|"
+    + CONFIG_NAMES
+    + r"((?:\[[\"'][A-Za-z_]\w*[\"']\])+)"
 )
 CONTAINER_METHODS = {"get", "items", "keys", "values", "pop", "setdefault"}
 
