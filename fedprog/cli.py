@@ -124,8 +124,11 @@ def _format_value(value: object) -> str:
     return str(value)
 
 
-def command_help(words: Sequence[str]) -> str:
-    """One command's help: purpose, config file, groups with their options, its own keys with defaults."""
+def command_help(words: Sequence[str], section: str | None = None) -> str:
+    """One command's help: purpose, config file, groups with their options, its own keys with defaults.
+
+    With ``section`` (``fedprog simulate --help training``): every key under that group or section instead.
+    """
     from fedprog.schema import declared_keys, default_choices
 
     command = COMMANDS[tuple(words)]
@@ -140,15 +143,22 @@ def command_help(words: Sequence[str]) -> str:
     choices = default_choices(config_file)
     options = groups()
     if choices:
-        lines += ["", "groups (group=option; each option's keys are then group.key=value):"]
+        lines += ["", "groups (group=option; its keys are group.key=value, listed by `--help GROUP`):"]
         for group, option in choices.items():
             where = group_file(group, option).relative_to(group_file(group, option).parents[2])
             lines.append(f"  {group + '=' + option:<24} options: {', '.join(options[group])}  ({where})")
     cfg = load_config(command.config)
     comments = key_comments(command.config)
     declared = declared_keys(cfg, comments)
-    lines += ["", "keys (key=default  meaning):"]
-    for key in (declared[path] for path in _own_keys(config_file) if path in declared):
+    if section is not None:
+        paths = [path for path in declared if path.startswith(f"{section}.")]
+        if not paths:
+            raise SystemExit(f"fedprog {' '.join(words)}: no keys under {section!r}")
+        lines = [f"keys under {section} of fedprog {' '.join(words)} (key=default  meaning):"]
+    else:
+        paths = _own_keys(config_file)
+        lines += ["", "keys (key=default  meaning):"]
+    for key in (declared[path] for path in paths if path in declared):
         if isinstance(key.default, dict) and key.default:
             continue
         setting = f"{key.path}={_format_value(key.default)}"
@@ -271,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     label = f"fedprog {' '.join(words)}"
     try:
         if HELP_FLAGS & set(rest):
-            print(command_help(words))
+            sections = [arg for arg in rest if arg not in HELP_FLAGS and "=" not in arg]
+            print(command_help(words, sections[0] if sections else None))
             return 0
         configure_logging(debug=debug)
         cfg = load_config(COMMANDS[words].config, _overrides(words, rest))

@@ -131,3 +131,11 @@ def test_positional_argument_arrives_intact(path):
     from fedprog.config import load_config
 
     assert load_config("audit", [cli._overrides(("audit", "verify"), [path])[0]]).path == path
+
+
+def test_help_of_a_group_lists_its_keys(capsys):
+    assert main(["simulate", "--help", "training"]) == 0
+    lines = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert "training.device=auto" in lines and "training.max_patches=4096" in lines
+    assert "training.epochs=2" in lines  # the value simulate.yaml sets, not the group's default
+    assert all(line.startswith("training.") for line in lines)
