@@ -49,14 +49,15 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """
     from fedprog.schema import check_overrides
 
-    check_overrides(
-        name,
-        overrides,
-        groups(),
-        lambda group_overrides: compose_config(name, group_overrides),
-        lambda choices: key_comments(name, choices),
-        options_declaring,
-    )
+    if overrides:
+        check_overrides(
+            name,
+            overrides,
+            groups(),
+            lambda group_overrides: compose_config(name, group_overrides),
+            lambda choices: key_comments(name, choices),
+            options_declaring,
+        )
     return compose_config(name, overrides)
 
 
