@@ -32,15 +32,72 @@ def sites_dir() -> Path:
     return _resource_dir("sites")
 
 
-def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose ``configs/<name>.yaml`` with command-line style ``key=value`` overrides.
-
-    ``sites/`` is on the search path, so ``federation=<name>`` selects ``sites/federation/<name>.yaml``.
-    """
+def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``configs/<name>.yaml`` with Hydra ``overrides`` as given (no schema check)."""
     search_path = f"hydra.searchpath=[file://{sites_dir()}]"
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         cfg = compose(config_name=name, overrides=[search_path, *overrides])
     return cfg
+
+
+def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``configs/<name>.yaml`` with command-line style ``key=value`` overrides.
+
+    Every override is checked first (:func:`fedprog.schema.check_overrides`): an unknown key, a wrong type or
+    an unknown group choice raises :class:`fedprog.schema.ConfigError` with a one-line message. ``sites/`` is
+    on the search path, so ``federation=<name>`` selects ``sites/federation/<name>.yaml``.
+    """
+    from fedprog.schema import check_overrides
+
+    if overrides:
+        check_overrides(
+            name,
+            overrides,
+            groups(),
+            lambda group_overrides: compose_config(name, group_overrides),
+            lambda choices: key_comments(name, choices),
+            options_declaring,
+        )
+    return compose_config(name, overrides)
+
+
+def groups() -> dict[str, list[str]]:
+    """Config groups (``data``, ``model``, ``strategy``, ``federation``...) and their options."""
+    from fedprog.schema import config_groups
+
+    return config_groups(config_dir(), sites_dir())
+
+
+def group_file(group: str, option: str) -> Path:
+    """The YAML file of one group option (``configs/<group>/`` or ``sites/<group>/``)."""
+    for root in (config_dir(), sites_dir()):
+        path = root / group / f"{option}.yaml"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no {group} option {option!r} under {config_dir()} or {sites_dir()}")
+
+
+def options_declaring(path: str) -> list[str]:
+    """Group choices (``group=option``) whose YAML declares ``path``, e.g. ``strategy=fedprox``."""
+    from fedprog.schema import yaml_comments
+
+    group = path.split(".", 1)[0]
+    options = groups().get(group, [])
+    return [f"{group}={o}" for o in options if path in yaml_comments(group_file(group, o), prefix=group)]
+
+
+def key_comments(name: str, choices: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Dotted key -> YAML comment for ``configs/<name>.yaml`` and its group options (``choices`` win)."""
+    from fedprog.schema import default_choices, yaml_comments
+
+    command_file = config_dir() / f"{name}.yaml"
+    selected = {**default_choices(command_file), **(choices or {})}
+    comments: dict[str, str] = {}
+    for group, option in selected.items():
+        comments.update(yaml_comments(group_file(group, option), prefix=group))
+    own = yaml_comments(command_file)
+    comments.update({key: text for key, text in own.items() if text or key not in comments})
+    return comments
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

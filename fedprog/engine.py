@@ -7,7 +7,6 @@ import math
 import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
 from fedprog.data import Batch, SurvivalBins, SurvivalDataset, collate
+from fedprog.device import autocast, resolve_device
 from fedprog.survival.losses import cox_ph_loss, nll_survival_loss, risk_from_logits, survival_from_logits
 from fedprog.survival.metrics import evaluate_predictions
 
@@ -70,6 +70,8 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     num_threads: int | None = None
+    device: str = "auto"  # auto | cpu | cuda[:N] (fedprog.device): train()/evaluate() default device
+    max_patches: int | None = 4096  # patches sampled per bag in training (the datasets' setting)
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any], **overrides: Any) -> TrainConfig:
@@ -154,19 +156,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(device: str) -> torch.device:
-    """Map ``auto`` to CUDA when available, else CPU; validate explicit choices."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} requested but CUDA is not available on this machine")
-    return torch.device(device)
-
-
 def _autocast(device: torch.device, cfg: TrainConfig):
-    if not cfg.amp:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, cfg.amp_dtype))
+    return autocast(device, enabled=cfg.amp, dtype=cfg.amp_dtype)
 
 
 def _sampler(data: SurvivalDataset, cfg: TrainConfig, generator: torch.Generator) -> Sampler[int]:
@@ -276,7 +267,7 @@ def train(
     *,
     val_data: SurvivalDataset | None = None,
     global_params: Sequence[torch.Tensor] | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     progress: bool = True,
     log_prefix: str = "",
     optimizer_state: Mapping[str, torch.Tensor] | None = None,
@@ -296,14 +287,14 @@ def train(
         Validation split of the SOURCE data only; with ``cfg.select_on != "last"`` the best epoch is kept.
     global_params : sequence of tensors, optional
         The global model of this round; with ``cfg.proximal_mu > 0`` adds the FedProx proximal term.
-    device : str or torch.device
-        ``cpu``, ``cuda`` or ``auto``.
+    device : str or torch.device, optional
+        ``cpu``, ``cuda`` or ``auto``; default ``cfg.device`` (``training.device``).
     optimizer_state : mapping, optional
         ``history.optimizer_state`` of the previous call (same site); used if ``cfg.keep_optimizer_state``.
     run_position : RunPosition, optional
         This call's place in the run (federated round ``r`` of ``R``): the LR schedule continues across calls.
     """
-    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    device = device if isinstance(device, torch.device) else resolve_device(str(device or cfg.device))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
@@ -415,7 +406,7 @@ def evaluate(
     data: SurvivalDataset,
     *,
     bins: SurvivalBins,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     train_times: np.ndarray | None = None,
     train_censorship: np.ndarray | None = None,
     loss_cfg: TrainConfig | None = None,
@@ -425,9 +416,10 @@ def evaluate(
     Metrics (``fedprog.survival.metrics.evaluate_predictions``): Harrell's C-index, Uno's IPCW C-index and the
     integrated Brier score (these two need ``train_times``/``train_censorship`` as censoring reference), the
     mean time-dependent AUC, the median-split log-rank p-value, and the mean loss. A metric that cannot be
-    computed is NaN with its reason logged.
+    computed is NaN with its reason logged. ``device`` defaults to ``loss_cfg.device`` (CPU without one).
     """
-    cfg = loss_cfg or TrainConfig()
+    cfg = loss_cfg or TrainConfig(device="cpu")
+    device = device or cfg.device
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     case_ids, logits, risk, survival = predict(model, data, device=device, batch_size=cfg.eval_batch_size)

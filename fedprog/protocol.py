@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from fedprog.data import Cohort, DatasetLayout, load_cohorts
 from fedprog.engine import EvalResult, TrainConfig, evaluate, resolve_device, seed_everything, train
 from fedprog.pipeline import PooledDataset, build_model, fit_preprocessing, make_dataset
-from fedprog.report import ReportBuilder, create_run_dir, environment_info, save_run_config, write_json
+from fedprog.report import ReportBuilder, environment_info, write_json
+from fedprog.results import start_run
 from fedprog.survival.metrics import harrell_cindex, plot_km
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,11 @@ def run_source(
     train_cfg = TrainConfig.from_cfg(cfg.training, seed=seed)
 
     def dataset(name: str, ids: Sequence[str]):
-        return make_dataset(cohorts[name], ids, prep, max_patches=cfg.max_patches, seed=seed)
+        return make_dataset(cohorts[name], ids, prep, max_patches=cfg.training.max_patches, seed=seed)
 
     train_data = PooledDataset([dataset(n, s[0]) for n, s in splits.items()])
     val_data = PooledDataset([dataset(n, s[1]) for n, s in splits.items() if s[1]])
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.training.device)
     seed_everything(seed)  # the initial weights depend on the seed only, not on what ran before
     model = build_model(cfg.model, train_data, loss=train_cfg.loss)
     label = f"{'+'.join(source)} seed {seed}: "
@@ -322,8 +323,7 @@ def write_rotation_outputs(
 
 def main(cfg: DictConfig) -> int:
     """``fedprog train``: run the protocol and write results.json and report.md under ``out``."""
-    out_dir = create_run_dir(cfg.out)
-    save_run_config(cfg, out_dir)
+    out_dir = start_run("train", cfg)  # out=null: a new runs/train/<time stamp>/ folder
     log.info("fedprog train -> %s", out_dir)
     if cfg.rotation.mode not in {"none", "loco"}:
         raise ValueError(f"rotation.mode={cfg.rotation.mode!r}; choose none or loco")

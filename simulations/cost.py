@@ -10,7 +10,7 @@ shared engine and reports:
   before the step), and the same for a cohort 4x larger, to show memory does not grow with the cohort.
 
     python simulations/cost.py                      # CPU
-    python simulations/cost.py device=cuda amp=true # GPU with bf16 autocast
+    python simulations/cost.py training.device=cuda training.amp=true  # GPU, bf16 autocast
 
 Absolute times are machine-specific; compare ratios measured in one run.
 """
@@ -100,8 +100,8 @@ def measure(root: str, mode: str, overrides: list[str]) -> dict:
     cohort = load_cohorts(layout)["bench"]
     prep = fit_preprocessing(layout, {"bench": cohort}, {"bench": cohort.case_ids}, n_bins=4)
     ids = cohort.case_ids if mode == "epoch" else cohort.case_ids[:1]
-    data = make_dataset(cohort, ids, prep, max_patches=cfg.max_patches)
-    device = resolve_device(cfg.device)
+    data = make_dataset(cohort, ids, prep, max_patches=cfg.training.max_patches)
+    device = resolve_device(cfg.training.device)
     model = build_model(cfg.model, data, loss="nll").to(device)
     train_cfg = TrainConfig.from_cfg(cfg.training, epochs=1, select_on="last", balanced_sampling=False)
     if mode == "step":

@@ -53,7 +53,7 @@ def test_modules_label():
 def test_train_command_writes_results_and_report(dataset, tmp_path):
     cfg = protocol_cfg(dataset, tmp_path / "runs", "modules=sdir_cade")
     assert main(cfg) == 0
-    (run,) = (tmp_path / "runs").iterdir()
+    run = tmp_path / "runs"  # out= names the run folder itself
     results = json.loads((run / "results.json").read_text())
     records = results["records"]
     # 2 sources x 2 seeds x (in-domain + 1 target)

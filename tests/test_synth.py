@@ -17,7 +17,7 @@ from scipy.stats import ttest_ind
 from sksurv.metrics import concordance_index_censored
 
 from fedprog.cli import main as cli_main
-from fedprog.config import load_config
+from fedprog.config import compose_config
 from fedprog.data.synth import (
     SynthError,
     SynthParams,
@@ -40,7 +40,8 @@ SMALL = [
 
 
 def _data_cfg(overrides: list[str] = ()) -> dict:
-    return OmegaConf.to_container(load_config("synth", list(overrides)).data, resolve=True)
+    cfg = compose_config("synth", list(overrides))  # unchecked: SynthParams validates its own keys here
+    return OmegaConf.to_container(cfg.data, resolve=True)
 
 
 def _hashes(root: Path) -> dict[str, str]:

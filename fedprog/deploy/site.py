@@ -69,6 +69,7 @@ from fedprog.deploy.processes import (
     stop_processes,
     wait_for_exit,
 )
+from fedprog.device import DeviceError, resolve_device
 
 logger = logging.getLogger(__name__)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -135,6 +136,10 @@ def load_settings(cfg: DictConfig) -> DictConfig:
             raise SiteConfigError(f"{where}: key {key!r} is not set")
     if settings.role not in ROLES:
         raise SiteConfigError(f"{where}: role={settings.role!r}, expected one of {list(ROLES)}")
+    try:  # the hospital's training device (node-config `device`, wins over the run's training.device)
+        resolve_device(str(settings.device), key="device")
+    except DeviceError as error:
+        raise SiteConfigError(f"{where}: {error}") from error
     if settings.process_model not in PROCESS_MODELS:
         raise SiteConfigError(
             f"{where}: process_model={settings.process_model!r}, expected one of {list(PROCESS_MODELS)}"

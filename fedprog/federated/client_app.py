@@ -40,6 +40,7 @@ from fedprog.data.dataset import expression_frame
 from fedprog.data.groups import GeneGroups
 from fedprog.data.layout import MANIFEST
 from fedprog.data.transforms import expression_transform_for, tabular_transform_for
+from fedprog.device import client_device
 from fedprog.federated.disclosure import DisclosurePolicy
 from fedprog.federated.federation import (
     SiteResolutionError,
@@ -173,9 +174,7 @@ def resolve_site(cfg: DictConfig, context: Context) -> SiteHandle:
     if key not in _SITES:
         layout = _site_layout(cfg, node_config)
         site, cohort = _resolve(layout, node_config, fed, heldout_list, key)
-        device = str(
-            node_config.get("device", cfg.training.get("device", "cpu") if "training" in cfg else "cpu")
-        )
+        device = client_device(str(cfg.training.get("device", "auto")), node_config)
         policy = DisclosurePolicy.load(node_config, _federation_name(cfg, node_config))
         _SITES[key] = SiteHandle(site, layout, cohort, device, policy)
         log.info(
@@ -248,13 +247,13 @@ def site_datasets(
 ) -> tuple[SurvivalDataset | None, SurvivalDataset]:
     """(train dataset or None for a held-out site, evaluation dataset), cached by site and data signature."""
     digest = hashlib.sha256(prep_json.encode()).hexdigest()
-    key = (handle.site.name, str(handle.layout.root), digest, str(cfg.training.get("max_patches")))
+    key = (handle.site.name, str(handle.layout.root), digest, str(cfg.training.max_patches))
     if key not in _DATA:
         prep = Preprocessing.from_state_dict(json.loads(prep_json))
 
         def make(ids: tuple[str, ...]) -> SurvivalDataset:
             return make_dataset(
-                handle.cohort, ids, prep, max_patches=cfg.training.get("max_patches"), seed=int(cfg.seed)
+                handle.cohort, ids, prep, max_patches=cfg.training.max_patches, seed=int(cfg.seed)
             )
 
         train_ds = (

@@ -73,6 +73,7 @@ from fedprog.federated.strategy import (
     numpy_to_arrays,
 )
 from fedprog.pipeline import Preprocessing
+from fedprog.results import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> DictConfig:
     name = str(run_config.get("config-name") or "simulate")
     overrides = shlex.split(str(run_config.get("overrides") or ""))
     cfg = load_config(name, overrides)
+    cfg.out = str(run_folder(name, cfg.out))  # out=null: a new runs/<name>/<time stamp>/ folder
     return OmegaConf.create(to_container(cfg))
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog.config import to_container
+from fedprog.device import client_resources, simulation_device
 from fedprog.federated.checkpoint import CheckpointError, check_fresh_out, resume_config
 from fedprog.federated.strategy import BASELINES, FederationError
 from fedprog.report import (
@@ -33,6 +34,7 @@ from fedprog.report import (
     save_run_config,
     write_json,
 )
+from fedprog.results import run_folder, save_versions
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,9 @@ def prepare(cfg: DictConfig) -> DictConfig:
     if cfg.get("resume"):
         resumed, _ = resume_config(cfg, load_config("simulate"))
         return resumed
-    check_fresh_out(str(cfg.out))
+    if cfg.get("out") is not None:
+        check_fresh_out(str(cfg.out))
     cfg = OmegaConf.create(to_container(cfg))
-    cfg.out = str(Path(str(cfg.out)).resolve())
     cfg.data.root = str(Path(str(cfg.data.root)).resolve())
     if cfg.data.get("synth") is not None and cfg.data.get("generate_if_missing", False):
         from fedprog.data.synth import ensure_generated
@@ -71,6 +73,10 @@ def prepare(cfg: DictConfig) -> DictConfig:
     heldout = cfg.get("heldout")
     sites = build_sites(layout, cfg.federation, None if heldout is None else list(heldout))
     cfg.expected_sites = len(sites)
+    sim = cfg.simulation
+    cfg.training.device, sim.num_gpus = simulation_device(cfg.training.device, sim.num_gpus)
+    cfg.out = str(run_folder("simulate", cfg.out))  # out=null: a new runs/simulate/<time stamp>/ folder
+    save_versions(Path(cfg.out))
     return cfg
 
 
@@ -97,7 +103,7 @@ def run_simulation(cfg: DictConfig) -> dict[str, Any]:
     if sim.get("ray_num_cpus"):
         init_args["num_cpus"] = int(sim.ray_num_cpus)
     backend_config = {
-        "client_resources": {"num_cpus": float(sim.num_cpus), "num_gpus": float(sim.num_gpus)},
+        "client_resources": client_resources(sim.num_cpus, sim.num_gpus),
         "init_args": init_args,
     }
     context = Context(
