@@ -51,6 +51,7 @@ class Command:
     target: str  # "module:function", the function takes the composed DictConfig
     help: str
     positional: str | None = None
+    many: bool = False  # the positional key is a list: every bare argument is one item
 
 
 COMMANDS: dict[tuple[str, ...], Command] = {
@@ -58,7 +59,13 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("data", "check"): Command(
         "data_check", "fedprog.data.check:main", "validate a dataset and print its summary", "data.root"
     ),
+    ("data", "add"): Command(
+        "data_add", "fedprog.data.check:add_main", "register a cohort folder and check it", "data.root"
+    ),
     ("train",): Command("train", "fedprog.protocol:main", "centralized cross-cancer protocol"),
+    ("compare",): Command(
+        "compare", "fedprog.compare:compare_main", "paired comparison of rotation runs", "runs", many=True
+    ),
     ("simulate",): Command(
         "simulate", "fedprog.federated.simulation:main", "federated simulation (main job)"
     ),
@@ -68,6 +75,9 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("certs", "check"): Command("certs", "fedprog.deploy.certs:check_main", "verify certificates and keys"),
     ("site", "start"): Command(
         "site", "fedprog.deploy.site:start_main", "check data, start a SuperNode", "config"
+    ),
+    ("site", "fab-hash"): Command(
+        "fab_hash", "fedprog.deploy.site:fab_hash_main", "print the app hash (FAB SHA-256) sites pin", "app"
     ),
     ("site", "stop"): Command("site", "fedprog.deploy.site:stop_main", "stop a site's SuperNode", "config"),
     ("server", "start"): Command(
@@ -193,9 +203,10 @@ def _overrides(words: Sequence[str], rest: Sequence[str]) -> list[str]:
     overrides = [arg for arg in rest if "=" in arg or arg.startswith("~")]
     positionals = [arg for arg in rest if arg not in overrides]
     if positionals:
-        if command.positional is None or len(positionals) > 1:
+        if command.positional is None or (len(positionals) > 1 and not command.many):
             raise SystemExit(f"fedprog {' '.join(words)}: unexpected argument(s) {positionals}")
-        overrides.append(f"{command.positional}={quote(positionals[0])}")
+        values = [quote(arg) for arg in positionals]
+        overrides.append(f"{command.positional}=" + (f"[{','.join(values)}]" if command.many else values[0]))
     return overrides
 
 

@@ -184,18 +184,22 @@ def compare(
         if label != reference_label:
             table = paired_comparison(predictions, reference, n_boot=n_boot, level=level, seed=seed)
             paired.append(table.assign(setting=label, reference=reference_label))
-    settings = pd.concat(summaries, ignore_index=True)
+    summary_frame = pd.concat(summaries, ignore_index=True)
     differences = pd.concat(paired, ignore_index=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_tables(out, settings, differences, level)
-    forest_plot(settings, differences, out / "forest.png")
-    return {"settings": settings, "paired": differences}
+    _write_tables(out, summary_frame, differences, level)
+    forest_plot(summary_frame, differences, out / "forest.png")
+    return {"settings": summary_frame, "paired": differences}
 
 
-def _write_tables(out: Path, settings: pd.DataFrame, differences: pd.DataFrame, level: float) -> None:
+def _write_tables(out: Path, summary_frame: pd.DataFrame, differences: pd.DataFrame, level: float) -> None:
     write_json(
-        {"settings": settings.to_dict("records"), "paired": differences.to_dict("records"), "level": level},
+        {
+            "settings": summary_frame.to_dict("records"),
+            "paired": differences.to_dict("records"),
+            "level": level,
+        },
         out / "comparison.json",
     )
     columns = ["setting", "target", "c_index", "ci_low", "ci_high", "n_seeds", "n_events"]
@@ -207,7 +211,7 @@ def _write_tables(out: Path, settings: pd.DataFrame, differences: pd.DataFrame, 
         "patients within sites, then seeds. Chance is 0.5; the transfer ceiling is the C-index of the true "
         "shared (transferable) risk, the oracle that of the true risk (generated data only).\n",
         "## Settings\n",
-        markdown_table(settings[columns]),
+        markdown_table(summary_frame[columns]),
         f"\n## Paired differences to `{differences['reference'].iloc[0]}`\n",
         f"Same targets, seeds and patients; {pct} paired bootstrap CI; Wilcoxon signed-rank p over the "
         "(target, seed) differences (two-sided).\n",
@@ -219,21 +223,21 @@ def _write_tables(out: Path, settings: pd.DataFrame, differences: pd.DataFrame, 
     (out / "comparison.md").write_text("\n".join(text))
 
 
-def forest_plot(settings: pd.DataFrame, differences: pd.DataFrame, path: str | Path) -> Path:
+def forest_plot(summary_frame: pd.DataFrame, differences: pd.DataFrame, path: str | Path) -> Path:
     """Per target: each setting's C-index with CI, transfer ceiling, oracle and chance; paired differences."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    targets = list(dict.fromkeys(settings["target"]))
-    labels = list(dict.fromkeys(settings["setting"]))
+    targets = list(dict.fromkeys(summary_frame["target"]))
+    labels = list(dict.fromkeys(summary_frame["setting"]))
     fig, (left, right) = plt.subplots(
         1, 2, figsize=(11, 0.6 * len(targets) * max(1, len(labels) / 2) + 1.5), sharey=True
     )
     step = 0.8 / max(1, len(labels))
     for j, label in enumerate(labels):
-        rows = settings[settings["setting"] == label].set_index("target").loc[targets]
+        rows = summary_frame[summary_frame["setting"] == label].set_index("target").loc[targets]
         y = np.arange(len(targets)) + j * step
         left.errorbar(
             rows["c_index"],
@@ -254,7 +258,7 @@ def forest_plot(settings: pd.DataFrame, differences: pd.DataFrame, path: str | P
                 capsize=3,
                 color=f"C{j}",
             )
-    first = settings[settings["setting"] == labels[0]].set_index("target").loc[targets]
+    first = summary_frame[summary_frame["setting"] == labels[0]].set_index("target").loc[targets]
     y0 = np.arange(len(targets)) + 0.4 - step / 2
     left.scatter(first["transfer_c_index"], y0, marker="|", s=300, color="k", label="transfer ceiling")
     left.scatter(first["oracle_c_index"], y0, marker="|", s=300, color="grey", label="oracle")
@@ -269,6 +273,13 @@ def forest_plot(settings: pd.DataFrame, differences: pd.DataFrame, path: str | P
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def compare_main(cfg: Any) -> int:
+    """``fedprog compare RUN1 RUN2 ...`` (``configs/compare.yaml``): print the tables, write the report."""
+    runs = [str(run) for run in cfg.runs]
+    argv = [*runs, "--n-boot", str(cfg.n_boot), "--level", str(cfg.level), "--seed", str(cfg.seed)]
+    return main([*argv, "--out", str(cfg.out)] if cfg.out else argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

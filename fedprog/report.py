@@ -28,7 +28,6 @@ __all__ = [
     "ReportBuilder",
     "ReportError",
     "UnsafePathError",
-    "create_run_dir",
     "environment_info",
     "markdown_table",
     "plot_rounds",
@@ -45,8 +44,6 @@ REPORT_FILE = "report.md"
 """Name of the human report inside a run folder."""
 CONFIG_FILE = "config.yaml"
 """Name of the resolved run configuration inside a run folder."""
-RUN_DIR_FORMAT = "%Y%m%d-%H%M%S"
-"""strftime pattern of run folder names (``create_run_dir``)."""
 MISSING_CELL = "n/a"
 """How a NaN / missing value is shown in markdown tables."""
 DEFAULT_PLOT_DPI = 150
@@ -212,36 +209,6 @@ def _device_name() -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Run folders
 # ----------------------------------------------------------------------------------------------------------
-
-
-def create_run_dir(out: str | Path, *, now: dt.datetime | None = None) -> Path:
-    """Create and return a fresh run folder ``<out>/<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... if taken).
-
-    Parameters
-    ----------
-    out : str or Path
-        Parent folder of all runs (the ``out=`` option of a command); created when missing.
-    now : datetime, optional
-        Time stamp to use (default: the current local time).
-
-    Returns
-    -------
-    Path
-        The new, empty folder.
-    """
-    parent = Path(out)
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = (now or dt.datetime.now()).strftime(RUN_DIR_FORMAT)
-    candidate, suffix = parent / stamp, 1
-    while True:
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            suffix += 1
-            candidate = parent / f"{stamp}-{suffix}"
-            continue
-        log.info("run folder %s", candidate)
-        return candidate
 
 
 def save_run_config(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path) -> Path:

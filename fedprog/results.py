@@ -12,13 +12,14 @@ import json
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from fedprog.report import save_run_config
 
 log = logging.getLogger(__name__)
 
 RUNS_ROOT = Path("runs")
 STAMP_FORMAT = "%Y%m%d-%H%M%S"
-CONFIG_FILE = "config.yaml"
 VERSIONS_FILE = "versions.json"
 
 
@@ -60,13 +61,6 @@ def run_folder(
     return folder
 
 
-def save_config(cfg: DictConfig, folder: Path) -> Path:
-    """Write the resolved config to ``<folder>/config.yaml`` (``OmegaConf.load`` reads it back)."""
-    path = folder / CONFIG_FILE
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    return path
-
-
 def save_versions(folder: Path) -> Path:
     """Write the package versions and machine facts to ``<folder>/versions.json``."""
     from fedprog.report import environment_info
@@ -80,6 +74,6 @@ def start_run(command: str, cfg: DictConfig) -> Path:
     """Claim the run folder of ``cfg.out``, set ``cfg.out`` to it and save the config and versions there."""
     folder = run_folder(command, cfg.out)
     cfg.out = str(folder)
-    save_config(cfg, folder)
+    save_run_config(cfg, folder)
     save_versions(folder)
     return folder

@@ -27,7 +27,7 @@ def run_setting(label: str, overrides: list[str], common: list[str], out: Path) 
     """Run one rotation and return its run folder."""
     cfg = load_config("train", ["rotation=loco", f"label={label}", f"out={out / label}", *common, *overrides])
     protocol.main(cfg)
-    return sorted((out / label).iterdir())[-1]  # create_run_dir: the newest run folder
+    return out / label  # out= is the run folder itself
 
 
 def main() -> None:

@@ -139,3 +139,22 @@ def test_help_of_a_group_lists_its_keys(capsys):
     assert "training.device=auto" in lines and "training.max_patches=4096" in lines
     assert "training.epochs=2" in lines  # the value simulate.yaml sets, not the group's default
     assert all(line.startswith("training.") for line in lines)
+
+
+def test_many_positionals_fill_a_list_key(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(
+        cli, "implementation", lambda command: lambda cfg: seen.setdefault("runs", list(cfg.runs))
+    )
+    assert main(["compare", "runs/a b", "runs/c"]) == 0
+    assert seen["runs"] == ["runs/a b", "runs/c"]
+    with pytest.raises(SystemExit, match="unexpected argument"):
+        main(["data", "check", "a", "b"])  # a single positional stays single
+
+
+def test_site_fab_hash_prints_the_hash_sites_pin(monkeypatch, capsys, tmp_path):
+    from fedprog.deploy import site
+
+    monkeypatch.setattr(site, "print_fab_hash", lambda app: print(f"hash-of {app}") or "x")
+    assert main(["site", "fab-hash", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"hash-of {tmp_path}"

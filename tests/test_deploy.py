@@ -692,3 +692,30 @@ def test_superlink_restart_resumes_fedprog_run(consortium: Consortium) -> None:
         (r, s) for r in (1, 2) for s in sorted(SITES)
     ]
     assert (out / "checkpoints/round-0002/state.json").is_file()
+
+
+def test_site_node_config_carries_its_state_dir_and_own_disclosure_limits(
+    tmp_path: Path, tiny_data: Path, creds: dict[str, object]
+) -> None:
+    path = _site_file(
+        tmp_path / "h0.yaml",
+        site="h0",
+        data_root=str(tiny_data),
+        cohort="c0",
+        state_dir=str(tmp_path / "state"),
+        disclosure={"min_events": 7, "km_max_points": 8},
+        **creds,
+    )
+    line = site.node_config(_site_settings(path))
+    assert f"state-dir='{(tmp_path / 'state' / 'optimizer').resolve()}'" in line
+    assert "min-events='7'" in line and "km-max-points='8'" in line
+    bad = _site_file(
+        tmp_path / "h9.yaml",
+        site="h9",
+        data_root=str(tiny_data),
+        cohort="c0",
+        disclosure={"min_event": 1},
+        **creds,
+    )
+    with pytest.raises(site.SiteConfigError, match="disclosure key 'min_event' is unknown"):
+        _site_settings(bad)

@@ -136,8 +136,7 @@ def test_rotation_runs_end_to_end_and_compares(tmp_path):
     root = tmp_path / "synth"
     assert main(rotation_cfg(root, tmp_path / "a", "label=snn-a")) == 0
     assert main(rotation_cfg(root, tmp_path / "b", "label=snn-b", "training.lr=1e-2")) == 0
-    (run_a,) = (tmp_path / "a").iterdir()
-    (run_b,) = (tmp_path / "b").iterdir()
+    run_a, run_b = tmp_path / "a", tmp_path / "b"  # out= is the run folder itself
     record, predictions = load_rotation(run_a)
     truth = read_truth(root)
     # every case of every target, once per seed; sources never include the target (model selection on sources)

@@ -17,7 +17,6 @@ from fedprog.report import (
     ReportBuilder,
     ReportError,
     UnsafePathError,
-    create_run_dir,
     environment_info,
     markdown_table,
     plot_rounds,
@@ -97,14 +96,6 @@ def test_environment_info_has_versions() -> None:
 
 
 # --------------------------------------------------------------------------------------------- run folders
-
-
-def test_create_run_dir_is_unique(tmp_path: Path) -> None:
-    now = dt.datetime(2025, 6, 1, 12, 30, 0)
-    first = create_run_dir(tmp_path / "runs", now=now)
-    second = create_run_dir(tmp_path / "runs", now=now)
-    assert first.name == "20250601-123000" and second.name == "20250601-123000-2"
-    assert first.is_dir() and second.is_dir()
 
 
 def test_save_run_config_resolves_and_reloads(tmp_path: Path) -> None:

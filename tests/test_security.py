@@ -32,7 +32,7 @@ from fedprog.federated.server_app import RunFailed, run_federation
 from fedprog.federated.strategy import arrays_to_numpy, build_strategy, numpy_to_arrays
 from fedprog.report import UnsafePathError, safe_output_path
 
-DEFAULT_OUT = "runs/simulate/${now:%Y%m%d-%H%M%S}"  # simulate.yaml's default (no out= given)
+DEFAULT_OUT = "null"  # simulate.yaml's default (no out= given: a new time-stamped folder)
 HELDOUT = 2  # partition of c1-B1, the held-out site of the tiny federation (c0-A1, c0-A2, c1-B1, c1-B2)
 Fault = Callable[[Message, Message], Message]
 
@@ -507,3 +507,18 @@ def test_simulate_in_flower_runtime_names_a_corrupt_site_in_one_line(data_root: 
     last = err.strip().splitlines()[-1]
     assert last.startswith("fedprog simulate: failed:") and "c1-B1" in last and "BagError" in last, last
     assert _results(tmp_path / "run")["status"] == "failed"
+
+
+# ------------------------------------------------------------------------------ finding 8: audit anchor
+def test_results_json_anchors_the_audit_log_and_verify_detects_truncation(data_root: Path, tmp_path: Path):
+    from fedprog.config import load_config
+    from fedprog.deploy.audit import verify_main
+
+    out = tmp_path / "run"
+    results = _run(data_root, out, "audit.enabled=true", "rounds=1")
+    log_path = out / "audit.jsonl"
+    lines = log_path.read_text().splitlines()
+    assert results["audit"] == {"last_hash": json.loads(lines[-1])["hash"], "entries": len(lines)}
+    assert verify_main(load_config("audit", [f"path={log_path}", f"expect={out}"])) == 0
+    log_path.write_text("\n".join(lines[:-1]) + "\n")  # the run's last entry deleted: still a valid chain
+    assert verify_main(load_config("audit", [f"path={log_path}", f"expect={out}"])) == 1

@@ -163,6 +163,10 @@ class AuditLog:
                 f"run `fedprog audit verify {self.path}`"
             ) from error
 
+    def anchor(self) -> dict[str, Any]:
+        """The log's anchor now (:func:`audit_anchor`): store it away from the log, e.g. in results.json."""
+        return audit_anchor(self.path)
+
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         """Append one event; return the entry written (with ``seq``, ``time``, ``prev_hash``, ``hash``).
 

@@ -438,6 +438,8 @@ def run_config(settings: DictConfig) -> dict[str, bool | int | float | str]:
         user_choice = any(item.lstrip("+~").startswith("audit.enabled") for item in overrides)
         if settings.run_audit and "audit" in composed and not user_choice:
             composed.audit.enabled = True  # every deployment round is audited unless the operator says not
+        if "audit" in composed and composed.audit.enabled and not composed.audit.get("path"):
+            composed.audit.path = str(Path(out) / "audit.jsonl")  # beside the report it is anchored in
         path = _state_dir(settings) / "run_config.yaml"
         OmegaConf.save(composed, path)
         values[str(keys.config_file)] = str(path.resolve())

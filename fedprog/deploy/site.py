@@ -70,6 +70,8 @@ from fedprog.deploy.processes import (
     wait_for_exit,
 )
 from fedprog.device import DeviceError, resolve_device
+from fedprog.federated.disclosure import LIMITS as DISCLOSURE_LIMITS
+from fedprog.federated.site_state import STATE_NODE_KEY
 
 logger = logging.getLogger(__name__)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -134,6 +136,11 @@ def load_settings(cfg: DictConfig) -> DictConfig:
     for key in ("site", "data_root", "cohort", "role", "device", "server", "port", "state_dir", "flwr_home"):
         if OmegaConf.is_missing(settings, key) or settings.get(key) in (None, ""):
             raise SiteConfigError(f"{where}: key {key!r} is not set")
+    unknown = sorted(set(settings.get("disclosure") or {}) - set(DISCLOSURE_LIMITS))
+    if unknown:
+        raise SiteConfigError(
+            f"{where}: disclosure key {unknown[0]!r} is unknown; choose from {', '.join(DISCLOSURE_LIMITS)}"
+        )
     if settings.role not in ROLES:
         raise SiteConfigError(f"{where}: role={settings.role!r}, expected one of {list(ROLES)}")
     try:  # the hospital's training device (node-config `device`, wins over the run's training.device)
@@ -201,7 +208,10 @@ def node_config(settings: DictConfig) -> str:
         "cohort": settings.cohort,
         "role": settings.role,
         "device": settings.device,
+        STATE_NODE_KEY: str((Path(str(settings.state_dir)) / "optimizer").resolve()),
     }
+    for name, value in (settings.get("disclosure") or {}).items():  # the site's own limits (its ClientApp)
+        values[str(name).replace("_", "-")] = value
     return " ".join(f"{key}='{value}'" for key, value in values.items())
 
 
@@ -288,7 +298,7 @@ def _check_app_pins(settings: DictConfig) -> None:
     if not settings.app_hashes and not settings.allow_any_app:
         raise SiteConfigError(
             f"site {settings.site}: app_hashes is empty: name the app (FAB SHA-256) the consortium pinned "
-            "(`python -m fedprog.deploy.site fab-hash <app folder>`), or allow_any_app: true for a rehearsal"
+            "(`fedprog site fab-hash <app folder>`), or allow_any_app: true for a rehearsal"
         )
 
 
@@ -454,6 +464,12 @@ def stop_main(cfg: DictConfig) -> int:
         print(f"fedprog site stop: {error}")
         return 1
     print(f"site {settings.site}: " + ("stopped" if stop_site(settings) else "nothing was running"))
+    return 0
+
+
+def fab_hash_main(cfg: DictConfig) -> int:
+    """``fedprog site fab-hash [APP]``: print the FAB SHA-256 of the app folder (what ``app_hashes`` pins)."""
+    print_fab_hash(str(cfg.app))
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
@@ -65,6 +66,7 @@ from fedprog.federated.messages import (  # noqa: F401 - the protocol's names, r
     config_record,
     encode_error,
 )
+from fedprog.federated.site_state import SiteStateStore, site_state_store
 from fedprog.pipeline import Preprocessing, build_model, make_dataset, training_groups
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ log = logging.getLogger(__name__)
 #: Flower's error code for an exception inside a ClientApp (flwr.common.constant.ErrorCode).
 CLIENT_APP_RAISED_EXCEPTION = 2
 OPTIMIZER_STATE_KEY = "fedprog-optimizer"  # context.state: this site's optimizer moments, kept across rounds
+OPTIMIZER_ROUND_KEY = "fedprog-optimizer-round"  # context.state: the round those moments come from
 
 
 class SiteRefusal(PermissionError):
@@ -448,7 +451,10 @@ def train_arrays(
     train_ds.set_epoch(0)
     model = _model(cfg, train_ds, arrays)
     anchors = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
-    kept = context.state.array_records.get(OPTIMIZER_STATE_KEY) if train_cfg.keep_optimizer_state else None
+    store, kept = None, None
+    if train_cfg.keep_optimizer_state:
+        store = site_state_store(cfg, context.node_config, handle.site.name)
+        kept = _kept_optimizer_state(context, store, server_round)
     rounds = max(int(cfg.rounds), server_round)  # a resumed or extended run keeps a valid schedule position
     history = engine.train(
         model,
@@ -458,11 +464,14 @@ def train_arrays(
         device=handle.device,
         progress=False,
         log_prefix=f"[{handle.site.name} r{server_round}] ",
-        optimizer_state=None if kept is None else kept.to_torch_state_dict(),
+        optimizer_state=kept,
         run_position=engine.RunPosition(max(server_round - 1, 0), rounds),
     )
     if history.optimizer_state is not None:
         context.state[OPTIMIZER_STATE_KEY] = ArrayRecord(history.optimizer_state)
+        context.state[OPTIMIZER_ROUND_KEY] = ConfigRecord({"round": server_round})
+        if store is not None:
+            store.save(server_round, history.optimizer_state)
     model.to("cpu")
     metrics = MetricRecord(
         {
@@ -474,6 +483,20 @@ def train_arrays(
         }
     )
     return ArrayRecord(model.state_dict()), metrics
+
+
+def _kept_optimizer_state(
+    context: Context, store: SiteStateStore | None, server_round: int
+) -> dict[str, torch.Tensor] | None:
+    """This site's optimizer state from its last training round: in memory, else its state folder (resume)."""
+    kept = context.state.array_records.get(OPTIMIZER_STATE_KEY)
+    kept_round = context.state.config_records.get(OPTIMIZER_ROUND_KEY, {}).get("round", -1)
+    if kept is not None and int(kept_round) < server_round:
+        return kept.to_torch_state_dict()
+    state = store.load_before(server_round) if store is not None else None
+    if state is None and server_round > 1:
+        log.warning("round %d: no optimizer state kept from an earlier round; fresh moments", server_round)
+    return state
 
 
 def handle_train(msg: Message, context: Context) -> Message:

@@ -85,6 +85,7 @@ class _Field:
     type_cast: type
 
 
+LIMITS = tuple(f.name for f in dataclasses.fields(DisclosurePolicy))  # the keys a site may set
 _FIELDS = [_Field(f.name, float if f.type == "float" else int) for f in dataclasses.fields(DisclosurePolicy)]
 
 

@@ -58,7 +58,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
 
     if cfg.get("resume"):
         resumed, _ = resume_config(cfg, load_config("simulate"))
-        return resumed
+        return _with_audit_path(resumed)
     if cfg.get("out") is not None:
         check_fresh_out(str(cfg.out))
     cfg = OmegaConf.create(to_container(cfg))
@@ -77,6 +77,13 @@ def prepare(cfg: DictConfig) -> DictConfig:
     cfg.training.device, sim.num_gpus = simulation_device(cfg.training.device, sim.num_gpus)
     cfg.out = str(run_folder("simulate", cfg.out))  # out=null: a new runs/simulate/<time stamp>/ folder
     save_versions(Path(cfg.out))
+    return _with_audit_path(cfg)
+
+
+def _with_audit_path(cfg: DictConfig) -> DictConfig:
+    """Set ``audit.path`` to ``<out>/audit.jsonl`` when the audit log is on and no path is given."""
+    if cfg.get("audit") and cfg.audit.get("enabled") and not cfg.audit.get("path"):
+        cfg.audit.path = str(Path(str(cfg.out)) / "audit.jsonl")
     return cfg
 
 

@@ -1,0 +1,51 @@
+"""A site's optimizer state between rounds: kept on the site's own disk so that a resumed run is exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fedprog.federated.site_state import SIMULATION_SUBDIR, SiteStateStore, site_state_store
+
+
+def _state(value: float) -> dict[str, torch.Tensor]:
+    return {"state.0.exp_avg": torch.full((3,), value), "state.0.step": torch.tensor(float(value))}
+
+
+def test_load_before_returns_the_newest_earlier_round(tmp_path: Path) -> None:
+    store = SiteStateStore(tmp_path, "run1")
+    for r in (1, 2, 4):
+        store.save(r, _state(float(r)))
+    assert store.load_before(1) is None
+    assert float(store.load_before(3)["state.0.step"]) == 2.0  # a resumed round 3 continues from round 2
+    assert float(store.load_before(9)["state.0.step"]) == 4.0
+    torch.testing.assert_close(store.load_before(2)["state.0.exp_avg"], torch.full((3,), 1.0))
+
+
+def test_keep_prunes_old_rounds_and_runs_stay_apart(tmp_path: Path) -> None:
+    store = SiteStateStore(tmp_path, "run1", keep=2)
+    for r in range(1, 6):
+        store.save(r, _state(float(r)))
+    assert store.rounds() == [4, 5]
+    assert SiteStateStore(tmp_path, "run2").load_before(9) is None  # another run never reads these
+
+
+def test_run_id_cannot_escape_the_state_folder(tmp_path: Path) -> None:
+    from fedprog.report import UnsafePathError
+
+    with pytest.raises(UnsafePathError):
+        SiteStateStore(tmp_path, "../elsewhere")
+
+
+def test_where_a_site_keeps_its_state(tmp_path: Path) -> None:
+    cfg = OmegaConf.create({"run_id": "abc", "out": str(tmp_path / "out"), "checkpoint": {"keep": 3}})
+    simulated = site_state_store(cfg, {}, "c0-A1")
+    assert (
+        simulated is not None and simulated.folder == tmp_path / "out" / SIMULATION_SUBDIR / "c0-A1" / "abc"
+    )
+    deployed = site_state_store(cfg, {"data-root": "/h", "state-dir": str(tmp_path / "site")}, "h0")
+    assert deployed is not None and deployed.folder == tmp_path / "site" / "abc" and deployed.keep == 3
+    assert site_state_store(cfg, {"data-root": "/h"}, "h0") is None  # never the server's out folder
