@@ -167,6 +167,8 @@ def test_federated_heldout_site_lacking_genes_evaluates(tmp_path: Path) -> None:
     rounds = pd.read_csv(tmp_path / "run" / "rounds.csv")
     held = rounds[rounds["site"] == "c2"]
     assert len(held) == 1 and np.isfinite(held["c_index"]).all()  # imputed, not dropped
+    assert held["missing_genes"].tolist() == [1]  # and the site's report says how many genes it lacked
+    assert (rounds[rounds["site"] != "c2"]["missing_genes"] == 0).all()
     assert results["status"] == "completed"
 
 

@@ -61,6 +61,12 @@ def test_run_writes_outputs_and_heldout_never_trains(data_root: Path, tmp_path: 
     assert 0.0 <= saved["headline"]["heldout_c_index"] <= 1.0
     assert set(saved["km"]) == {"c1-B1"} and len(saved["km"]["c1-B1"]["km-low"]) == 13
     assert saved["environment"]["flwr"] == "1.42.0"
+    from fedprog.data.synth import read_truth, truth_ceilings
+
+    truth = read_truth(data_root)  # the held-out site's ceilings are computed over its own patients
+    expected = truth_ceilings(truth, truth.index[(truth["cohort"] == "c1") & (truth["site"] == "B1")])
+    assert saved["ceilings"]["c1-B1"]["oracle_c_index"] == pytest.approx(expected["oracle_c_index"])
+    assert "transfer_c_index" in (out / "report.md").read_text()
     events = [json.loads(line)["event"] for line in (out / "audit.jsonl").read_text().splitlines()]
     assert {"run_started", "train_sent", "update_accepted", "round_aggregated", "run_finished"} <= set(events)
     assert sorted((out / "checkpoints").iterdir())[-1].name == "round-0002"

@@ -530,6 +530,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         "mean-auc": float(m.get("mean_auc", float("nan"))),
         "logrank-p": float(m.get("logrank_p", float("nan"))),
         "loss": float(m.get("loss", float("nan"))),
+        "missing-genes": len(eval_ds.missing_genes),  # imputed at the training mean (data.gene_policy)
     }
     if grid is not None:
         km = km_aggregates(

@@ -45,6 +45,7 @@ EVAL_METRICS = (
     "mean-auc",
     "logrank-p",
     "loss",
+    "missing-genes",
     *KM_METRICS,
 )
 DESCRIBE_METRICS = ("n-cases", "n-events", "n-train-cases", "strong-dim")
@@ -284,6 +285,8 @@ def check_eval_metrics(metrics: Mapping[str, Any], declared: DescribeReply | Non
     n = count(metrics.get("num-examples"), "num-examples", upper=declared and declared.n_cases)
     events = count(metrics.get("n-events"), "n-events", upper=min(n, declared.n_events) if declared else n)
     out: dict[str, Any] = {"num-examples": n, "n-events": events}
+    if "missing-genes" in metrics:
+        out["missing-genes"] = count(metrics["missing-genes"], "missing-genes", upper=None)
     for key in UNIT_METRICS:
         if key in metrics:
             out[key] = unit_or_nan(metrics[key], key)

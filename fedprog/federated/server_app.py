@@ -149,6 +149,7 @@ def _eval_rows(
                 "loss": float(m.get("loss", math.nan)),
                 "c_index_ipcw": float(m.get("c-index-ipcw", math.nan)),
                 "ibs": float(m.get("ibs", math.nan)),
+                "missing_genes": int(m.get("missing-genes", 0)),
             }
         )
     return rows

@@ -38,7 +38,18 @@ from fedprog.results import run_folder, save_versions
 
 log = logging.getLogger(__name__)
 
-ROUND_COLUMNS = ["round", "site", "role", "c_index", "n", "n_events", "loss", "c_index_ipcw", "ibs"]
+ROUND_COLUMNS = [
+    "round",
+    "site",
+    "role",
+    "c_index",
+    "n",
+    "n_events",
+    "loss",
+    "c_index_ipcw",
+    "ibs",
+    "missing_genes",
+]
 FLWR_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -236,6 +247,7 @@ def write_outputs(
         "rounds": state.rounds,
         "rejections": state.rejections,
         "failures": getattr(state, "failures", []),
+        "ceilings": _heldout_ceilings(cfg, heldout),
         "km": state.km,
         "bins": prep.get("bins"),
         "final_model_sha256": sha,
@@ -247,6 +259,26 @@ def write_outputs(
     save_run_config(cfg, out)
     _report(out, cfg, rows, results)
     return results
+
+
+def _heldout_ceilings(cfg: DictConfig, heldout: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Oracle and transfer C-index ceilings of each held-out site, from a generated dataset's truth.csv.
+
+    Empty for data without a generated truth (real cohorts). Held-out sites evaluate all their cases, so the
+    ceilings are over the same patients as their C-index.
+    """
+    from fedprog.data.synth import TRUTH, site_ceilings
+
+    root = Path(str(cfg.data.root))
+    if not (root / TRUTH).is_file():
+        return {}
+    table = site_ceilings(root)
+    whole = table[table["site"] == "all"].set_index(
+        "cohort"
+    )  # a site that is a whole cohort (partition=cohort)
+    table = pd.concat([table[table["site"] != "all"].set_index("site"), whole])
+    columns = ["oracle_c_index", "transfer_c_index"]
+    return {site: {k: float(table.loc[site, k]) for k in columns} for site in heldout if site in table.index}
 
 
 def _privacy_summary(cfg: DictConfig, rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -315,8 +347,13 @@ def _report(out: Path, cfg: DictConfig, rows: pd.DataFrame, results: Mapping[str
         f"round(s){': ' + results['message'] if results['message'] else ''}. "
         f"Seed {results['seed']}, weighting by "
         f"{results['weighting']}. Held-out C-index (event-weighted over {head['heldout_sites_evaluated']} of "
-        f"{head['heldout_sites']} held-out site(s)): **{_fmt(head['heldout_c_index'])}**; training sites: "
-        f"{_fmt(head['train_c_index'])}."
+        f"{head['heldout_sites']} held-out site(s)): **{_fmt(head['heldout_c_index'])}**; training sites "
+        f"(in-sample): {_fmt(head['train_c_index'])}. Chance is 0.5"
+        + (
+            "; oracle and transfer ceilings of the generated truth beside each held-out site."
+            if results.get("ceilings")
+            else "."
+        )
         + _failure_sentence(results)
         + _privacy_sentence(results["privacy"]),
     )
@@ -325,7 +362,11 @@ def _report(out: Path, cfg: DictConfig, rows: pd.DataFrame, results: Mapping[str
     report.table("Sites", pd.DataFrame(results["sites"]))
     if len(rows):
         final = rows[rows["round"] == rows["round"].max()]
-        report.table("Final evaluation per site", final.drop(columns=["round"]).reset_index(drop=True))
+        final = final.drop(columns=["round"]).reset_index(drop=True)
+        if results.get("ceilings"):
+            ceilings = pd.DataFrame.from_dict(results["ceilings"], orient="index")
+            final = final.join(ceilings[["oracle_c_index", "transfer_c_index"]], on="site")
+        report.table("Final evaluation per site", final)
         summary = pd.DataFrame([{"role": role, **values} for role, values in results["summary"].items()])
         report.table("Summary (C-index weighted by events)", summary)
         if rows["round"].nunique() > 1 or "model" not in rows.columns:
