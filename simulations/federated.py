@@ -6,15 +6,18 @@ over the training sites, evaluated on all their cases: in-sample), as mean ± sd
 
 Parts:
 
-- ``synth``: the generated default federation (8 sites: 4 cancers x 2 hospitals, c3 held out);
-  FedAvg, FedProx, FedAdam, local-only and pooled, with and without SDIR+CADE (``modules=sdir_cade``).
+- ``synth``: the generated default federation (12 sites: 6 cancers x 2 hospitals, both c3 hospitals held
+  out) with the defaults of configs/simulate.yaml; FedAvg, FedProx, FedAdam, local-only and pooled, with and
+  without SDIR+CADE (``modules=sdir_cade``). The table adds the held-out sites' transfer ceiling (generated
+  truth) and paired differences to the reference setting (``--reference``) over the same seeds.
 - ``tcga``: real TCGA expression, tissue-source-site hospitals, STAD held out
   (``data=tcga federation=tcga_tss heldout=[stad]``); ``--tcga-strong clinical`` uses the multimodal default
   backbone with the clinical table as the strong modality, ``--tcga-strong null`` runs expression only with
   ``model=snn`` (SDIR/CADE need two modalities, so only ``modules=none`` there).
 
-The grid is reduced for a 2-core machine (``GRID`` below: fewer rounds and local epochs than
-configs/simulate.yaml; the baselines get the same total epoch budget, ``rounds * training.epochs``).
+``GRID`` below pins the settings of each part (tcga: fewer rounds and local epochs than
+configs/simulate.yaml, for a 2-core machine); the baselines get the same total epoch budget,
+``rounds * training.epochs``.
 Each Flower run is a separate ``fedprog simulate`` process, run one after the other; baselines run in this
 process (no Flower). Raw outputs go to ``runs/benchmarks/federated/<part>/<run>/`` (git-ignored); a run whose
 ``results.json`` says ``completed`` is not run again, so the script is resumable.
@@ -52,11 +55,9 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "local", "pooled")
 BASELINES = ("local", "pooled")
 PRIORITY = ("fedavg", "pooled", "local", "fedadam", "fedprox")  # run order of the grid
 MODULES = ("none", "sdir_cade")
-#: Reduced budget of the grid (configs/simulate.yaml defaults: rounds=10, training.epochs=2).
-#: The model/optimizer settings are pinned (configs/simulate.yaml changed its defaults while the grid ran):
-#: synth keeps the defaults the grid started with, tcga the later ones (dim 64, 4 patients per step, lr 1e-3).
+#: Settings of each part: synth runs the defaults; tcga a reduced budget (dim 64, 4 patients/step, lr 1e-3).
 GRID = {
-    "synth": ["rounds=5", "training.epochs=1", "model.dim=256", "training.grad_accum=8", "training.lr=5e-4"],
+    "synth": [],  # the defaults of configs/simulate.yaml (what `fedprog simulate` runs)
     "tcga": ["rounds=5", "training.epochs=1", "model.dim=64", "training.grad_accum=4", "training.lr=1e-3"],
 }
 PART_OVERRIDES = {
@@ -211,7 +212,10 @@ def record(spec: RunSpec, results: dict[str, Any], root: Path) -> dict[str, Any]
         train = float(results["headline"]["train_c_index"])
     wall_path = spec.out(root) / "wall_seconds.json"
     wall = json.loads(wall_path.read_text())["wall_s"] if wall_path.is_file() else math.nan
+    ceilings = list((results.get("ceilings") or {}).values())
+    transfer = float(np.mean([c["transfer_c_index"] for c in ceilings])) if ceilings else math.nan
     return {
+        "transfer_ceiling": transfer,
         "part": spec.part,
         "strategy": spec.strategy,
         "modules": spec.modules,
@@ -241,11 +245,36 @@ def table(frame: pd.DataFrame) -> str:
                 "modules": modules,
                 "held-out C-index": _cell(group["heldout_c_index"]),
                 "training sites (in-sample)": _cell(group["train_c_index"]),
+                "transfer ceiling": _cell(group.get("transfer_ceiling", pd.Series(dtype=float))),
                 "seeds": int(group["seed"].nunique()),
                 "wall s / run": float(group["wall_s"].mean()),
             }
         )
     return markdown_table(pd.DataFrame(rows), floatfmt=0)
+
+
+def paired_table(frame: pd.DataFrame, reference: str) -> str:
+    """Markdown: each setting minus ``reference`` (``strategy/modules``) on the same seeds: mean, 95% t-CI."""
+    from scipy import stats
+
+    key = frame["strategy"] + "/" + frame["modules"]
+    base = frame[key == reference].set_index("seed")["heldout_c_index"]
+    rows = []
+    for label, group in frame[key != reference].groupby(key[key != reference], sort=False):
+        diff = (group.set_index("seed")["heldout_c_index"] - base).dropna()
+        if len(diff) < 2:
+            continue
+        half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
+        rows.append(
+            {
+                "setting": label,
+                "minus": reference,
+                "mean difference": f"{diff.mean():+.3f}",
+                "95% CI (t, over seeds)": f"[{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]",
+                "seeds": len(diff),
+            }
+        )
+    return markdown_table(pd.DataFrame(rows)) if rows else "(no setting shares two seeds with the reference)"
 
 
 def main(argv: list[str]) -> int:
@@ -261,6 +290,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=OUT_ROOT)
     parser.add_argument("--report-only", action="store_true", help="only tabulate the runs on disk")
     parser.add_argument("--all", action="store_true", help="also the cells of REDUCED")
+    parser.add_argument("--reference", default="pooled/none", help="strategy/modules of the paired reference")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -296,6 +326,8 @@ def main(argv: list[str]) -> int:
         + ".\n"
     )
     print(table(frame))
+    print(f"\n## Paired differences in held-out C-index to {args.reference} (same seeds)\n")
+    print(paired_table(frame, args.reference))
     if failures:
         print("\nFailed runs:\n" + "\n".join(f"- {f}" for f in failures))
     return 1 if failures else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -23,6 +24,17 @@ torch.set_num_threads(1)
 def _isolated_flwr_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Give every test its own FLWR_HOME so no state leaks into ~/.flwr or between tests."""
     monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr_home")))
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """Drop the handlers a test's ``fedprog`` CLI call installed (they write to that test's closed stderr)."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

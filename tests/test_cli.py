@@ -143,9 +143,7 @@ def test_help_of_a_group_lists_its_keys(capsys):
 
 def test_many_positionals_fill_a_list_key(monkeypatch):
     seen = {}
-    monkeypatch.setattr(
-        cli, "implementation", lambda command: lambda cfg: seen.update(runs=list(cfg.runs))
-    )
+    monkeypatch.setattr(cli, "implementation", lambda command: lambda cfg: seen.update(runs=list(cfg.runs)))
     assert main(["compare", "runs/a b", "runs/c"]) == 0
     assert seen["runs"] == ["runs/a b", "runs/c"]
     with pytest.raises(SystemExit, match="unexpected argument"):
