@@ -84,6 +84,13 @@ def test_tcga_tss_partition(tcga: DatasetLayout) -> None:
     assert sum(len(s.case_ids) for s in sites) == sum(v[0] for v in TCGA.values())
 
 
+def test_tcga_one_site_per_cancer_preset(tcga: DatasetLayout) -> None:
+    fed = load_config("data_check", ["data=tcga", "+federation=tcga_cancer"]).federation
+    sites = build_sites(tcga, fed, heldout=["stad"])
+    assert sorted(s.name for s in sites) == sorted(TCGA) and all(s.name == s.cohort for s in sites)
+    assert {s.name: s.role for s in sites}["stad"] == "holdout"
+
+
 def test_tcga_clinical_strong_modality_and_no_wsi(tcga: DatasetLayout) -> None:
     stad = load_cohort(tcga, "stad")
     assert list(stad.tables["clinical"].columns) == ["age", "is_female", "stage"]

@@ -392,7 +392,7 @@ def test_generate_refuses_to_overwrite_other_data(tmp_path: Path) -> None:
     with pytest.raises(SynthError, match=r"mine: exists and is not a generated dataset"):
         generate(_data_cfg(SMALL)["synth"], tmp_path / "mine")
     (tmp_path / "mine" / "fedprog.yaml").write_text("name: real\ncohorts: [brca]\n")
-    with pytest.raises(SynthError, match=r"fedprog\.yaml: no 'synth' section"):
+    with pytest.raises(SynthError, match=r"fedprog\.yaml: no 'synth' section.*add data=folder"):
         generate(_data_cfg(SMALL)["synth"], tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 

@@ -638,7 +638,10 @@ def stored_params(root: str | Path) -> dict[str, Any] | None:
         return None
     stamp = OmegaConf.to_container(OmegaConf.load(manifest)).get("synth")
     if not isinstance(stamp, dict):
-        raise SynthError(f"{manifest}: no 'synth' section, not a generated dataset; refusing to overwrite it")
+        raise SynthError(
+            f"{manifest}: no 'synth' section, not a generated dataset; refusing to overwrite it "
+            "(to use this dataset, add data=folder)"
+        )
     return stamp
 
 
