@@ -68,13 +68,13 @@ class UnsafePathError(ReportError):
     """An output file name built from untrusted text (a site name) would leave the run folder."""
 
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,100}")  # "@": baseline models (site@pooled)
 
 
 def safe_name(text: str) -> str:
-    """``text`` if it is a safe file-name part ([A-Za-z0-9_.-], no ``..``); else UnsafePathError."""
+    """``text`` if it is a safe file-name part ([A-Za-z0-9_.@-], no ``..``); else UnsafePathError."""
     if not _SAFE_NAME.fullmatch(text) or ".." in text or text.startswith("."):
-        raise UnsafePathError(f"{text[:40]!r} is not a safe file name part ([A-Za-z0-9_.-], no '..')")
+        raise UnsafePathError(f"{text[:40]!r} is not a safe file name part ([A-Za-z0-9_.@-], no '..')")
     return text
 
 

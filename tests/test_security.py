@@ -209,7 +209,7 @@ def test_km_plot_of_an_unsafe_site_name_is_not_drawn(tmp_path: Path):
 
     km = {"km-grid": [0.0, 10.0], "km-low": [1.0, 0.5], "km-high": [1.0, 0.4]}
     km.update({"km-n-low": 5, "km-n-high": 5, "km-events-low": 1, "km-events-high": 2})
-    state = RunState(km={"../escape": km, "ok-site": km})
+    state = RunState(km={"../escape": km, "ok-site": km, "c3-D1@pooled": km})  # "@": a baseline's model
     cfg = tiny_config(tmp_path / "data", tmp_path / "out")
     simulation.write_outputs(
         tmp_path / "out",
@@ -221,7 +221,9 @@ def test_km_plot_of_an_unsafe_site_name_is_not_drawn(tmp_path: Path):
         message="",
         prep={},
     )
-    assert (tmp_path / "out" / "km_ok-site.png").is_file()
+    assert (tmp_path / "out" / "km_ok-site.png").is_file() and (
+        tmp_path / "out" / "km_c3-D1@pooled.png"
+    ).is_file()
     assert not (tmp_path / "km_..").exists() and not list(tmp_path.glob("*escape*"))
 
 
@@ -497,11 +499,31 @@ def test_bad_input_sweep_runs_or_stops_with_one_named_line(
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_simulate_in_flower_runtime_names_a_corrupt_site_in_one_line(data_root: Path, tmp_path: Path, capsys):
+def _fail_after(seconds: int):
+    """Raise in the main thread after ``seconds`` (a regression that hangs fails instead of stalling CI)."""
+    import signal
+
+    def _raise(signum, frame):
+        raise TimeoutError(f"no result within {seconds} s")
+
+    signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(seconds)
+
+
+def test_simulate_in_flower_runtime_names_a_corrupt_site_in_one_line(
+    data_root: Path, tmp_path: Path, capsys, monkeypatch
+):
+    import signal
+
     data = tmp_path / "data"
     shutil.copytree(data_root, data)
     _corrupt_first_bag(data)
-    assert simulation.main(tiny_config(data, tmp_path / "run", "rounds=1")) == 1
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a cluster that is not there: Ray used to wait forever
+    _fail_after(300)
+    try:
+        assert simulation.main(tiny_config(data, tmp_path / "run", "rounds=1")) == 1
+    finally:
+        signal.alarm(0)
     err = capsys.readouterr().err
     assert "Traceback" not in err and "SYNT-B1" not in err
     last = err.strip().splitlines()[-1]
@@ -520,5 +542,6 @@ def test_results_json_anchors_the_audit_log_and_verify_detects_truncation(data_r
     lines = log_path.read_text().splitlines()
     assert results["audit"] == {"last_hash": json.loads(lines[-1])["hash"], "entries": len(lines)}
     assert verify_main(load_config("audit", [f"path={log_path}", f"expect={out}"])) == 0
+    assert results["audit"]["last_hash"] in (out / "report.md").read_text()
     log_path.write_text("\n".join(lines[:-1]) + "\n")  # the run's last entry deleted: still a valid chain
     assert verify_main(load_config("audit", [f"path={log_path}", f"expect={out}"])) == 1

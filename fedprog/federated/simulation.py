@@ -113,6 +113,10 @@ def run_simulation(cfg: DictConfig) -> dict[str, Any]:
 
     for key, value in FLWR_ENV.items():
         os.environ.setdefault(key, value)
+    if os.environ.pop(
+        "RAY_ADDRESS", None
+    ):  # Ray would wait forever for that cluster instead of starting its own
+        log.warning("RAY_ADDRESS is set: ignored, `fedprog simulate` starts its own local Ray instance")
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     config_file = save_run_config(cfg, out)
@@ -261,6 +265,13 @@ def write_outputs(
     return results
 
 
+def _audit_sentence(anchor: Mapping[str, Any] | None) -> str:
+    """The audit log's anchor in the report (``fedprog audit verify LOG expect=results.json`` checks it)."""
+    if not anchor:
+        return ""
+    return f" Audit log: {anchor['entries']} entries, last hash `{anchor['last_hash']}`."
+
+
 def _heldout_ceilings(cfg: DictConfig, heldout: Sequence[str]) -> dict[str, dict[str, float]]:
     """Oracle and transfer C-index ceilings of each held-out site, from a generated dataset's truth.csv.
 
@@ -355,7 +366,8 @@ def _report(out: Path, cfg: DictConfig, rows: pd.DataFrame, results: Mapping[str
             else "."
         )
         + _failure_sentence(results)
-        + _privacy_sentence(results["privacy"]),
+        + _privacy_sentence(results["privacy"])
+        + _audit_sentence(results.get("audit")),
     )
     if results["failures"]:
         report.table("Site failures", pd.DataFrame(results["failures"]))
