@@ -320,7 +320,9 @@ def main(argv: list[str]) -> int:
     example = specs[0]
     print(f"\n## Held-out C-index by strategy ({args.part}), final round, mean ± sd over seeds\n")
     print(
-        "Grid overrides: `" + " ".join(example.overrides[: -3 - len(args.overrides)]) + "`; per run "
+        "Grid overrides: `"
+        + (" ".join(example.overrides[: -3 - len(args.overrides)]) or "(defaults)")
+        + "`; per run "
         "`strategy=S modules=M seed=K`"
         + (f" + `{' '.join(args.overrides)}`" if args.overrides else "")
         + ".\n"
