@@ -172,6 +172,44 @@ def test_federated_heldout_site_lacking_genes_evaluates(tmp_path: Path) -> None:
     assert results["status"] == "completed"
 
 
+@pytest.mark.parametrize(
+    ("policy", "words"), [("strict", "strict"), ("union", "a federation needs one of intersection|strict")]
+)
+def test_federated_fit_follows_the_sites_gene_policy(tmp_path: Path, policy: str, words: str) -> None:
+    from fed_helpers import DirectGrid
+
+    from fedprog.federated import client_app
+    from fedprog.federated.server_app import run_federation
+    from fedprog.federated.simulation import prepare
+
+    layout = _folder(tmp_path / "ds", {"c1": ["G005"]}, n_genes=24)  # a TRAINING site lacks one gene
+    client_app.clear_caches()
+    cfg = prepare(
+        load_config(
+            "simulate",
+            [
+                "data=folder",
+                f"data.root={layout.root}",
+                f"data.gene_policy={policy}",
+                "data.strong=clinical",
+                "data.features=null",
+                f"out={tmp_path / 'run'}",
+                "heldout=[c2]",
+                "federation.partition=cohort",
+                "rounds=1",
+                "model=snn",
+                "node_wait_timeout=5",
+            ],
+        )
+    )
+    from fedprog.federated.strategy import FederationError
+
+    with pytest.raises(FederationError, match=words.replace("|", r"\|")):
+        run_federation(DirectGrid(int(cfg.expected_sites)), cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and words in results["message"]
+
+
 def test_site_moments_summed_equal_the_pooled_union_fit(tmp_path: Path) -> None:
     from fedprog.pipeline import fit_expression, site_expression_moments
 

@@ -423,6 +423,7 @@ def _describe(handle: SiteHandle) -> tuple[dict[str, Any], dict[str, Any]]:
         info["genes"] = [str(g) for g in handle.cohort.genes]
         info["groups"] = None if groups is None else {"names": groups.names, "genes": groups.genes}
         info["strong-kind"] = handle.layout.strong_kind or "none"
+        info["gene-policy"] = handle.layout.gene_policy
         strong_dim = _strong_dim(handle)
         if strong_dim is not None:
             metrics["strong-dim"] = strong_dim

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog.data import CohortError, ExpressionTransform, GeneGroups, SurvivalBins, TabularTransform
+from fedprog.data.harmonize import feature_genes
 from fedprog.federated import messages
 from fedprog.federated.federation import (
     FitError,
@@ -263,24 +264,35 @@ def _tabular(
         raise FitError(f"training sites {list(names)}: tabular transform: {error}") from error
 
 
+#: Gene policies a federation fits from per-site sums (``union`` needs per-gene counts: train, pooled, local).
+FEDERATED_GENE_POLICIES = ("intersection", "strict")
+
+
 def _common_groups(names: Sequence[str], extra: Mapping[str, Mapping[str, Any]]) -> GeneGroups | None:
-    """The gene groups restricted to the genes every training site has (None without expression).
+    """The gene groups restricted to the feature genes the training sites fix (None without expression).
+
+    The genes follow the sites' ``gene_policy`` (:func:`fedprog.data.harmonize.feature_genes`, the one rule
+    every path uses): ``intersection`` (default) or ``strict``.
 
     Raises
     ------
     FitError
-        A training site shares no gene with the first one (named).
+        Sites with different policies, ``union``, a ``strict`` mismatch or no shared gene (names the sites).
     """
     first = extra[names[0]]
     if first.get("groups") is None:
         return None
-    common = set(first["genes"])
-    for name in names[1:]:
-        shared = common & set(extra[name].get("genes") or [])
-        if not shared:
-            raise FitError(f"site {name}: its expression genes share no name with site {names[0]}'s")
-        common = shared
-    ordered = [g for g in first["genes"] if g in common]
+    policies = {name: str(extra[name].get("gene-policy") or "intersection") for name in names}
+    policy = policies[names[0]]
+    if set(policies.values()) != {policy} or policy not in FEDERATED_GENE_POLICIES:
+        raise FitError(
+            f"training sites' gene_policy {policies}: a federation needs one of "
+            f"{'|'.join(FEDERATED_GENE_POLICIES)} at every site"
+        )
+    try:
+        ordered = feature_genes({name: list(extra[name].get("genes") or []) for name in names}, policy)
+    except CohortError as error:
+        raise FitError(f"training sites {list(names)}: {error}") from error
     try:
         return GeneGroups(
             list(first["groups"]["names"]), [list(g) for g in first["groups"]["genes"]]
