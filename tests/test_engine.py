@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -8,7 +9,7 @@ from data_factory import write_cohort
 
 from fedprog.config import load_config
 from fedprog.data import load_cohorts
-from fedprog.engine import TrainConfig, evaluate, train
+from fedprog.engine import TrainConfig, eval_batch_size, evaluate, train
 from fedprog.pipeline import PooledDataset, Preprocessing, build_model, fit_preprocessing, make_dataset
 
 
@@ -120,6 +121,11 @@ def test_cox_loss_with_padded_batches_and_tabular_strong_modality(tmp_path):
     assert math.isfinite(history.loss)
     result = evaluate(model, data, bins=prep.bins, loss_cfg=cfg)
     assert result.survival.shape == (len(data), 0)
+    # tables evaluate in batches (no padding): the same risks as one case at a time
+    single = dataclasses.replace(cfg, tabular_eval_batch_size=1)
+    one_by_one = evaluate(model, data, bins=prep.bins, loss_cfg=single)
+    assert eval_batch_size(cfg, data) == 256 and eval_batch_size(single, data) == 1
+    np.testing.assert_allclose(result.risk, one_by_one.risk, rtol=1e-5, atol=1e-6)
 
 
 def test_preprocessing_round_trips_and_pools(two_cohorts):
