@@ -349,6 +349,11 @@ def ceilings(layout: DatasetLayout, cohort: Cohort) -> tuple[float, float]:
     )
 
 
+def _cell(value: float) -> str:
+    """Three decimals; blank for NaN (no value for that row)."""
+    return "" if math.isnan(value) else f"{value:.3f}"
+
+
 def loco_table(
     frame: pd.DataFrame,
     predictions: pd.DataFrame,
@@ -370,10 +375,10 @@ def loco_table(
                 "held-out": target,
                 "C-index (mean over seeds)": f"{row['c_index']:.3f}",
                 "95% CI": f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]",
-                "sd seeds": f"{row['sd_seeds']:.3f}",
+                "sd seeds": _cell(row["sd_seeds"]),
                 "n / events": f"{int(row['n'])} / {int(row['n_events'])}",
-                "oracle": f"{oracle:.3f}",
-                "transfer": f"{transfer:.3f}",
+                "oracle": _cell(oracle),
+                "transfer": _cell(transfer),
                 "source val C": f"{val.loc[target, 'c_index']:.3f}" if target in val.index else "",
                 "genes kept": f"{val.loc[target, 'n_nonzero']:.0f}" if target in val.index else "",
             }
