@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -236,3 +237,20 @@ def test_run_with_sharing_is_deterministic_for_a_seed(data_root: Path, tmp_path:
         np.load(tmp_path / "off" / "final_weights.npz") as b,
     ):
         assert any(not np.array_equal(a[key], b[key]) for key in a.files)  # the shared bank changed training
+
+
+def test_resume_after_round_1_sends_the_checkpointed_bank(shared_run, data_root: Path, tmp_path: Path):
+    _, _, full_out, _ = shared_run
+    killed = tmp_path / "killed"
+    _run(data_root, killed, "rounds=3")
+    for late in ("round-0002", "round-0003"):  # as if killed right after round 1
+        shutil.rmtree(killed / "checkpoints" / late)
+    (killed / "final_weights.npz").unlink()
+    client_app.clear_caches()
+    cfg = prepare(tiny_config(data_root, killed, "modules=cade", "rounds=3", f"resume={killed}"))
+    grid = RecordingGrid(4)
+    assert run_federation(grid, cfg)["rounds_completed"] == 3
+    assert all(STYLE_BANK_KEY in m.content.config_records for _, m, _ in grid.trains(2))
+    with np.load(full_out / "final_weights.npz") as a, np.load(killed / "final_weights.npz") as b:
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])
