@@ -62,11 +62,14 @@ from fedprog.federated.messages import (  # noqa: F401 - the protocol's names, r
     GENES_KEY,
     KM_GRID_KEY,
     PREP_KEY,
+    STYLE_BANK_KEY,
+    STYLE_KEY,
     TRAIN_METRICS,
     config_record,
     encode_error,
 )
 from fedprog.federated.site_state import SiteStateStore, site_state_store
+from fedprog.federated.style_sharing import install_style_bank, site_style_record
 from fedprog.pipeline import Preprocessing, build_model, make_dataset, training_groups
 
 log = logging.getLogger(__name__)
@@ -434,6 +437,15 @@ def train_arrays(
     arrays: ArrayRecord, config: ConfigRecord, context: Context
 ) -> tuple[ArrayRecord, MetricRecord]:
     """Train the global model on this site's training cases with the engine; weights and aggregates out."""
+    trained, metrics, _ = train_site(arrays, config, context)
+    return trained, metrics
+
+
+def train_site(
+    arrays: ArrayRecord, config: ConfigRecord, context: Context, style_bank: ConfigRecord | None = None
+) -> tuple[ArrayRecord, MetricRecord, ConfigRecord | None]:
+    """:func:`train_arrays`, plus the shared styles: installs ``style_bank`` (other sites' pooled styles) in
+    CADE before training and returns this site's aggregate style summaries (None: nothing to share)."""
     cfg = config_from_record(config)
     handle = resolve_site(cfg, context)
     if handle.site.role != "train":
@@ -451,6 +463,7 @@ def train_arrays(
     )
     train_ds.set_epoch(0)
     model = _model(cfg, train_ds, arrays)
+    install_style_bank(cfg, model, style_bank, seed)
     anchors = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     store, kept = None, None
     if train_cfg.keep_optimizer_state:
@@ -483,7 +496,9 @@ def train_arrays(
             "seconds": float(history.seconds),
         }
     )
-    return ArrayRecord(model.state_dict()), metrics
+    last = server_round >= rounds  # no round follows: nothing would use the styles, so none are sent
+    style = None if last else site_style_record(cfg, model, len(train_ds), handle.policy, handle.site.name)
+    return ArrayRecord(model.state_dict()), metrics, style
 
 
 def _kept_optimizer_state(
@@ -501,9 +516,11 @@ def _kept_optimizer_state(
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Flower ``train`` handler: :func:`train_arrays` on the message's weights and config."""
-    arrays, metrics = train_arrays(msg.content["arrays"], msg.content["config"], context)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    """Flower ``train`` handler: :func:`train_site` on the message's weights, config and style bank."""
+    bank = msg.content.config_records.get(STYLE_BANK_KEY)
+    arrays, metrics, style = train_site(msg.content["arrays"], msg.content["config"], context, bank)
+    reply = {"arrays": arrays, "metrics": metrics, **({STYLE_KEY: style} if style is not None else {})}
+    return Message(RecordDict(reply), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

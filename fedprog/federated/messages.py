@@ -29,6 +29,8 @@ PREP_KEY = "fedprog-prep"  # JSON of Preprocessing.state_dict()
 ACTION_KEY = "fedprog-action"  # query action: DESCRIBE | FIT_STATS
 GENES_KEY = "fedprog-genes"  # fit-stats: JSON of the server's gene groups; empty: no expression
 KM_GRID_KEY = "km-grid"  # evaluate: when present, the site adds aggregate KM curves of its risk groups
+STYLE_KEY = "fedprog-style"  # train reply ConfigRecord: the site's aggregate CADE style summaries (optional)
+STYLE_BANK_KEY = "fedprog-style-bank"  # train message ConfigRecord: other sites' pooled style summaries
 DESCRIBE = "describe"
 FIT_STATS = "fit-stats"
 ACTIONS = (DESCRIBE, FIT_STATS)
@@ -51,6 +53,10 @@ EVAL_METRICS = (
 DESCRIBE_METRICS = ("n-cases", "n-events", "n-train-cases", "strong-dim")
 FIT_METRICS = ("expr-count", "expr-sum", "expr-sumsq", "event-hist")
 ROLES = ("train", "holdout")
+#: Style summary records: ``"<modality>.<field>"`` keys; ``count`` an integer, the rest ``model.dim`` floats.
+STYLE_MODALITIES = ("strong", "weak")
+STYLE_VECTORS = ("mu_mean", "mu_var", "log_sigma_mean", "log_sigma_var")
+STYLE_FIELDS = ("count", *STYLE_VECTORS)
 
 #: Metrics that must lie in [0, 1] (or be NaN: undefined on that site).
 UNIT_METRICS = ("c-index", "c-index-ipcw", "ibs", "mean-auc", "logrank-p")
@@ -311,3 +317,49 @@ def _check_km(metrics: Mapping[str, Any], n: int) -> dict[str, Any]:
         size = out[f"km-n-{group}"] = count(metrics.get(f"km-n-{group}"), f"km-n-{group}", upper=n)
         out[f"km-events-{group}"] = count(metrics.get(f"km-events-{group}"), f"km-events-{group}", upper=size)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ styles
+def check_style_record(record: Mapping[str, Any], dim: int) -> dict[str, dict[str, Any]]:
+    """A checked style-summary record: ``{modality: {"count": int, "mu_mean": float64 [dim], ...}}``.
+
+    Every key is ``<modality>.<field>`` (:data:`STYLE_MODALITIES` x :data:`STYLE_FIELDS`), a modality sent
+    has all its fields, ``count`` is an integer >= 1, each vector holds ``dim`` (the model's channels) finite
+    numbers and the variances are >= 0; otherwise ReplyError with a one-line reason.
+    """
+    allowed = {f"{m}.{f}" for m in STYLE_MODALITIES for f in STYLE_FIELDS}
+    unknown = sorted(str(k) for k in record if k not in allowed)
+    if unknown:
+        raise ReplyError(f"style summary has unknown key(s) {[k[:40] for k in unknown[:3]]}")
+    out: dict[str, dict[str, Any]] = {}
+    for modality in STYLE_MODALITIES:
+        present = [f for f in STYLE_FIELDS if f"{modality}.{f}" in record]
+        if not present:
+            continue
+        missing = [f for f in STYLE_FIELDS if f not in present]
+        if missing:
+            raise ReplyError(f"style summary of {modality!r} lacks {missing}")
+        values: dict[str, Any] = {"count": count(record[f"{modality}.count"], f"{modality}.count")}
+        if values["count"] < 1:
+            raise ReplyError(f"style summary {modality}.count is 0")
+        for name in STYLE_VECTORS:
+            values[name] = _style_vector(record[f"{modality}.{name}"], f"{modality}.{name}", dim)
+        out[modality] = values
+    if not out:
+        raise ReplyError("style summary record is empty")
+    return out
+
+
+def _style_vector(value: Any, key: str, dim: int) -> np.ndarray:
+    """``value`` as ``dim`` finite float64 numbers (>= 0 for a variance), else ReplyError naming ``key``."""
+    numbers = isinstance(value, list) and all(isinstance(v, int | float) for v in value)
+    if not numbers or any(isinstance(v, bool) for v in value):
+        raise ReplyError(f"style summary {key!r} is not a list of numbers")
+    if len(value) != dim:
+        raise ReplyError(f"style summary {key!r} has {len(value)} values, expected {dim} (model.dim)")
+    array = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        raise ReplyError(f"style summary {key!r} holds NaN/Inf")
+    if key.endswith("_var") and np.any(array < 0):
+        raise ReplyError(f"style summary {key!r} holds a negative variance")
+    return array

@@ -72,6 +72,7 @@ from fedprog.federated.strategy import (
     build_strategy,
     numpy_to_arrays,
 )
+from fedprog.federated.style_sharing import StyleExchange
 from fedprog.pipeline import Preprocessing
 from fedprog.results import run_folder
 
@@ -252,6 +253,7 @@ class FederationRun:
         self.status, self.message = "completed", ""
         self.noise_rng: Any = None
         self.start_round = 0
+        self.styles = StyleExchange(cfg)  # federated style sharing (style_sharing.py)
 
     # ---------------------------------------------------------------------------------------------- start
     def start(self, checkpoint: Checkpoint | None) -> None:
@@ -274,6 +276,7 @@ class FederationRun:
             restore_rng(checkpoint.rng)
             self.state = RunState(**checkpoint.federation.get("state", {}))
             self.start_round = checkpoint.server_round
+            self.styles.load_state_dict(checkpoint.federation.get("style", {}))
         else:
             self.prep = fit_preprocessing(self.grid, cfg, train_sites, described.extra)
             first = described.declared[train_sites[0].site]
@@ -361,6 +364,7 @@ class FederationRun:
             "prep": self.prep.state_dict(),
             "sites": [s.to_dict() for s in self.sites],
             "state": self.state.__dict__,
+            "style": self.styles.state_dict(),
         }
         if self.mode in DP_MODES:
             from fedprog.federated.privacy import privacy_state
@@ -406,10 +410,13 @@ class FederationRun:
         started = time.perf_counter()
         inner = self.inner
         try:
-            outgoing = list(
-                self.strategy.configure_train(
-                    server_round, numpy_to_arrays(self.arrays), self._base_config(), self.grid
-                )
+            outgoing = self.styles.attach(
+                list(
+                    self.strategy.configure_train(
+                        server_round, numpy_to_arrays(self.arrays), self._base_config(), self.grid
+                    )
+                ),
+                inner.train_nodes,
             )
             self.audit.append(
                 "train_sent",
@@ -418,6 +425,7 @@ class FederationRun:
                 sites=sorted(inner.train_nodes[m.metadata.dst_node_id] for m in outgoing),
             )
             replies = list(self.grid.send_and_receive(outgoing, timeout=float(self.cfg.round_timeout)))
+            replies = self.styles.screen(replies, inner)  # a malformed style record rejects the update
             if self.noise_rng is None:
                 new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
             else:
@@ -439,6 +447,7 @@ class FederationRun:
             summary["skipped"] = True
         else:
             self.arrays = arrays_to_numpy(new_arrays)
+        self.styles.pool(server_round, summary["accepted"], self.audit)
         self.audit.append(
             "round_aggregated",
             round=server_round,
