@@ -213,6 +213,8 @@ def _overrides(words: Sequence[str], rest: Sequence[str]) -> list[str]:
 def require_values(words: Sequence[str], cfg: DictConfig) -> None:
     """Raise ConfigError naming the first mandatory key (``???``) left without a value.
 
+    Layout keys under ``data.`` (other than ``data.root``) are left to the dataset's manifest.
+
     Commands whose positional argument is a config file (``site``, ``server``) fill such keys from that file.
     """
     from fedprog.schema import ConfigError, missing_keys
@@ -221,6 +223,8 @@ def require_values(words: Sequence[str], cfg: DictConfig) -> None:
     if command.positional == "config":
         return
     for key in missing_keys(cfg):
+        if key.startswith("data.") and key != "data.root":
+            continue  # `???` under data=folder: the dataset's own fedprog.yaml gives it (checked on load)
         how = f"fedprog {' '.join(words)} {key.upper()}" if key == command.positional else f"{key}=..."
         raise ConfigError(f"{key} has no value; give {how}")
 

@@ -107,6 +107,13 @@ def test_config_errors_print_one_line_and_exit_2_before_start_up(args, words, ne
     assert "+roundz" not in err and "Traceback" not in err
 
 
+def test_folder_dataset_with_a_root_starts_and_leaves_layout_keys_to_its_manifest(monkeypatch, tmp_path):
+    started = []
+    monkeypatch.setattr(cli, "implementation", lambda command: lambda cfg: started.append(cfg.data.root))
+    assert main(["train", "data=folder", f"data.root={tmp_path}"]) == 0
+    assert started == [str(tmp_path)]
+
+
 def test_debug_shows_the_traceback(never_starts):
     with pytest.raises(ConfigError, match="unknown key 'roundz'"):
         main(["--debug", "simulate", "roundz=3"])
