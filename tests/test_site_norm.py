@@ -135,3 +135,21 @@ def test_option_reaches_the_client(tmp_path: Path) -> None:
         assert patches.mean(0).abs().max() < TOL, handle.site.name
         assert (patches.std(0, unbiased=False) - 1.0).abs().max() < TOL, handle.site.name
     client_app.clear_caches()
+
+
+def test_pooled_baseline_runs_standardized(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """strategy=pooled builds every site's dataset (held-out included) through the same standardization."""
+    from fedprog.federated import baselines, simulation
+
+    cfg = tiny_config(tmp_path / "synth", tmp_path / "out", "strategy=pooled", "data.site_standardize=true")
+    seen: list[bool] = []
+    original = baselines.make_dataset
+
+    def spy(*args, **kwargs):
+        data = original(*args, **kwargs)
+        seen.append(data.standardizers is not None and kwargs["site_cases"] is not None)
+        return data
+
+    monkeypatch.setattr(baselines, "make_dataset", spy)
+    assert simulation.main(cfg) == 0
+    assert seen and all(seen)
