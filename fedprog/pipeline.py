@@ -29,6 +29,7 @@ from fedprog.data import (
 )
 from fedprog.data.dataset import expression_frame
 from fedprog.data.harmonize import align_expression, feature_genes, max_missing_fraction, missing_genes
+from fedprog.data.site_norm import site_standardizers
 from fedprog.data.transforms import expression_transform_for, tabular_transform_for
 from fedprog.models import create_model
 from fedprog.report import to_jsonable
@@ -178,12 +179,20 @@ def make_dataset(
     max_patches: int | None = None,
     seed: int = 0,
     site: str | None = None,
+    site_cases: Sequence[str] | None = None,
 ) -> SurvivalDataset:
     """A :class:`SurvivalDataset` of ``case_ids`` with the fitted preprocessing applied unchanged.
 
     Feature genes the cohort lacks are imputed at the training mean (counted in ``missing_genes``, refused
-    above ``max_missing_genes_fraction``); ``site`` names the site in those messages.
+    above ``max_missing_genes_fraction``); ``site`` names the site in those messages. With the layout's
+    ``site_standardize``, each hospital's bags are standardized by its own patch statistics over
+    ``site_cases`` (every case the site holds; default all the cohort's cases), no labels read
+    (:mod:`fedprog.data.site_norm`).
     """
+    standardizers = None
+    if cohort.layout.site_standardize:
+        pool = list(cohort.labels.index) if site_cases is None else list(site_cases)
+        standardizers = site_standardizers(cohort, [str(c) for c in case_ids], pool)
     return SurvivalDataset(
         cohort,
         case_ids,
@@ -194,6 +203,7 @@ def make_dataset(
         max_patches=max_patches,
         seed=seed,
         site=site,
+        standardizers=standardizers,
     )
 
 

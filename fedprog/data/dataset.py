@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -18,6 +18,7 @@ from fedprog.data.cohort import CENSOR, TIME, Cohort
 from fedprog.data.errors import CohortError, GeneMismatchError, preview
 from fedprog.data.groups import GeneGroups
 from fedprog.data.harmonize import align_expression, max_missing_fraction, missing_genes
+from fedprog.data.site_norm import ChannelStats
 from fedprog.data.transforms import ExpressionTransform, TabularTransform
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,9 @@ class SurvivalDataset(Dataset[Sample]):
         Start in training mode (see :meth:`train` / :meth:`eval`).
     site : str, optional
         Site name used in messages and the missing-gene report (default: the cohort's name).
+    standardizers : mapping of str to ChannelStats, optional
+        Case id -> its site's patch-feature statistics; each WSI bag is standardized with them
+        (:mod:`fedprog.data.site_norm`). None: bags as read.
 
     Attributes
     ----------
@@ -180,9 +184,11 @@ class SurvivalDataset(Dataset[Sample]):
         seed: int = 0,
         training: bool = False,
         site: str | None = None,
+        standardizers: Mapping[str, ChannelStats] | None = None,
     ) -> None:
         self.cohort = cohort
         self.site = site
+        self.standardizers = standardizers
         self.case_ids = [str(c) for c in case_ids]
         unknown = [c for c in self.case_ids if c not in cohort.labels.index]
         if unknown:
@@ -299,6 +305,8 @@ class SurvivalDataset(Dataset[Sample]):
             rng = np.random.default_rng([self.seed, self.epoch, index])
             keep = np.sort(rng.choice(bag.shape[0], size=self.max_patches, replace=False))
             bag = bag[torch.from_numpy(keep)]
+        if self.standardizers is not None:
+            bag = self.standardizers[case].apply(bag)
         return bag
 
     def __getitem__(self, index: int) -> Sample:

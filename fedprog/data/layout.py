@@ -98,7 +98,8 @@ class DatasetLayout:
     split into N seeded pseudo hospitals ``p1..pN``, see :func:`fedprog.data.cohort.pseudo_site_labels`;
     or a mapping cohort -> N) with ``pseudo_site_seed``, ``gene_map`` (``{path, probe_column: probe,
     gene_column: gene}``: a CSV relative to ``root`` renaming probe-level expression columns to gene symbols,
-    see :func:`fedprog.data.cohort.map_probes`).
+    see :func:`fedprog.data.cohort.map_probes`), ``site_standardize`` (standardize each hospital's WSI patch
+    features with its own label-free channel mean and std, :mod:`fedprog.data.site_norm`; default false).
     """
 
     name: str
@@ -123,6 +124,7 @@ class DatasetLayout:
     pseudo_sites: int | Mapping[str, int] | None = None
     pseudo_site_seed: int = 0
     gene_map: Mapping[str, Any] | None = None
+    site_standardize: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -208,6 +210,7 @@ class DatasetLayout:
             pseudo_sites=_plain_value(keys.get("pseudo_sites")),
             pseudo_site_seed=int(keys.get("pseudo_site_seed") or 0),
             gene_map=_gene_map(keys.get("gene_map"), where),
+            site_standardize=_flag(keys.get("site_standardize"), "site_standardize", where),
         )
         layout.validate()
         return layout
@@ -234,6 +237,10 @@ class DatasetLayout:
             raise LayoutError(
                 f"{where}: strong={self.strong!r} is neither 'wsi' nor a table "
                 f"(tables: {sorted(self.tables)})"
+            )
+        if self.site_standardize and self.strong_kind != STRONG_WSI:
+            raise LayoutError(
+                f"{where}: site_standardize=true standardizes WSI patch features but strong={self.strong!r}"
             )
         if self.min_patches < 1:
             raise LayoutError(f"{where}: min_patches must be >= 1, got {self.min_patches}")
@@ -332,6 +339,7 @@ class DatasetLayout:
             "pseudo_sites": _plain_value(self.pseudo_sites),
             "pseudo_site_seed": self.pseudo_site_seed,
             "gene_map": _plain_value(self.gene_map),
+            "site_standardize": self.site_standardize,
         }
 
 
@@ -397,6 +405,15 @@ def write_manifest(layout: DatasetLayout, extra: Mapping[str, Any] | None = None
 
 def _default(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def _flag(value: Any, key: str, where: str) -> bool:
+    """A true/false key (absent: false); anything else is an error naming the key."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise LayoutError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
 
 
 def _plain_value(value: Any) -> Any:

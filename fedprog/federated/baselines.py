@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 def _dataset(
     site: Site, cohort: Any, ids: tuple[str, ...], prep: Preprocessing, cfg: DictConfig
 ) -> SurvivalDataset:
-    """A site's dataset with the training preprocessing; its missing feature genes are imputed and counted."""
+    """A site's dataset with the training preprocessing; its missing feature genes are imputed and counted.
+
+    Site standardization (``data.site_standardize``) uses the site's own cases, as in the federation."""
     return make_dataset(
         cohort,
         list(ids),
@@ -37,6 +39,7 @@ def _dataset(
         max_patches=cfg.training.get("max_patches"),
         seed=int(cfg.seed),
         site=site.name,
+        site_cases=site.all_ids,
     )
 
 

@@ -251,15 +251,30 @@ def _eval_ids(site: Site) -> tuple[str, ...]:
 def site_datasets(
     cfg: DictConfig, handle: SiteHandle, prep_json: str
 ) -> tuple[SurvivalDataset | None, SurvivalDataset]:
-    """(train dataset or None for a held-out site, evaluation dataset), cached by site and data signature."""
+    """(train dataset or None for a held-out site, evaluation dataset), cached by site and data signature.
+
+    With ``data.site_standardize`` the bags are standardized by this site's own patch statistics, computed
+    here from its own cases (held-out sites too), so they never leave the site.
+    """
     digest = hashlib.sha256(prep_json.encode()).hexdigest()
-    key = (handle.site.name, str(handle.layout.root), digest, str(cfg.training.max_patches))
+    key = (
+        handle.site.name,
+        str(handle.layout.root),
+        digest,
+        str(cfg.training.max_patches),
+        str(handle.layout.site_standardize),
+    )
     if key not in _DATA:
         prep = Preprocessing.from_state_dict(json.loads(prep_json))
 
         def make(ids: tuple[str, ...]) -> SurvivalDataset:
             return make_dataset(
-                handle.cohort, ids, prep, max_patches=cfg.training.max_patches, seed=int(cfg.seed)
+                handle.cohort,
+                ids,
+                prep,
+                max_patches=cfg.training.max_patches,
+                seed=int(cfg.seed),
+                site_cases=handle.site.all_ids,  # site standardization: this site's own cases only
             )
 
         train_ds = (
