@@ -47,8 +47,13 @@ def _fit(layout: DatasetLayout):
 
 def test_sample_and_batch(layout: DatasetLayout) -> None:
     cohorts, sites, groups, transform, bins = _fit(layout)
-    ds = sites[0].dataset(
-        cohorts["c0"], expression_transform=transform, strong_transform=None, bins=bins, groups=groups
+    ds = SurvivalDataset(
+        cohorts["c0"],
+        sites[0].case_ids,
+        expression_transform=transform,
+        strong_transform=None,
+        bins=bins,
+        groups=groups,
     )
     assert len(ds) == 24 and ds.genes == groups.gene_order
     sample = ds[3]  # the 4th case has two slides: bags concatenated
@@ -75,7 +80,7 @@ def test_patch_sampling_is_seeded_and_only_in_training(layout: DatasetLayout) ->
     kwargs = dict(
         expression_transform=transform, strong_transform=None, bins=bins, groups=groups, max_patches=3
     )
-    ds = sites[0].dataset(cohorts["c0"], **kwargs, seed=7)
+    ds = SurvivalDataset(cohorts["c0"], sites[0].case_ids, **kwargs, seed=7)
     full = ds[3].strong
     assert full.shape[0] > 3  # eval: all patches
     ds.train()
@@ -83,7 +88,9 @@ def test_patch_sampling_is_seeded_and_only_in_training(layout: DatasetLayout) ->
     assert a.shape == (3, 8)
     rows = [int(torch.nonzero((full == r).all(1))[0]) for r in a]
     assert rows == sorted(rows) and len(set(rows)) == 3  # a subset without replacement, in order
-    assert torch.equal(sites[0].dataset(cohorts["c0"], **kwargs, seed=7).train()[3].strong, a)
+    assert torch.equal(
+        SurvivalDataset(cohorts["c0"], sites[0].case_ids, **kwargs, seed=7).train()[3].strong, a
+    )
     epoch0 = [ds[i].strong for i in range(len(ds))]
     ds.set_epoch(1)
     assert any(not torch.equal(x, ds[i].strong) for i, x in enumerate(epoch0))  # a new draw per epoch
@@ -96,8 +103,13 @@ def test_heldout_site_never_refits(layout: DatasetLayout) -> None:
     t_state, b_state = transform.state_dict(), bins.to_dict()
     held = sites[1]
     assert held.role == "holdout"
-    ds = held.dataset(
-        cohorts["c1"], expression_transform=transform, strong_transform=None, bins=bins, groups=groups
+    ds = SurvivalDataset(
+        cohorts["c1"],
+        held.case_ids,
+        expression_transform=transform,
+        strong_transform=None,
+        bins=bins,
+        groups=groups,
     )
     assert transform.state_dict() == t_state and bins.to_dict() == b_state
     raw = expression_frame(cohorts["c1"], groups).to_numpy()

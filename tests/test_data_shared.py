@@ -12,6 +12,7 @@ from fedprog.data import (
     DatasetLayout,
     LayoutError,
     SurvivalBins,
+    SurvivalDataset,
     build_sites,
     check_dataset,
     collate,
@@ -124,8 +125,8 @@ def test_flamby_split_sizes() -> None:
         cohort.labels.loc[train_ids, "survival_months"], cohort.labels.loc[train_ids, "censorship"]
     )
     strong = tabular_transform_for(layout).fit(cohort.tables["clinical"].loc[train_ids])
-    ds = sites[5].dataset(
-        cohort, expression_transform=None, strong_transform=strong, bins=bins, groups=None, split="test"
+    ds = SurvivalDataset(
+        cohort, sites[5].test_ids, expression_transform=None, strong_transform=strong, bins=bins, groups=None
     )
     batch = collate([ds[i] for i in range(len(ds))])
     assert batch.strong.shape == (11, 39, 1) and batch.expression.shape == (11, 0)

@@ -32,13 +32,9 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from fedprog.data.bins import SurvivalBins
 from fedprog.data.cohort import SITE, Cohort, load_cohort, read_table_file, tss_code
-from fedprog.data.dataset import SurvivalDataset
 from fedprog.data.errors import SiteError, preview
-from fedprog.data.groups import GeneGroups
 from fedprog.data.layout import DatasetLayout
-from fedprog.data.transforms import ExpressionTransform, TabularTransform
 
 log = logging.getLogger(__name__)
 
@@ -83,37 +79,6 @@ class Site:
     def load_cohort(self, layout: DatasetLayout) -> Cohort:
         """Load this site's cohort."""
         return load_cohort(layout, self.cohort)
-
-    def dataset(
-        self,
-        cohort: Cohort,
-        *,
-        expression_transform: ExpressionTransform | None,
-        strong_transform: TabularTransform | None,
-        bins: SurvivalBins,
-        groups: GeneGroups | None,
-        split: str = "train",
-        max_patches: int | None = None,
-        seed: int = 0,
-    ) -> SurvivalDataset:
-        """This site's :class:`SurvivalDataset` (``split``: ``train``, ``test`` or ``all``)."""
-        ids = {"train": self.case_ids, "test": self.test_ids, "all": self.all_ids}.get(split)
-        if ids is None:
-            raise SiteError(f"site {self.name!r}: split {split!r} is not train | test | all")
-        if cohort.name != self.cohort:
-            raise SiteError(
-                f"site {self.name!r} belongs to cohort {self.cohort!r}, got cohort {cohort.name!r}"
-            )
-        return SurvivalDataset(
-            cohort,
-            ids,
-            expression_transform=expression_transform,
-            strong_transform=strong_transform,
-            bins=bins,
-            groups=groups,
-            max_patches=max_patches,
-            seed=seed,
-        )
 
 
 def _plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
