@@ -73,6 +73,10 @@ def _sampled_sites(out: Path) -> tuple[set[str], set[str], list[set[str]]]:
     expected = int(len(train) * FRACTION_TRAIN)
     for summary in results["rounds"]:
         assert len(summary["accepted"]) == expected and set(summary["accepted"]) <= train
+        timing = summary["timing"]  # where the round's time went; evaluation only on the eval_every schedule
+        assert {"configure", "train_wait", "aggregate", "client_train"} <= set(timing)
+        assert ("evaluate" in timing) == (summary["round"] == 2)
+        assert 0 < timing["client_train"] and timing["train_wait"] + timing["aggregate"] <= summary["seconds"]
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
     sent = [set(e["sites"]) for e in audit if e["event"] == "train_sent"]
     assert len(sent) == 2 and all(len(s) == expected and s <= train for s in sent)
