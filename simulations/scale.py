@@ -24,12 +24,13 @@ with ``training.keep_optimizer_state=false`` it was 1.3e-7 (8 sites), i.e. the s
 
 Where the time goes, from the server's per-round timers (``results.json`` rounds ``timing``): ``client
 train`` (engine.train time the sites report, summed), ``Flower + Ray`` (waiting for the training replies
-minus that: messages, serialization, scheduling, the model rebuilt per message), ``aggregate`` (screening
-and the strategy's mean), ``evaluate`` (the last round); ``start-up`` is the child's wall time minus its
-rounds (interpreter, imports, Ray, node start, the describe/fit queries, writing the report) and ``first
-round +`` is round 1's excess over the middle rounds (datasets and model built the first time).
+minus that: messages, serialization, scheduling, per message the model rebuilt and the optimizer state
+stored), ``aggregate`` (screening and the strategy's mean), ``evaluate`` (the last round); ``start-up`` is
+the child's wall time minus its rounds (interpreter, imports, Ray, node start, the describe/fit queries,
+writing the report) and ``first round +`` is round 1's excess over the middle rounds (datasets and model
+built the first time).
 
-    python simulations/scale.py            # every setting (about 25 min on 2 cores)
+    python simulations/scale.py            # every setting (10 min 20 s on 2 shared cores)
     python simulations/scale.py --quick    # 8 and 32 sites, x1/x4 cases, bags of 512 and 4,096 (< 5 min)
 
 Records go to ``runs/benchmarks/scale/`` (``scale.json``, a log-log plot ``scale.png``). The last line
