@@ -105,12 +105,14 @@ def cmdline(pid: int) -> str:
 
 
 class TreeSampler(threading.Thread):
-    """Samples the summed RSS of a process tree and the largest ClientApp actor RSS until stopped."""
+    """Samples the summed RSS of a process tree, the root's own RSS (the simulation driver, which runs the
+    ServerApp) and the largest ClientApp actor RSS until stopped."""
 
     def __init__(self, root: int, interval: float = SAMPLE_S) -> None:  # noqa: D107 - see the class
         super().__init__(daemon=True)
         self.root, self.interval = root, interval
         self.peak_total = 0
+        self.peak_root = 0
         self.peak_client = 0
         self.max_processes = 0
         self._halt = threading.Event()
@@ -120,6 +122,7 @@ class TreeSampler(threading.Thread):
             pids = process_tree(self.root)
             sizes = {pid: rss_bytes(pid) for pid in pids}
             self.peak_total = max(self.peak_total, sum(sizes.values()))
+            self.peak_root = max(self.peak_root, sizes.get(self.root, 0))
             self.max_processes = max(self.max_processes, len(pids))
             clients = [size for pid, size in sizes.items() if CLIENT_MARK in cmdline(pid)]
             if clients:
@@ -157,6 +160,7 @@ def run_sampled(overrides: Sequence[str], out: Path) -> dict[str, Any]:
         "startup_s": wall - sum(seconds),
         "peak_rss_total_mib": sampler.peak_total / MIB,
         "peak_rss_client_mib": sampler.peak_client / MIB,
+        "peak_rss_server_mib": sampler.peak_root / MIB,
         "max_processes": sampler.max_processes,
         "n_cases": sum(int(s["n_cases"]) for s in results["sites"]),
         "n_train_cases": sum(int(s["n_cases"]) for s in results["sites"] if s["role"] == "train"),

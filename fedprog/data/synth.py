@@ -72,8 +72,9 @@ pathway with probability ``pathway_overlap``::
 
 Random streams are keyed by (seed, part[, cancer]): one cancer's draws do not depend on another's size.
 Case ids are ``<case_prefix>-<site>-<nnnn>`` (``SYNT-A1-0001``): characters 6-7 are the site code, like
-TCGA's tissue-source site; cancer k has the sites ``<letter k>1``, ``<letter k>2``, ... ``truth.csv`` has one
-row per case: cohort, case_id, true_risk, shared_risk, specific_risk, site, z1..z_qs, u1..u_qc.
+TCGA's tissue-source site; cancer k has the sites ``<letter k>1`` .. ``<letter k>9``, then ``<letter k>A`` ..
+``<letter k>Z`` (at most 35 per cancer). ``truth.csv`` has one row per case: cohort, case_id, true_risk,
+shared_risk, specific_risk, site, z1..z_qs, u1..u_qc.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ GROUPS = "groups/pathways.csv"
 TRUTH = "truth.csv"
 SITE_COLUMN = "site"
 CASE_PREFIX_LENGTH = 4  # so that barcode characters 6-7 are the site code, as in TCGA-2F-A9KO
+SITE_DIGITS = "123456789" + string.ascii_uppercase  # 2nd character of a site code: at most 35 per cancer
 
 
 class SynthError(ValueError):
@@ -211,7 +213,7 @@ class SynthParams:
         """Site codes of each cancer, e.g. ``{"c0": ["A1", "A2"], ...}``."""
         letters = string.ascii_uppercase
         return {
-            cancer: [f"{letters[k]}{s + 1}" for s in range(len(self.site_fractions))]
+            cancer: [f"{letters[k]}{SITE_DIGITS[s]}" for s in range(len(self.site_fractions))]
             for k, cancer in enumerate(self.cancers)
         }
 
@@ -237,9 +239,10 @@ class SynthParams:
                 f"barcode characters 6-7 are the site code), got {self.case_prefix!r}"
             )
         n_sites = len(self.site_fractions)
-        if not 1 <= n_sites <= 9 or min(self.site_fractions) <= 0:
+        if not 1 <= n_sites <= len(SITE_DIGITS) or min(self.site_fractions) <= 0:
             raise SynthError(
-                f"data.synth.site_fractions: expected 1-9 positive values, got {self.site_fractions}"
+                f"data.synth.site_fractions: expected 1-{len(SITE_DIGITS)} positive values, got "
+                f"{list(self.site_fractions)}"
             )
         for cancer, n in zip(self.cancers, self.n_patients, strict=True):
             if n < n_sites:

@@ -424,7 +424,9 @@ class FederationRun:
                 model_sha256=_sha(self.arrays),
                 sites=sorted(inner.train_nodes[m.metadata.dst_node_id] for m in outgoing),
             )
+            sent = time.perf_counter()
             replies = list(self.grid.send_and_receive(outgoing, timeout=float(self.cfg.round_timeout)))
+            received = time.perf_counter()
             replies = self.styles.screen(replies, inner)  # a malformed style record rejects the update
             if self.noise_rng is None:
                 new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
@@ -437,6 +439,14 @@ class FederationRun:
             "round": server_round,
             "accepted": report.accepted if report else [],
             "rejected": [r.site for r in report.rejected] if report else [],
+            "timing": {  # seconds: where the round's time went (the scale benchmark reads it)
+                "configure": sent - started,
+                "train_wait": received - sent,  # send, client work (data, model, training), replies
+                "aggregate": time.perf_counter() - received,  # screening and the strategy's aggregate
+                "client_train": sum(
+                    float(m.get("seconds", 0.0)) for m in (report.train_metrics.values() if report else [])
+                ),  # engine.train time the sites reported, summed
+            },
         }
         if new_arrays is None:
             if self.mode not in DP_MODES:
@@ -478,7 +488,9 @@ class FederationRun:
             spent = privacy_spent(self.strategy)
             summary["privacy"] = {"epsilon": spent["epsilon"], "delta": spent["delta"]}
         if server_round % int(self.cfg.eval_every) == 0 or server_round == self.rounds:
+            evaluating = time.perf_counter()
             self.evaluate(server_round, summary)
+            summary.setdefault("timing", {})["evaluate"] = time.perf_counter() - evaluating
         summary["seconds"] = time.perf_counter() - started
         self.state.rounds.append(summary)
         self.save(server_round)

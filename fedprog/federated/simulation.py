@@ -55,6 +55,8 @@ FLWR_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
+RAY_AUTO = "auto"  # simulation.ray_address: Ray finds the running cluster (RAY_ADDRESS or the local head)
+MAX_PORT = 65535
 
 
 def prepare(cfg: DictConfig) -> DictConfig:
@@ -67,6 +69,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
     from fedprog.config import load_config
     from fedprog.data import DatasetLayout, build_sites
 
+    ray_init_args(cfg.simulation)  # a wrong ray_address fails here, before data generation and Ray
     if cfg.get("resume"):
         resumed, _ = resume_config(cfg, load_config("simulate"))
         return _with_audit_path(resumed)
@@ -98,6 +101,46 @@ def _with_audit_path(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+class RayAddressError(ValueError):
+    """``simulation.ray_address`` (or a key that contradicts it) is invalid; the message names the key."""
+
+
+def check_ray_address(value: Any) -> str | None:
+    """The validated ``simulation.ray_address``: None (own local Ray), ``auto`` or ``host:port``."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text == RAY_AUTO:
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= MAX_PORT:
+        raise RayAddressError(
+            f"simulation.ray_address={value!r}: expected null (own local Ray), {RAY_AUTO!r} or host:port "
+            "of a cluster started with `ray start --head`"
+        )
+    return text
+
+
+def ray_init_args(sim: Mapping[str, Any]) -> dict[str, Any]:
+    """``ray.init`` arguments of Flower's Ray backend: an own local Ray, or the cluster at ``ray_address``.
+
+    An attached run takes the cluster's resources as ``ray start`` declared them, so ``ray_num_cpus`` (a cap
+    on the local Ray only) is refused with it.
+    """
+    address = check_ray_address(sim.get("ray_address"))
+    args: dict[str, Any] = {"logging_level": "warning", "log_to_driver": True}
+    if address is not None:
+        if sim.get("ray_num_cpus"):
+            raise RayAddressError(
+                f"simulation.ray_num_cpus={sim.get('ray_num_cpus')} caps a local Ray only; with "
+                f"simulation.ray_address={address} set the cluster's CPUs with `ray start --num-cpus`"
+            )
+        args["address"] = address
+    elif sim.get("ray_num_cpus"):
+        args["num_cpus"] = int(sim["ray_num_cpus"])
+    return args
+
+
 def run_simulation(cfg: DictConfig) -> dict[str, Any]:
     """Run the federation of ``cfg`` (already :func:`prepare`-d) in Flower's simulation runtime.
 
@@ -113,17 +156,14 @@ def run_simulation(cfg: DictConfig) -> dict[str, Any]:
 
     for key, value in FLWR_ENV.items():
         os.environ.setdefault(key, value)
-    if os.environ.pop(
-        "RAY_ADDRESS", None
-    ):  # Ray would wait forever for that cluster instead of starting its own
+    sim = cfg.simulation
+    init_args = ray_init_args(sim)
+    # own local Ray (no ray_address): Ray would wait forever for a RAY_ADDRESS cluster instead of starting one
+    if "address" not in init_args and os.environ.pop("RAY_ADDRESS", None):
         log.warning("RAY_ADDRESS is set: ignored, `fedprog simulate` starts its own local Ray instance")
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     config_file = save_run_config(cfg, out)
-    sim = cfg.simulation
-    init_args: dict[str, Any] = {"logging_level": "warning", "log_to_driver": True}
-    if sim.get("ray_num_cpus"):
-        init_args["num_cpus"] = int(sim.ray_num_cpus)
     backend_config = {
         "client_resources": client_resources(sim.num_cpus, sim.num_gpus),
         "init_args": init_args,
@@ -151,7 +191,12 @@ def main(cfg: DictConfig) -> int:
 
     try:
         cfg = prepare(cfg)
-    except (CheckpointError, CohortError, OSError) as error:  # a user or data error: one line, no traceback
+    except (
+        CheckpointError,
+        CohortError,
+        RayAddressError,
+        OSError,
+    ) as error:  # a user or data error: one line, no traceback
         print(f"fedprog simulate: error: {' | '.join(str(error).splitlines())}", file=sys.stderr)
         return 2
     if str(cfg.strategy.name) in BASELINES:
