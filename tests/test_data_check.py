@@ -150,3 +150,23 @@ def test_folder_overrides_apply_over_the_manifest(tmp_path: Path, capsys: pytest
     capsys.readouterr()
     bad = load_config("data_check", ["data=folder", f"data.root={layout.root}", "data.time_unit=weeks"])
     assert main(bad) == 2 and "time_unit='weeks'" in capsys.readouterr().err
+
+
+def test_add_starts_a_manifest_from_a_preset(tmp_path: Path, shared_data: Path) -> None:
+    from fedprog.data.check import add_cohort
+    from fedprog.data.layout import DatasetLayout
+
+    root = tmp_path / "own"
+    shutil.copytree(shared_data / "tcga" / "kirp", root / "kirp")  # a cancer the tcga preset does not list
+    with pytest.raises(CohortError, match=r"fedprog.yaml not found: start it from a data preset with like="):
+        add_cohort(root, "kirp")
+    with pytest.raises(CohortError, match=r"like=tcgx: no such data preset; choose one of .*tcga"):
+        add_cohort(root, "kirp", like="tcgx")
+    summary = add_cohort(root, "kirp", like="tcga")
+    assert summary.to_frame().loc["kirp", "cases"] == 260
+    layout = DatasetLayout.load(root)
+    assert layout.cohorts == ("kirp",) and layout.name == "own" and layout.strong == "clinical"
+    hallmarks = shared_data / "tcga" / "signatures" / "hallmarks_signatures.csv"
+    assert Path(layout.groups.path) == hallmarks.resolve()  # the preset's groups, referenced where they are
+    with pytest.raises(CohortError, match=r"like=tcga: .* exists already"):
+        add_cohort(root, "kirp", like="tcga")

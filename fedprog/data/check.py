@@ -263,12 +263,18 @@ def layout_from_config(cfg: DictConfig) -> DatasetLayout:
 
 
 def add_cohort(
-    root: str | Path, cohort: str, *, time_unit: str | None = None, pseudo_sites: int | None = None
+    root: str | Path,
+    cohort: str,
+    *,
+    time_unit: str | None = None,
+    pseudo_sites: int | None = None,
+    like: str | None = None,
 ) -> DatasetSummary:
     """Register ``<root>/<cohort>`` in ``<root>/fedprog.yaml`` and check the whole dataset at once.
 
     The manifest is rewritten only when :func:`check_dataset` passes. ``time_unit`` and ``pseudo_sites`` are
-    set for this cohort alone (the manifest's keys become per-cohort mappings where needed).
+    set for this cohort alone (the manifest's keys become per-cohort mappings where needed). ``like`` names a
+    data preset (``configs/data/<like>.yaml``) whose layout starts a folder that has no manifest yet.
 
     Raises
     ------
@@ -277,11 +283,14 @@ def add_cohort(
     """
     folder = Path(root).expanduser().resolve()
     manifest = folder / MANIFEST
-    if not manifest.is_file():
+    if like is not None and manifest.is_file():
+        raise LayoutError(f"like={like}: {manifest} exists already; like= only starts a new manifest")
+    if like is None and not manifest.is_file():
         raise LayoutError(
-            f"{manifest} not found: write the manifest first (README: your own data), then add cohorts"
+            f"{manifest} not found: start it from a data preset with like=NAME "
+            f"(one of {', '.join(preset_names())}) or write it (README: your own data)"
         )
-    keys = read_manifest(manifest)
+    keys = read_manifest(manifest) if like is None else manifest_from_preset(like, folder)
     if not (folder / cohort).is_dir():
         raise LayoutError(f"cohort folder {folder / cohort} not found (cohort={cohort})")
     keys["cohorts"] = [c for c in keys.get("cohorts") or [] if c != cohort] + [cohort]
@@ -295,6 +304,47 @@ def add_cohort(
     summary = check_dataset(layout)
     manifest.write_text(yaml.safe_dump(keys, sort_keys=False))
     return summary
+
+
+#: Layout keys of a data preset that name one dataset, not a layout: not copied into a new manifest.
+PRESET_ONLY_KEYS = ("root", "cohorts", "synth", "generate_if_missing")
+#: Layout keys holding a file path relative to the dataset root (not to a cohort folder).
+ROOT_FILE_KEYS = (("groups", "path"), ("gene_map", "path"))
+
+
+def preset_names() -> list[str]:
+    """The data presets (``configs/data/*.yaml``) a new manifest can start from."""
+    from fedprog.config import groups
+
+    return [name for name in groups()["data"] if name != "folder"]
+
+
+def manifest_from_preset(like: str, folder: Path) -> dict[str, Any]:
+    """Manifest keys for ``folder`` from the layout of the data preset ``like``, with no cohorts yet.
+
+    Root-level files of the preset (gene groups, a probe -> gene map) that ``folder`` does not hold are
+    referenced at the preset's root by absolute path, so the new dataset uses the same gene groups.
+    """
+    from fedprog.config import compose_config, to_container
+
+    if like not in preset_names():
+        raise LayoutError(f"like={like}: no such data preset; choose one of {', '.join(preset_names())}")
+    data = to_container(compose_config("train", [f"data={like}"]))["data"]
+    preset_root = Path(str(data["root"])).expanduser()
+    keys = {k: v for k, v in data.items() if k not in PRESET_ONLY_KEYS}
+    keys["name"] = folder.name
+    for section, key in ROOT_FILE_KEYS:
+        entry = keys.get(section)
+        if isinstance(entry, str):  # the short form `groups: FILE`
+            entry = keys[section] = {key: entry}
+        relative = entry.get(key) if isinstance(entry, dict) else None
+        if relative and not (folder / relative).exists():
+            if not (preset_root / relative).exists():
+                raise LayoutError(
+                    f"like={like}: {section}.{key} {relative} is in neither {folder} nor {preset_root}"
+                )
+            entry[key] = str((preset_root / relative).resolve())
+    return keys
 
 
 def _per_cohort(current: Any, default: Any, cohorts: list[str], cohort: str, value: Any) -> dict[str, Any]:
@@ -312,7 +362,11 @@ def add_main(cfg: DictConfig) -> int:
     """``fedprog data add DIR cohort=NAME``: print the checked summary (exit 0) or one error line (exit 2)."""
     try:
         summary = add_cohort(
-            str(cfg.data.root), str(cfg.cohort), time_unit=cfg.time_unit, pseudo_sites=cfg.pseudo_sites
+            str(cfg.data.root),
+            str(cfg.cohort),
+            time_unit=cfg.time_unit,
+            pseudo_sites=cfg.pseudo_sites,
+            like=cfg.like,
         )
     except CohortError as exc:
         print(f"fedprog data add: error: {' | '.join(str(exc).splitlines())}", file=sys.stderr)
