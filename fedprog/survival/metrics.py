@@ -380,17 +380,7 @@ def uno_cindex(
     risk_arr = check_risk(risk, time_arr.size)
     _require_events(event, "uno_cindex")
     train_event, train_time_arr = _reference(train_time, train_censorship, event, time_arr)
-    horizon = float(train_time_arr.max())
-    if tau is None:
-        tau = uno_truncation_time(train_time_arr, (~train_event).astype(float))
-        log.info(
-            "uno_cindex: truncation time tau=%.4g months chosen from the data (G(tau) >= %g)",
-            tau,
-            MIN_CENSOR_SURVIVAL,
-        )
-    elif tau > horizon:
-        log.info("uno_cindex: tau=%g is beyond the training follow-up, using %g", tau, horizon)
-        tau = horizon
+    tau = _uno_tau(tau, train_event, train_time_arr)
     early = event & (time_arr < tau)
     if not early.any():
         raise NoComparablePairsError(f"uno_cindex: no test event before tau={tau:g} months")
@@ -406,6 +396,22 @@ def uno_cindex(
     except NoComparablePairException as err:
         raise NoComparablePairsError(f"uno_cindex: no comparable pairs before tau={tau:g} months") from err
     return (float(result[0]), float(tau)) if return_tau else float(result[0])
+
+
+def _uno_tau(tau: float | None, train_event: np.ndarray, train_time: np.ndarray) -> float:
+    """The truncation time used: ``tau`` capped at the training follow-up, or chosen from the data (None)."""
+    horizon = float(train_time.max())
+    if tau is None:
+        tau = uno_truncation_time(train_time, (~train_event).astype(float))
+        log.info(
+            "uno_cindex: truncation time tau=%.4g months chosen from the data (G(tau) >= %g)",
+            tau,
+            MIN_CENSOR_SURVIVAL,
+        )
+    elif tau > horizon:
+        log.info("uno_cindex: tau=%g is beyond the training follow-up, using %g", tau, horizon)
+        tau = horizon
+    return tau
 
 
 def _check_uno_weights(
@@ -868,6 +874,31 @@ def _or_nan(name: str, compute: Callable[[], float]) -> float:
         return math.nan
 
 
+def _optional_curves(
+    survival: ArrayLike | None, bin_edges: ArrayLike | None, n_samples: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Checked ``(curves, edges)``, or ``(None, None)`` without predicted survival curves."""
+    if survival is None:
+        return None, None
+    if bin_edges is None:
+        raise SurvivalInputError("bin_edges: required together with survival")
+    return check_survival_curves(survival, bin_edges, n_samples)
+
+
+def _ipcw_reference(
+    time: np.ndarray, censorship: np.ndarray, train_time: ArrayLike | None, train_censorship: ArrayLike | None
+) -> tuple[ArrayLike, ArrayLike]:
+    """The censoring reference of the IPCW metrics: the training labels, else the evaluated patients."""
+    if (train_time is None) != (train_censorship is None):
+        raise SurvivalInputError("train_time and train_censorship must be given together (or both None)")
+    if train_time is None or train_censorship is None:
+        log.info(
+            "evaluate_predictions: no training labels; IPCW metrics use the evaluated patients as reference"
+        )
+        return time, censorship
+    return train_time, train_censorship
+
+
 def evaluate_predictions(
     time: ArrayLike,
     censorship: ArrayLike,
@@ -908,19 +939,8 @@ def evaluate_predictions(
     event, time_arr = check_survival(time, censorship)
     cens = (~event).astype(float)
     risk_arr = check_risk(risk, time_arr.size)
-    curves: np.ndarray | None = None
-    edges: np.ndarray | None = None
-    if survival is not None:
-        if bin_edges is None:
-            raise SurvivalInputError("bin_edges: required together with survival")
-        curves, edges = check_survival_curves(survival, bin_edges, time_arr.size)
-    if (train_time is None) != (train_censorship is None):
-        raise SurvivalInputError("train_time and train_censorship must be given together (or both None)")
-    ref_time, ref_cens = (time_arr, cens) if train_time is None else (train_time, train_censorship)
-    if train_time is None:
-        log.info(
-            "evaluate_predictions: no training labels; IPCW metrics use the evaluated patients as reference"
-        )
+    curves, edges = _optional_curves(survival, bin_edges, time_arr.size)
+    ref_time, ref_cens = _ipcw_reference(time_arr, cens, train_time, train_censorship)
 
     def ibs() -> float:
         if curves is None:
