@@ -17,14 +17,12 @@ from fedprog.data.bags import find_bag
 from fedprog.data.errors import (
     CohortError,
     DuplicateCaseError,
-    GeneMismatchError,
     InvalidValueError,
     LayoutError,
     MissingColumnError,
     MissingFeaturesError,
     preview,
 )
-from fedprog.data.harmonize import feature_genes
 from fedprog.data.layout import TIME_UNITS, DatasetLayout, TablePart, TableSpec
 
 log = logging.getLogger(__name__)
@@ -629,23 +627,3 @@ def load_cohorts(layout: DatasetLayout, cohorts: Sequence[str] | None = None) ->
     which other cohorts sit in the data folder.
     """
     return {name: load_cohort(layout, name) for name in (cohorts or layout.cohorts)}
-
-
-def harmonize_genes(cohorts: Mapping[str, Cohort], policy: str = "intersection") -> list[str]:
-    """Restrict every cohort's expression table, in place, to the genes ``policy`` keeps over ALL of them.
-
-    Only for analyses where every given cohort trains (e.g. a pooled reference); models use
-    :func:`fedprog.data.harmonize.feature_genes` over their training sites instead. ``union`` is not
-    possible in place (nothing to impute with) and raises.
-    """
-    if not cohorts:
-        return []
-    expr = next(iter(cohorts.values())).layout.expression
-    if expr is None:
-        return []
-    if policy == "union":
-        raise GeneMismatchError("harmonize_genes: gene_policy=union needs imputation; use feature_genes")
-    shared = feature_genes({name: c.genes for name, c in cohorts.items()}, policy)
-    for cohort in cohorts.values():
-        cohort.tables[expr] = cohort.tables[expr][shared]
-    return shared

@@ -40,11 +40,10 @@ from fedprog.data.errors import (
     InvalidValueError,
     preview,
 )
-from fedprog.data.layout import DatasetLayout
+from fedprog.data.layout import DAYS_PER_MONTH, DatasetLayout
 
 log = logging.getLogger(__name__)
 
-DAYS_PER_MONTH = 30.4375
 DATA_FILE = "brca.csv"
 CENTERS_FILE = "centers.csv"
 SPLIT_FILE = "train_test_split.csv"

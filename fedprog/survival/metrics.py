@@ -32,7 +32,6 @@ __all__ = [
     "MetricUndefinedError",
     "NoComparablePairsError",
     "SurvivalInputError",
-    "bootstrap_cindex",
     "check_risk",
     "check_survival",
     "check_survival_curves",
@@ -643,68 +642,6 @@ def time_auc(
 # ----------------------------------------------------------------------------------------------------------
 # Uncertainty, risk groups, summaries
 # ----------------------------------------------------------------------------------------------------------
-
-
-def bootstrap_cindex(
-    time: ArrayLike,
-    censorship: ArrayLike,
-    risk: ArrayLike,
-    n_boot: int = 200,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> tuple[float, float, float]:
-    """Harrell's C-index with a percentile bootstrap confidence interval (patients resampled).
-
-    Parameters
-    ----------
-    time, censorship : array-like, shape = (n_samples,)
-        Labels (months; 1 = censored).
-    risk : array-like, float, shape = (n_samples,)
-        Risk scores, higher = worse.
-    n_boot : int, optional, default: 200
-        Number of bootstrap resamples.
-    seed : int, optional, default: 0
-        Seed of the resampling generator.
-    alpha : float, optional, default: 0.05
-        The interval covers ``1 - alpha``.
-
-    Returns
-    -------
-    estimate : float
-        C-index on the full data.
-    low, high : float
-        Percentile interval bounds; NaN (logged) when no resample could be scored.
-
-    Notes
-    -----
-    Resamples without a comparable pair (possible in tiny cohorts) are skipped and counted in the log.
-    """
-    if n_boot < 1 or not 0 < alpha < 1:
-        raise SurvivalInputError(f"n_boot must be >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
-    event, time_arr = check_survival(time, censorship)
-    risk_arr = check_risk(risk, time_arr.size)
-    estimate = harrell_cindex(time_arr, ~event, risk_arr)
-    rng = np.random.default_rng(seed)
-    samples = rng.integers(0, time_arr.size, size=(n_boot, time_arr.size))  # (n_boot, n_samples)
-    scores = []
-    for index in samples:
-        if not event[index].any():
-            continue
-        try:
-            scores.append(
-                concordance_index_censored(event[index], time_arr[index], risk_arr[index], DEFAULT_TIED_TOL)[
-                    0
-                ]
-            )
-        except NoComparablePairException:
-            continue
-    if len(scores) < n_boot:
-        log.info("bootstrap_cindex: %d of %d resamples had no comparable pair", n_boot - len(scores), n_boot)
-    if not scores:
-        log.warning("bootstrap_cindex: no resample could be scored; interval is NaN")
-        return estimate, math.nan, math.nan
-    low, high = np.quantile(scores, [alpha / 2, 1 - alpha / 2])
-    return estimate, float(low), float(high)
 
 
 def _median_split(risk: np.ndarray) -> np.ndarray:
