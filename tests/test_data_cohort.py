@@ -23,7 +23,7 @@ from fedprog.data import (
     load_cohort,
     load_cohorts,
 )
-from fedprog.data.cohort import tss_code
+from fedprog.data.cohort import require_columns, tss_code
 from fedprog.data.harmonize import feature_genes
 
 
@@ -275,3 +275,14 @@ def test_clinical_table_merged_from_two_files(layout: DatasetLayout) -> None:
     dropping = _set_manifest(layout, tables=tables, strong="clinical", features=None)
     cohort = load_cohort(dropping, "c0")
     assert len(cohort) == 15 and cohort.dropped["reason"].str.contains("clin.csv column").all()
+
+
+def test_require_cohort_and_columns_name_the_culprit(layout: DatasetLayout) -> None:
+    with pytest.raises(CohortError, match=r"cohort 'nope' is not in the layout's cohorts \['c0'\]"):
+        load_cohort(layout, "nope")
+    frame = pd.DataFrame({"case_id": ["a"], "T": [1.0]})
+    require_columns(frame, ["case_id"], Path("x.csv"))
+    with pytest.raises(
+        MissingColumnError, match=r"file x\.csv: missing column\(s\) \['E'\] \(found: case_id, T\)"
+    ):
+        require_columns(frame, ["E", "T"], Path("x.csv"))
