@@ -6,7 +6,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -261,6 +261,152 @@ def _batches(loader: DataLoader, data: SurvivalDataset) -> Iterator[Batch]:
         yield from loader
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Step counts of one :func:`train` call; its learning rates follow the schedule of the whole run."""
+
+    steps_per_epoch: int
+    total_steps: int
+    n_epochs: int
+    lr_factor: Callable[[int], float]
+    first_step: int  # global step of this call's first local step
+
+    def lr(self, cfg: TrainConfig, local_step: int) -> float:
+        """Learning rate of this call's step ``local_step``."""
+        return cfg.lr * self.lr_factor(self.first_step + local_step)
+
+
+def _plan(cfg: TrainConfig, n_batches: int, run: RunPosition) -> _Plan:
+    steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
+    total_steps = cfg.local_steps or steps_per_epoch * cfg.epochs
+    return _Plan(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        n_epochs=math.ceil(total_steps / steps_per_epoch),
+        lr_factor=_lr_lambda(cfg, total_steps * run.calls, steps_per_epoch),
+        first_step=run.index * total_steps,  # the schedule is defined over the whole run
+    )
+
+
+def _optimizer(
+    model: nn.Module, cfg: TrainConfig, optimizer_state: Mapping[str, torch.Tensor] | None
+) -> torch.optim.Optimizer:
+    """The configured optimizer over the trainable parameters, with the kept state when enabled."""
+    optimizer = OPTIMIZERS[cfg.optimizer]([p for p in model.parameters() if p.requires_grad], cfg)
+    if optimizer_state and cfg.keep_optimizer_state:
+        load_optimizer_state(optimizer, cfg.optimizer, optimizer_state)
+    return optimizer
+
+
+def _batch_loss(
+    model: nn.Module,
+    batch: Batch,
+    cfg: TrainConfig,
+    device: torch.device,
+    anchors: Sequence[torch.Tensor] | None,
+    history: TrainHistory,
+) -> torch.Tensor:
+    """Loss of one batch: survival loss (zero for a Cox batch without event) plus the FedProx term."""
+    with _autocast(device, cfg):
+        outputs = model(batch)
+    if cfg.loss == "cox" and bool((batch.censorship > 0).all()):
+        loss = outputs.float().sum() * 0.0  # no event, no Cox risk set: counted, not warned
+        history.no_event_batches += 1
+    else:
+        loss = survival_loss(outputs.float(), batch, cfg)
+    if anchors is not None and cfg.proximal_mu > 0:
+        loss = loss + cfg.proximal_mu * _proximal_term(model, anchors)
+    return loss
+
+
+def _optimizer_step(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    plan: _Plan,
+    device: torch.device,
+    anchors: Sequence[torch.Tensor] | None,
+    history: TrainHistory,
+) -> list[float]:
+    """One optimizer step over ``cfg.grad_accum`` batches; return their losses, count into ``history``."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for _ in range(cfg.grad_accum):
+        batch = next(batches).to(device)
+        loss = _batch_loss(model, batch, cfg, device, anchors, history)
+        (loss / cfg.grad_accum).backward()
+        losses.append(loss.item())
+        history.n_examples_seen += len(batch.case_ids)
+    if cfg.max_grad_norm:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    history.lr_last = plan.lr(cfg, history.n_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = history.lr_last
+    optimizer.step()
+    history.n_steps += 1
+    return losses
+
+
+def _train_epoch(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    plan: _Plan,
+    device: torch.device,
+    anchors: Sequence[torch.Tensor] | None,
+    history: TrainHistory,
+) -> None:
+    """One epoch (fewer steps when ``plan.total_steps`` runs out); appends its mean loss to ``history``."""
+    model.train()
+    losses = []
+    for _ in range(min(plan.steps_per_epoch, plan.total_steps - history.n_steps)):
+        losses += _optimizer_step(model, batches, optimizer, cfg, plan, device, anchors, history)
+    history.epoch_loss.append(float(np.mean(losses)) if losses else float("nan"))
+
+
+def _validation_metrics(
+    model: nn.Module,
+    val_data: SurvivalDataset,
+    train_data: SurvivalDataset,
+    device: torch.device,
+    cfg: TrainConfig,
+) -> dict[str, float]:
+    """Metrics on ``val_data`` with the training data's bins and censoring reference."""
+    return evaluate(
+        model,
+        val_data,
+        bins=train_data.bins,
+        device=device,
+        train_times=train_data.times,
+        train_censorship=train_data.censorship,
+        loss_cfg=cfg,
+    ).metrics
+
+
+def _selection_score(metrics: Mapping[str, float], cfg: TrainConfig) -> float:
+    """Higher is better: the validation C-index, or minus the validation loss."""
+    return metrics["c_index"] if cfg.select_on == "val_c_index" else -metrics["loss"]
+
+
+def _finish(
+    model: nn.Module,
+    best_state: Mapping[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    plan: _Plan,
+    history: TrainHistory,
+) -> None:
+    """Restore the selected epoch's weights (else the last epoch is selected) and keep the optimizer state."""
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        history.selected_epoch = plan.n_epochs
+    if cfg.keep_optimizer_state:
+        history.optimizer_state = optimizer_state_dict(optimizer, cfg.optimizer)
+
+
 def train(
     model: nn.Module,
     train_data: SurvivalDataset,
@@ -303,74 +449,27 @@ def train(
     model.to(device)
     anchors = [p.detach().to(device).clone() for p in global_params] if global_params is not None else None
     loader = _loader(train_data, cfg.batch_size, _sampler(train_data, cfg, generator), cfg.num_workers)
-    steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
-    total_steps = cfg.local_steps or steps_per_epoch * cfg.epochs
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
-    optimizer = OPTIMIZERS[cfg.optimizer]([p for p in model.parameters() if p.requires_grad], cfg)
-    if optimizer_state and cfg.keep_optimizer_state:
-        load_optimizer_state(optimizer, cfg.optimizer, optimizer_state)
-    run = run_position or RunPosition()
-    lr_factor = _lr_lambda(cfg, total_steps * run.calls, steps_per_epoch)
-    first_step = run.index * total_steps  # the schedule is defined over the whole run
-
+    plan = _plan(cfg, len(loader), run_position or RunPosition())
+    optimizer = _optimizer(model, cfg, optimizer_state)
     history = TrainHistory()
     best_score, best_state = -math.inf, None
     started = time.perf_counter()
     train_data.train()
     batches = _batches(loader, train_data)
-    for epoch in range(n_epochs):
-        model.train()
-        steps_this_epoch = min(steps_per_epoch, total_steps - history.n_steps)
-        losses = []
-        for _ in range(steps_this_epoch):
-            optimizer.zero_grad(set_to_none=True)
-            for _ in range(cfg.grad_accum):
-                batch = next(batches).to(device)
-                with _autocast(device, cfg):
-                    outputs = model(batch)
-                if cfg.loss == "cox" and bool((batch.censorship > 0).all()):
-                    loss = outputs.float().sum() * 0.0  # no event, no Cox risk set: counted, not warned
-                    history.no_event_batches += 1
-                else:
-                    loss = survival_loss(outputs.float(), batch, cfg)
-                if anchors is not None and cfg.proximal_mu > 0:
-                    loss = loss + cfg.proximal_mu * _proximal_term(model, anchors)
-                (loss / cfg.grad_accum).backward()
-                losses.append(loss.item())
-                history.n_examples_seen += len(batch.case_ids)
-            if cfg.max_grad_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            history.lr_last = cfg.lr * lr_factor(first_step + history.n_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = history.lr_last
-            optimizer.step()
-            history.n_steps += 1
-        history.epoch_loss.append(float(np.mean(losses)) if losses else float("nan"))
-        message = f"{log_prefix}epoch {epoch + 1}/{n_epochs} loss {history.loss:.4f}"
+    for epoch in range(plan.n_epochs):
+        _train_epoch(model, batches, optimizer, cfg, plan, device, anchors, history)
+        message = f"{log_prefix}epoch {epoch + 1}/{plan.n_epochs} loss {history.loss:.4f}"
         if val_data is not None and cfg.select_on != "last" and (epoch + 1) % cfg.eval_every == 0:
-            metrics = evaluate(
-                model,
-                val_data,
-                bins=train_data.bins,
-                device=device,
-                train_times=train_data.times,
-                train_censorship=train_data.censorship,
-                loss_cfg=cfg,
-            ).metrics
+            metrics = _validation_metrics(model, val_data, train_data, device, cfg)
             history.val_metrics.append(metrics)
-            score = metrics["c_index"] if cfg.select_on == "val_c_index" else -metrics["loss"]
+            score = _selection_score(metrics, cfg)
             message += f" val c-index {metrics['c_index']:.3f}"
             if not math.isnan(score) and score > best_score:
                 best_score, history.selected_epoch = score, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if progress:
             log.info(message)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    else:
-        history.selected_epoch = n_epochs
-    if cfg.keep_optimizer_state:
-        history.optimizer_state = optimizer_state_dict(optimizer, cfg.optimizer)
+    _finish(model, best_state, optimizer, cfg, plan, history)
     history.seconds = time.perf_counter() - started
     if history.no_event_batches:
         log.info("%s%d training batch(es) had no event: zero Cox loss", log_prefix, history.no_event_batches)

@@ -20,11 +20,11 @@ from fedprog.data import (
     LayoutError,
     MissingColumnError,
     MissingFeaturesError,
-    harmonize_genes,
     load_cohort,
     load_cohorts,
 )
-from fedprog.data.cohort import tss_code
+from fedprog.data.cohort import require_columns, tss_code
+from fedprog.data.harmonize import feature_genes
 
 
 @pytest.fixture
@@ -228,12 +228,13 @@ def test_gene_sets_differing_between_cohorts(tmp_path: Path, caplog: pytest.LogC
     pd.read_csv(rna_path).drop(columns=["G002", "G005"]).to_csv(rna_path, index=False)
     cohorts = load_cohorts(layout)  # each cohort keeps its own genes: no cross-cohort restriction on load
     assert len(cohorts["c0"].genes) == 12 and len(cohorts["c1"].genes) == 10
+    genes = {name: c.genes for name, c in cohorts.items()}
     with caplog.at_level(logging.WARNING):
-        shared = harmonize_genes(cohorts)
+        shared = feature_genes(genes)
     assert "10 shared of 12" in caplog.text and "c1 lacks 2" in caplog.text and "G002" in caplog.text
-    assert shared == list(cohorts["c0"].tables["rna"].columns) == list(cohorts["c1"].tables["rna"].columns)
+    assert shared == cohorts["c1"].genes
     with pytest.raises(GeneMismatchError, match=r"10 shared of 12.*c1 lacks 2.*G002.*strict"):
-        harmonize_genes(load_cohorts(layout), policy="strict")
+        feature_genes(genes, policy="strict")
 
 
 def test_layout_errors_name_the_key(tmp_path: Path) -> None:
@@ -274,3 +275,14 @@ def test_clinical_table_merged_from_two_files(layout: DatasetLayout) -> None:
     dropping = _set_manifest(layout, tables=tables, strong="clinical", features=None)
     cohort = load_cohort(dropping, "c0")
     assert len(cohort) == 15 and cohort.dropped["reason"].str.contains("clin.csv column").all()
+
+
+def test_require_cohort_and_columns_name_the_culprit(layout: DatasetLayout) -> None:
+    with pytest.raises(CohortError, match=r"cohort 'nope' is not in the layout's cohorts \['c0'\]"):
+        load_cohort(layout, "nope")
+    frame = pd.DataFrame({"case_id": ["a"], "T": [1.0]})
+    require_columns(frame, ["case_id"], Path("x.csv"))
+    with pytest.raises(
+        MissingColumnError, match=r"file x\.csv: missing column\(s\) \['E'\] \(found: case_id, T\)"
+    ):
+        require_columns(frame, ["E", "T"], Path("x.csv"))

@@ -13,7 +13,6 @@ from fedprog.survival.metrics import (
     MetricUndefinedError,
     NoComparablePairsError,
     SurvivalInputError,
-    bootstrap_cindex,
     check_risk,
     check_survival,
     check_survival_curves,
@@ -306,33 +305,7 @@ def test_time_auc_perfect_beats_random_and_risk_fallback(cohorts: dict[str, np.n
         time_auc(cohorts["time"], cohorts["cens"], None, None, *args)
 
 
-# ------------------------------------------------------------------------------------- bootstrap, log-rank
-
-
-def test_bootstrap_interval_contains_estimate_and_narrows_with_n() -> None:
-    widths = []
-    for n in (60, 600):
-        time, cens, lp = weibull_cohort(n, seed=5)
-        estimate, low, high = bootstrap_cindex(time, cens, lp, n_boot=100, seed=0)
-        assert estimate == pytest.approx(harrell_cindex(time, cens, lp))
-        assert low < estimate < high
-        widths.append(high - low)
-    assert widths[1] < 0.6 * widths[0]
-
-
-def test_bootstrap_is_seeded() -> None:
-    time, cens, lp = weibull_cohort(80, seed=6)
-    assert bootstrap_cindex(time, cens, lp, n_boot=50, seed=1) == bootstrap_cindex(
-        time, cens, lp, n_boot=50, seed=1
-    )
-    assert bootstrap_cindex(time, cens, lp, n_boot=50, seed=1) != bootstrap_cindex(
-        time, cens, lp, n_boot=50, seed=2
-    )
-
-
-def test_bootstrap_bad_arguments() -> None:
-    with pytest.raises(SurvivalInputError, match="n_boot must be >= 1"):
-        bootstrap_cindex([1.0, 2.0], [0, 0], [1.0, 0.0], n_boot=0)
+# ------------------------------------------------------------------------------------------------ log-rank
 
 
 def test_logrank_small_for_separated_groups_large_for_identical() -> None:

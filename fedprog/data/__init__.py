@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fedprog.data.bins import SurvivalBins
 from fedprog.data.check import DatasetSummary, check_dataset
-from fedprog.data.cohort import Cohort, harmonize_genes, load_cohort, load_cohorts
+from fedprog.data.cohort import Cohort, load_cohort, load_cohorts
 from fedprog.data.dataset import Batch, Sample, SurvivalDataset, collate, expression_frame
 from fedprog.data.errors import (
     BagError,
@@ -19,7 +19,7 @@ from fedprog.data.errors import (
     SiteError,
 )
 from fedprog.data.groups import GeneGroups, load_groups
-from fedprog.data.layout import DatasetLayout, GroupSpec, TablePart, TableSpec, write_manifest
+from fedprog.data.layout import DatasetLayout, GroupSpec, TablePart, TableSpec
 from fedprog.data.sites import Site, build_sites, tss_counts
 from fedprog.data.transforms import (
     ExpressionTransform,
@@ -58,11 +58,9 @@ __all__ = [
     "collate",
     "expression_frame",
     "expression_transform_for",
-    "harmonize_genes",
     "load_cohort",
     "load_cohorts",
     "load_groups",
     "tabular_transform_for",
     "tss_counts",
-    "write_manifest",
 ]

@@ -17,14 +17,12 @@ from fedprog.data.bags import find_bag
 from fedprog.data.errors import (
     CohortError,
     DuplicateCaseError,
-    GeneMismatchError,
     InvalidValueError,
     LayoutError,
     MissingColumnError,
     MissingFeaturesError,
     preview,
 )
-from fedprog.data.harmonize import feature_genes
 from fedprog.data.layout import TIME_UNITS, DatasetLayout, TablePart, TableSpec
 
 log = logging.getLogger(__name__)
@@ -104,7 +102,8 @@ def read_table_file(path: Path) -> pd.DataFrame:
     return frame.drop(columns=unnamed)
 
 
-def _require_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
+def require_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
+    """Raise :class:`MissingColumnError` naming the file, the missing columns and the ones found."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise MissingColumnError(
@@ -184,30 +183,51 @@ def read_labels(
         Slide ids per case (empty when the file has no ``slide_id`` column).
     """
     frame = read_table_file(path)
-    _require_columns(frame, [CASE, TIME, CENSOR], path)
+    require_columns(frame, [CASE, TIME, CENSOR], path)
     if frame.empty:
         raise InvalidValueError(f"file {path}: no case (the labels file holds a header only)")
     frame[CASE] = _case_ids(frame, path)
-    slides: dict[str, list[str]] = {}
+    slides = _slides(frame, path)
+    _convert_outcomes(frame, path, time_unit)
     if SLIDE in frame.columns:
-        frame[SLIDE] = frame[SLIDE].astype(str).str.strip()
-        dup = frame.duplicated([CASE, SLIDE])
-        if dup.any():
-            pairs = [f"({c}, {s})" for c, s in frame.loc[dup, [CASE, SLIDE]].itertuples(index=False)]
-            raise DuplicateCaseError(
-                f"file {path}: duplicate (case_id, slide_id) pair(s) {preview(pairs, 3)}"
+        conflict = frame.groupby(CASE)[[TIME, CENSOR]].nunique().max(axis=1) > 1
+        if conflict.any():
+            raise InvalidValueError(
+                f"file {path}: slide rows of case(s) {preview(conflict.index[conflict])} disagree on "
+                f"{TIME}/{CENSOR}"
             )
-        for case, slide in frame[[CASE, SLIDE]].itertuples(index=False):
-            slides.setdefault(case, []).append(slide)
-    else:
+        frame = frame.drop(columns=[SLIDE]).drop_duplicates(CASE)
+    frame[SITE] = _label_sites(frame, path, cohort, site_column, pseudo_sites, pseudo_seed)
+    frame[COHORT] = cohort
+    labels = frame.set_index(CASE)
+    labels.index.name = CASE
+    return labels, slides
+
+
+def _slides(frame: pd.DataFrame, path: Path) -> dict[str, list[str]]:
+    """Slide ids per case (strips ``slide_id`` in place); raise on a duplicated case or (case, slide) row."""
+    slides: dict[str, list[str]] = {}
+    if SLIDE not in frame.columns:
         dup = frame[CASE].duplicated()
         if dup.any():
             raise DuplicateCaseError(
                 f"file {path}, column {CASE}: duplicate case id(s) {preview(frame.loc[dup, CASE].unique())} "
                 f"(several rows per case need a {SLIDE} column)"
             )
-    indexed = frame.set_index(CASE, drop=False)
-    numbers = numeric_columns(indexed, [TIME, CENSOR], path)
+        return slides
+    frame[SLIDE] = frame[SLIDE].astype(str).str.strip()
+    dup = frame.duplicated([CASE, SLIDE])
+    if dup.any():
+        pairs = [f"({c}, {s})" for c, s in frame.loc[dup, [CASE, SLIDE]].itertuples(index=False)]
+        raise DuplicateCaseError(f"file {path}: duplicate (case_id, slide_id) pair(s) {preview(pairs, 3)}")
+    for case, slide in frame[[CASE, SLIDE]].itertuples(index=False):
+        slides.setdefault(case, []).append(slide)
+    return slides
+
+
+def _convert_outcomes(frame: pd.DataFrame, path: Path, time_unit: str) -> None:
+    """Check times (> 0) and censorship (0/1) and write them in place as months (float) and int."""
+    numbers = numeric_columns(frame.set_index(CASE, drop=False), [TIME, CENSOR], path)
     times, cens = numbers[TIME], numbers[CENSOR]
     bad_time = times <= 0
     if bad_time.any():
@@ -227,32 +247,31 @@ def read_labels(
     frame[TIME] = times.to_numpy() * TIME_UNITS[time_unit]
     check_time_unit(frame[TIME].to_numpy(), path, time_unit)
     frame[CENSOR] = cens.to_numpy().astype(np.int64)
-    if SLIDE in frame.columns:
-        conflict = frame.groupby(CASE)[[TIME, CENSOR]].nunique().max(axis=1) > 1
-        if conflict.any():
-            raise InvalidValueError(
-                f"file {path}: slide rows of case(s) {preview(conflict.index[conflict])} disagree on "
-                f"{TIME}/{CENSOR}"
-            )
-        frame = frame.drop(columns=[SLIDE]).drop_duplicates(CASE)
+
+
+def _label_sites(
+    frame: pd.DataFrame,
+    path: Path,
+    cohort: str,
+    site_column: str | None,
+    pseudo_sites: int | None,
+    pseudo_seed: int,
+) -> pd.Series | np.ndarray:
+    """The site of each case: its site column or barcode (:func:`_sites`), else seeded pseudo sites."""
     use_pseudo = pseudo_sites is not None and not (site_column and site_column in frame.columns)
     if use_pseudo and site_column == TSS and frame[CASE].map(tss_code).notna().all():
         use_pseudo = False  # barcodes carry their tissue source site: real sites win over pseudo ones
-    if use_pseudo:
-        frame[SITE] = pseudo_site_labels(frame[CASE], cohort, pseudo_sites, pseudo_seed).to_numpy()
-        log.info(
-            "%s: no %r column; %d seeded pseudo site(s) p1..p%d",
-            path,
-            site_column,
-            pseudo_sites,
-            pseudo_sites,
-        )
-    else:
-        frame[SITE] = _sites(frame, path, cohort, site_column)
-    frame[COHORT] = cohort
-    labels = frame.set_index(CASE)
-    labels.index.name = CASE
-    return labels, slides
+    if not use_pseudo:
+        return _sites(frame, path, cohort, site_column)
+    assert pseudo_sites is not None
+    log.info(
+        "%s: no %r column; %d seeded pseudo site(s) p1..p%d",
+        path,
+        site_column,
+        pseudo_sites,
+        pseudo_sites,
+    )
+    return pseudo_site_labels(frame[CASE], cohort, pseudo_sites, pseudo_seed).to_numpy()
 
 
 # Survival times converted to months that look like another unit (warning only): longer than 50 years look
@@ -390,12 +409,12 @@ def _read_part(path: Path, part: TablePart) -> tuple[pd.DataFrame, list[tuple[st
 
 def _read_part_file(path: Path, part: TablePart) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     frame = read_table_file(path)
-    _require_columns(frame, [CASE], path)
+    require_columns(frame, [CASE], path)
     frame[CASE] = _case_ids(frame, path)
     columns = list(part.columns) if part.columns is not None else [c for c in frame.columns if c != CASE]
     if part.optional:
         columns = [c for c in columns if c in frame.columns]
-    _require_columns(frame, columns, path)
+    require_columns(frame, columns, path)
     frame = frame[[CASE, *columns]]
     dup = frame[CASE].duplicated(keep=False)
     if dup.any():
@@ -447,7 +466,7 @@ def map_probes(table: pd.DataFrame, layout: DatasetLayout, cohort: str) -> pd.Da
     path = layout.root_file(str(spec["path"]))
     frame = read_table_file(path)
     probe_col, gene_col = str(spec.get("probe_column") or "probe"), str(spec.get("gene_column") or "gene")
-    _require_columns(frame, [probe_col, gene_col], path)
+    require_columns(frame, [probe_col, gene_col], path)
     frame = frame.dropna(subset=[probe_col, gene_col])
     mapping = dict(
         zip(frame[probe_col].astype(str).str.strip(), frame[gene_col].astype(str).str.strip(), strict=True)
@@ -493,19 +512,7 @@ def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | N
         from fedprog.data.flamby import load_flamby_cohort
 
         return load_flamby_cohort(layout, cohort)
-    if cohort not in layout.cohorts:
-        raise CohortError(
-            f"cohort {cohort!r} is not in the layout's cohorts {list(layout.cohorts)} ({layout.root})"
-        )
-    if not layout.root.is_dir():
-        raise CohortError(
-            f"dataset folder {layout.root} not found (layout {layout.name!r}): give data.root=DIR "
-            "(your own folder: data=folder data.root=DIR), set FEDPROG_SHARED to the folder holding "
-            "data/tcga (data=tcga), or write the generated default with `fedprog synth out=DIR`"
-        )
-    folder = layout.cohort_dir(cohort)
-    if not folder.is_dir():
-        raise CohortError(f"cohort {cohort!r}: folder {folder} not found")
+    _check_folders(layout, cohort)
     labels, slides = read_labels(
         layout.cohort_file(cohort, layout.labels),
         cohort,
@@ -514,45 +521,12 @@ def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | N
         pseudo_sites=layout.cohort_pseudo_sites(cohort),
         pseudo_seed=layout.pseudo_site_seed,
     )
-    reasons: dict[str, str] = {}
+    reasons: dict[str, str] = {}  # case -> why it is dropped (the first reason found)
     names = list(layout.used_tables if tables is None else tables)
-    loaded: dict[str, pd.DataFrame] = {}
-    for name in names:
-        if name not in layout.tables:
-            raise CohortError(
-                f"cohort {cohort!r}: table {name!r} is not in the layout (tables: {sorted(layout.tables)})"
-            )
-        spec = layout.tables[name]
-        table, part_dropped = read_table(layout, cohort, spec)
-        for case, reason in part_dropped:
-            if case in labels.index:
-                reasons.setdefault(case, reason)
-        files = "+".join(p.path for p in spec.parts)
-        for case in labels.index.difference(table.index):
-            reasons.setdefault(case, f"no row in table {name!r} ({files})")
-        extra = table.index.difference(labels.index)
-        if len(extra):
-            log.info(
-                "cohort %s: %d row(s) of table %r have no labels and are ignored", cohort, len(extra), name
-            )
-        if name == layout.expression and layout.gene_map is not None:
-            table = map_probes(table, layout, cohort)
-        loaded[name] = table
-    bag_paths: dict[str, list[Path]] = {}
-    if layout.strong_kind == "wsi":
-        features_dir = layout.cohort_file(cohort, str(layout.features))
-        if not features_dir.is_dir():
-            raise MissingFeaturesError(f"cohort {cohort!r}: features folder {features_dir} not found")
-        for case in labels.index:
-            paths = []
-            for stem in slides.get(case, [case]):
-                path = find_bag(features_dir, stem)
-                if path is None:
-                    reasons.setdefault(case, f"missing bag file {features_dir.name}/{stem}.pt|.h5")
-                    break
-                paths.append(path)
-            else:
-                bag_paths[case] = paths
+    loaded = {name: _labelled_table(layout, cohort, name, labels.index, reasons) for name in names}
+    bag_paths = (
+        _bag_paths(layout, cohort, labels.index, slides, reasons) if layout.strong_kind == "wsi" else {}
+    )
     dropped = pd.DataFrame(sorted(reasons.items()), columns=_DROPPED_COLUMNS)
     if len(dropped):
         listing = "; ".join(f"{c}: {r}" for c, r in list(reasons.items())[:5])
@@ -574,6 +548,77 @@ def load_cohort(layout: DatasetLayout, cohort: str, *, tables: Sequence[str] | N
     return Cohort(cohort, labels, aligned, bag_paths, dropped, layout)
 
 
+def require_cohort(layout: DatasetLayout, cohort: str) -> None:
+    """Raise :class:`CohortError` unless ``cohort`` is one of ``layout.cohorts``."""
+    if cohort not in layout.cohorts:
+        raise CohortError(
+            f"cohort {cohort!r} is not in the layout's cohorts {list(layout.cohorts)} ({layout.root})"
+        )
+
+
+def _check_folders(layout: DatasetLayout, cohort: str) -> None:
+    """Raise :class:`CohortError` unless ``cohort`` is in the layout and its folders exist."""
+    require_cohort(layout, cohort)
+    if not layout.root.is_dir():
+        raise CohortError(
+            f"dataset folder {layout.root} not found (layout {layout.name!r}): give data.root=DIR "
+            "(your own folder: data=folder data.root=DIR), set FEDPROG_SHARED to the folder holding "
+            "data/tcga (data=tcga), or write the generated default with `fedprog synth out=DIR`"
+        )
+    folder = layout.cohort_dir(cohort)
+    if not folder.is_dir():
+        raise CohortError(f"cohort {cohort!r}: folder {folder} not found")
+
+
+def _labelled_table(
+    layout: DatasetLayout, cohort: str, name: str, labelled: pd.Index, reasons: dict[str, str]
+) -> pd.DataFrame:
+    """Table ``name`` of ``cohort``, probes mapped to genes; labelled cases with no row go to ``reasons``."""
+    if name not in layout.tables:
+        raise CohortError(
+            f"cohort {cohort!r}: table {name!r} is not in the layout (tables: {sorted(layout.tables)})"
+        )
+    spec = layout.tables[name]
+    table, part_dropped = read_table(layout, cohort, spec)
+    for case, reason in part_dropped:
+        if case in labelled:
+            reasons.setdefault(case, reason)
+    files = "+".join(p.path for p in spec.parts)
+    for case in labelled.difference(table.index):
+        reasons.setdefault(case, f"no row in table {name!r} ({files})")
+    extra = table.index.difference(labelled)
+    if len(extra):
+        log.info("cohort %s: %d row(s) of table %r have no labels and are ignored", cohort, len(extra), name)
+    if name == layout.expression and layout.gene_map is not None:
+        table = map_probes(table, layout, cohort)
+    return table
+
+
+def _bag_paths(
+    layout: DatasetLayout,
+    cohort: str,
+    labelled: pd.Index,
+    slides: Mapping[str, list[str]],
+    reasons: dict[str, str],
+) -> dict[str, list[Path]]:
+    """Bag files per labelled case (one per slide); a case missing one goes to ``reasons`` instead."""
+    features_dir = layout.cohort_file(cohort, str(layout.features))
+    if not features_dir.is_dir():
+        raise MissingFeaturesError(f"cohort {cohort!r}: features folder {features_dir} not found")
+    bag_paths: dict[str, list[Path]] = {}
+    for case in labelled:
+        paths = []
+        for stem in slides.get(case, [case]):
+            path = find_bag(features_dir, stem)
+            if path is None:
+                reasons.setdefault(case, f"missing bag file {features_dir.name}/{stem}.pt|.h5")
+                break
+            paths.append(path)
+        else:
+            bag_paths[case] = paths
+    return bag_paths
+
+
 def load_cohorts(layout: DatasetLayout, cohorts: Sequence[str] | None = None) -> dict[str, Cohort]:
     """Load several cohorts, each with its own expression genes.
 
@@ -582,23 +627,3 @@ def load_cohorts(layout: DatasetLayout, cohorts: Sequence[str] | None = None) ->
     which other cohorts sit in the data folder.
     """
     return {name: load_cohort(layout, name) for name in (cohorts or layout.cohorts)}
-
-
-def harmonize_genes(cohorts: Mapping[str, Cohort], policy: str = "intersection") -> list[str]:
-    """Restrict every cohort's expression table, in place, to the genes ``policy`` keeps over ALL of them.
-
-    Only for analyses where every given cohort trains (e.g. a pooled reference); models use
-    :func:`fedprog.data.harmonize.feature_genes` over their training sites instead. ``union`` is not
-    possible in place (nothing to impute with) and raises.
-    """
-    if not cohorts:
-        return []
-    expr = next(iter(cohorts.values())).layout.expression
-    if expr is None:
-        return []
-    if policy == "union":
-        raise GeneMismatchError("harmonize_genes: gene_policy=union needs imputation; use feature_genes")
-    shared = feature_genes({name: c.genes for name, c in cohorts.items()}, policy)
-    for cohort in cohorts.values():
-        cohort.tables[expr] = cohort.tables[expr][shared]
-    return shared

@@ -23,7 +23,8 @@ GROUP_KINDS = ("compositions", "signatures")
 DUPLICATE_POLICIES = ("error", "identical")
 MISSING_POLICIES = ("error", "drop", "keep")
 ON_MISSING = ("drop", "error")
-TIME_UNITS = {"days": 1.0 / 30.4375, "months": 1.0, "years": 12.0}  # factor to months
+DAYS_PER_MONTH = 30.4375  # the mean Gregorian month
+TIME_UNITS = {"days": 1.0 / DAYS_PER_MONTH, "months": 1.0, "years": 12.0}  # factor to months
 # Keys a data config may carry that the layout does not use (the generator's parameters, for example).
 _IGNORED_KEYS = {"synth", "generate_if_missing"}
 
@@ -391,16 +392,6 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise LayoutError(f"{path}: manifest must be a mapping of layout keys, got {type(keys).__name__}")
     keys.pop("root", None)
     return keys
-
-
-def write_manifest(layout: DatasetLayout, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``<root>/fedprog.yaml`` for a layout (the root itself is not stored: the folder may move)."""
-    keys = layout.to_dict()
-    keys.pop("root")
-    keys.update(extra or {})
-    path = layout.root / MANIFEST
-    path.write_text(yaml.safe_dump(keys, sort_keys=False))
-    return path
 
 
 def _default(value: Any, default: Any) -> Any:

@@ -98,10 +98,11 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fedprog.data.layout import MANIFEST
+
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2  # bump when the generative model changes: stored datasets are then regenerated
-MANIFEST = "fedprog.yaml"
 LABELS = "labels.csv"
 RNA = "rna.csv.gz"
 FEATURES = "features"

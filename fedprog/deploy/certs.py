@@ -296,6 +296,32 @@ def make_certificates(
     -------
     CertPaths
     """
+    _check_request(sites, parts, validity_days, ca_validity_days)
+    paths = CertPaths.of(out, sites)
+    _refuse_overwrite(paths, parts, force)
+    ca_cert = ca_key = None
+    if "ca" in parts:
+        ca_cert, ca_key = make_ca(ca_common_name, organization, validity_days=ca_validity_days, now=now)
+        _write_pair(paths.ca_cert, paths.ca_key, ca_cert, ca_key, force=force)
+        logger.info("wrote consortium CA %s (valid %d days)", paths.ca_cert, ca_validity_days)
+    if "server" in parts:
+        if ca_cert is None:
+            ca_cert, ca_key = _load_ca(paths)
+        assert ca_key is not None
+        cert, key = make_server_cert(ca_cert, ca_key, list(hosts), validity_days=validity_days, now=now)
+        _write_pair(paths.server_cert, paths.server_key, cert, key, force=force)
+        logger.info("wrote SuperLink certificate %s for %s", paths.server_cert, list(hosts))
+    if "nodes" in parts:
+        for site in sites:
+            write_node_key(site, paths.root / NODES_DIR, force=force)
+        logger.info("wrote %d node key pair(s) under %s", len(sites), paths.root / NODES_DIR)
+    return paths
+
+
+def _check_request(
+    sites: Sequence[str], parts: Sequence[str], validity_days: int, ca_validity_days: int
+) -> None:
+    """Raise :class:`CertificateError` on an unknown part, a non-positive validity or a repeated site."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise CertificateError(f"certs: unknown part(s) {unknown}; choose from {list(PARTS)}")
@@ -307,7 +333,10 @@ def make_certificates(
     duplicates = sorted({site for site in sites if list(sites).count(site) > 1})
     if duplicates:
         raise CertificateError(f"certs: site name(s) {duplicates} given more than once")
-    paths = CertPaths.of(out, sites)
+
+
+def _refuse_overwrite(paths: CertPaths, parts: Sequence[str], force: bool) -> None:
+    """Without ``force``, raise naming every file of ``parts`` that already exists (before writing any)."""
     targets: list[Path] = []
     if "ca" in parts:
         targets += [paths.ca_cert, paths.ca_key]
@@ -320,25 +349,14 @@ def make_certificates(
         raise CertificateError(
             f"refusing to overwrite existing file(s): {', '.join(existing)} (pass force=true to replace them)"
         )
-    ca_cert = ca_key = None
-    if "ca" in parts:
-        ca_cert, ca_key = make_ca(ca_common_name, organization, validity_days=ca_validity_days, now=now)
-        _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
-        _write(paths.ca_key, _pem_private(ca_key), private=True, force=force)
-        logger.info("wrote consortium CA %s (valid %d days)", paths.ca_cert, ca_validity_days)
-    if "server" in parts:
-        if ca_cert is None:
-            ca_cert, ca_key = _load_ca(paths)
-        assert ca_key is not None
-        cert, key = make_server_cert(ca_cert, ca_key, list(hosts), validity_days=validity_days, now=now)
-        _write(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
-        _write(paths.server_key, _pem_private(key), private=True, force=force)
-        logger.info("wrote SuperLink certificate %s for %s", paths.server_cert, list(hosts))
-    if "nodes" in parts:
-        for site in sites:
-            write_node_key(site, paths.root / NODES_DIR, force=force)
-        logger.info("wrote %d node key pair(s) under %s", len(sites), paths.root / NODES_DIR)
-    return paths
+
+
+def _write_pair(
+    cert_path: Path, key_path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, *, force: bool
+) -> None:
+    """Write a certificate (PEM) and its private key (PEM, owner-only)."""
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
+    _write(key_path, _pem_private(key), private=True, force=force)
 
 
 def _load_ca(paths: CertPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -32,7 +32,6 @@ __all__ = [
     "MetricUndefinedError",
     "NoComparablePairsError",
     "SurvivalInputError",
-    "bootstrap_cindex",
     "check_risk",
     "check_survival",
     "check_survival_curves",
@@ -380,17 +379,7 @@ def uno_cindex(
     risk_arr = check_risk(risk, time_arr.size)
     _require_events(event, "uno_cindex")
     train_event, train_time_arr = _reference(train_time, train_censorship, event, time_arr)
-    horizon = float(train_time_arr.max())
-    if tau is None:
-        tau = uno_truncation_time(train_time_arr, (~train_event).astype(float))
-        log.info(
-            "uno_cindex: truncation time tau=%.4g months chosen from the data (G(tau) >= %g)",
-            tau,
-            MIN_CENSOR_SURVIVAL,
-        )
-    elif tau > horizon:
-        log.info("uno_cindex: tau=%g is beyond the training follow-up, using %g", tau, horizon)
-        tau = horizon
+    tau = _uno_tau(tau, train_event, train_time_arr)
     early = event & (time_arr < tau)
     if not early.any():
         raise NoComparablePairsError(f"uno_cindex: no test event before tau={tau:g} months")
@@ -406,6 +395,22 @@ def uno_cindex(
     except NoComparablePairException as err:
         raise NoComparablePairsError(f"uno_cindex: no comparable pairs before tau={tau:g} months") from err
     return (float(result[0]), float(tau)) if return_tau else float(result[0])
+
+
+def _uno_tau(tau: float | None, train_event: np.ndarray, train_time: np.ndarray) -> float:
+    """The truncation time used: ``tau`` capped at the training follow-up, or chosen from the data (None)."""
+    horizon = float(train_time.max())
+    if tau is None:
+        tau = uno_truncation_time(train_time, (~train_event).astype(float))
+        log.info(
+            "uno_cindex: truncation time tau=%.4g months chosen from the data (G(tau) >= %g)",
+            tau,
+            MIN_CENSOR_SURVIVAL,
+        )
+    elif tau > horizon:
+        log.info("uno_cindex: tau=%g is beyond the training follow-up, using %g", tau, horizon)
+        tau = horizon
+    return tau
 
 
 def _check_uno_weights(
@@ -639,68 +644,6 @@ def time_auc(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def bootstrap_cindex(
-    time: ArrayLike,
-    censorship: ArrayLike,
-    risk: ArrayLike,
-    n_boot: int = 200,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> tuple[float, float, float]:
-    """Harrell's C-index with a percentile bootstrap confidence interval (patients resampled).
-
-    Parameters
-    ----------
-    time, censorship : array-like, shape = (n_samples,)
-        Labels (months; 1 = censored).
-    risk : array-like, float, shape = (n_samples,)
-        Risk scores, higher = worse.
-    n_boot : int, optional, default: 200
-        Number of bootstrap resamples.
-    seed : int, optional, default: 0
-        Seed of the resampling generator.
-    alpha : float, optional, default: 0.05
-        The interval covers ``1 - alpha``.
-
-    Returns
-    -------
-    estimate : float
-        C-index on the full data.
-    low, high : float
-        Percentile interval bounds; NaN (logged) when no resample could be scored.
-
-    Notes
-    -----
-    Resamples without a comparable pair (possible in tiny cohorts) are skipped and counted in the log.
-    """
-    if n_boot < 1 or not 0 < alpha < 1:
-        raise SurvivalInputError(f"n_boot must be >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
-    event, time_arr = check_survival(time, censorship)
-    risk_arr = check_risk(risk, time_arr.size)
-    estimate = harrell_cindex(time_arr, ~event, risk_arr)
-    rng = np.random.default_rng(seed)
-    samples = rng.integers(0, time_arr.size, size=(n_boot, time_arr.size))  # (n_boot, n_samples)
-    scores = []
-    for index in samples:
-        if not event[index].any():
-            continue
-        try:
-            scores.append(
-                concordance_index_censored(event[index], time_arr[index], risk_arr[index], DEFAULT_TIED_TOL)[
-                    0
-                ]
-            )
-        except NoComparablePairException:
-            continue
-    if len(scores) < n_boot:
-        log.info("bootstrap_cindex: %d of %d resamples had no comparable pair", n_boot - len(scores), n_boot)
-    if not scores:
-        log.warning("bootstrap_cindex: no resample could be scored; interval is NaN")
-        return estimate, math.nan, math.nan
-    low, high = np.quantile(scores, [alpha / 2, 1 - alpha / 2])
-    return estimate, float(low), float(high)
-
-
 def _median_split(risk: np.ndarray) -> np.ndarray:
     """High-risk indicator: ``risk >= median(risk)``, shape (n_samples,) bool."""
     return risk >= np.median(risk)
@@ -868,6 +811,31 @@ def _or_nan(name: str, compute: Callable[[], float]) -> float:
         return math.nan
 
 
+def _optional_curves(
+    survival: ArrayLike | None, bin_edges: ArrayLike | None, n_samples: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Checked ``(curves, edges)``, or ``(None, None)`` without predicted survival curves."""
+    if survival is None:
+        return None, None
+    if bin_edges is None:
+        raise SurvivalInputError("bin_edges: required together with survival")
+    return check_survival_curves(survival, bin_edges, n_samples)
+
+
+def _ipcw_reference(
+    time: np.ndarray, censorship: np.ndarray, train_time: ArrayLike | None, train_censorship: ArrayLike | None
+) -> tuple[ArrayLike, ArrayLike]:
+    """The censoring reference of the IPCW metrics: the training labels, else the evaluated patients."""
+    if (train_time is None) != (train_censorship is None):
+        raise SurvivalInputError("train_time and train_censorship must be given together (or both None)")
+    if train_time is None or train_censorship is None:
+        log.info(
+            "evaluate_predictions: no training labels; IPCW metrics use the evaluated patients as reference"
+        )
+        return time, censorship
+    return train_time, train_censorship
+
+
 def evaluate_predictions(
     time: ArrayLike,
     censorship: ArrayLike,
@@ -908,19 +876,8 @@ def evaluate_predictions(
     event, time_arr = check_survival(time, censorship)
     cens = (~event).astype(float)
     risk_arr = check_risk(risk, time_arr.size)
-    curves: np.ndarray | None = None
-    edges: np.ndarray | None = None
-    if survival is not None:
-        if bin_edges is None:
-            raise SurvivalInputError("bin_edges: required together with survival")
-        curves, edges = check_survival_curves(survival, bin_edges, time_arr.size)
-    if (train_time is None) != (train_censorship is None):
-        raise SurvivalInputError("train_time and train_censorship must be given together (or both None)")
-    ref_time, ref_cens = (time_arr, cens) if train_time is None else (train_time, train_censorship)
-    if train_time is None:
-        log.info(
-            "evaluate_predictions: no training labels; IPCW metrics use the evaluated patients as reference"
-        )
+    curves, edges = _optional_curves(survival, bin_edges, time_arr.size)
+    ref_time, ref_cens = _ipcw_reference(time_arr, cens, train_time, train_censorship)
 
     def ibs() -> float:
         if curves is None:
