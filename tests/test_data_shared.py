@@ -86,7 +86,7 @@ def test_tcga_tss_partition(tcga: DatasetLayout) -> None:
 
 
 def test_tcga_one_site_per_cancer_preset(tcga: DatasetLayout) -> None:
-    fed = load_config("data_check", ["data=tcga", "+federation=tcga_cancer"]).federation
+    fed = load_config("data_check", ["data=tcga", "+federation=per_cohort"]).federation
     sites = build_sites(tcga, fed, heldout=["stad"])
     assert sorted(s.name for s in sites) == sorted(TCGA) and all(s.name == s.cohort for s in sites)
     assert {s.name: s.role for s in sites}["stad"] == "holdout"

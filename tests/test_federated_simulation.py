@@ -90,3 +90,15 @@ def test_secagg_through_the_server_app_matches_plain_fedavg(data_root: Path, tmp
             moved = max(float(np.abs(b[k].astype(float) - init[k].astype(float)).max()) for k in b.files)
     # per round: 3 sites * 2 * clipping_range / quantization_range / sum(num-examples / max_weight) ~ 4e-7
     assert diff < 1e-5 and moved > 100 * diff
+
+
+def test_sites_below_their_disclosure_minimums_are_refused_before_start_up(tmp_path: Path, capsys) -> None:
+    small = ("data.synth.n_patients=[40,16]",)  # c1's two hospitals: 8 cases each (< min_cases 10)
+    assert simulation.main(tiny_config(tmp_path / "synth", tmp_path / "out", *small)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()  # one line, before Ray starts
+    assert "2 of 4 site(s)" in line and "min_cases=10" in line and "c1-B1 (8 cases" in line
+    assert "federation=per_cohort" in line and not (tmp_path / "out" / "results.json").exists()
+    merged = tiny_config(
+        tmp_path / "synth", tmp_path / "out2", *small, "federation=per_cohort", "heldout=[c1]"
+    )
+    simulation.check_site_sizes(simulation.prepare(merged))  # one hospital per cohort: 16 cases each side

@@ -94,6 +94,41 @@ def prepare(cfg: DictConfig) -> DictConfig:
     return _with_audit_path(cfg)
 
 
+def check_site_sizes(cfg: DictConfig) -> None:
+    """Refuse simulated sites below their own disclosure minimums before Ray starts (one line).
+
+    The sites of ``fedprog simulate`` read their limits from configs/disclosure.yaml and their federation
+    file; each would refuse its aggregates later (``min_cases`` cases for fitting, training and evaluation,
+    ``min_events`` events for the fit's histogram and the KM curves) and the run would fail in round 0.
+    """
+    from fedprog.data import DatasetLayout, SiteError, build_sites, load_cohorts
+    from fedprog.data.cohort import CENSOR
+    from fedprog.federated.disclosure import DisclosurePolicy
+
+    layout = DatasetLayout.load(cfg.data)
+    heldout = cfg.get("heldout")
+    sites = build_sites(layout, cfg.federation, None if heldout is None else list(heldout))
+    policy = DisclosurePolicy.load({}, str(cfg.federation.get("name") or "") or None)
+    cohorts = load_cohorts(layout, list(dict.fromkeys(s.cohort for s in sites)))
+    small = []
+    for site in sites:
+        censored = cohorts[site.cohort].labels[CENSOR]
+        for ids in [site.test_ids or site.all_ids] + ([site.case_ids] if site.role == "train" else []):
+            events = int((censored.loc[list(ids)] == 0).sum())
+            if len(ids) < policy.min_cases or events < policy.min_events:
+                small.append(f"{site.name} ({len(ids)} cases, {events} events)")
+                break
+    if small:
+        shown = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+        raise SiteError(
+            f"federation={cfg.federation.get('name')}: {len(small)} of {len(sites)} site(s) hold fewer "
+            f"than the sites' disclosure minimums (min_cases={policy.min_cases}, "
+            f"min_events={policy.min_events}): "
+            f"{shown}; use federation=per_cohort (one hospital per cohort) or a partition that merges small "
+            "sites (federation=tcga_tss, federation.min_cases=N)"
+        )
+
+
 def _with_audit_path(cfg: DictConfig) -> DictConfig:
     """Set ``audit.path`` to ``<out>/audit.jsonl`` when the audit log is on and no path is given."""
     if cfg.get("audit") and cfg.audit.get("enabled") and not cfg.audit.get("path"):
@@ -191,6 +226,7 @@ def main(cfg: DictConfig) -> int:
 
     try:
         cfg = prepare(cfg)
+        check_site_sizes(cfg)
     except (
         CheckpointError,
         CohortError,
