@@ -205,7 +205,7 @@ def test_traversal_site_name_writes_nothing_outside_out(data_root: Path, tmp_pat
 
 
 def test_km_plot_of_an_unsafe_site_name_is_not_drawn(tmp_path: Path):
-    from fedprog.federated.server_app import RunState
+    from fedprog.federated.run_record import RunState
 
     km = {"km-grid": [0.0, 10.0], "km-low": [1.0, 0.5], "km-high": [1.0, 0.4]}
     km.update({"km-n-low": 5, "km-n-high": 5, "km-events-low": 1, "km-events-high": 2})
