@@ -44,11 +44,9 @@ class FaultyGrid(DirectGrid):
         super().__init__(n_nodes)
         self.any_faults = faults
 
-    def send_and_receive(
-        self, messages_: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
-        for msg in messages_:
+        for msg in messages:
             reply = super().send_and_receive([msg], timeout=timeout)[0]
             key = (msg.metadata.message_type.split(".")[0], self.node_ids.index(msg.metadata.dst_node_id))
             replies.append(self.any_faults[key](msg, reply) if key in self.any_faults else reply)

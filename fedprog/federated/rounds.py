@@ -75,7 +75,7 @@ class FederationRounds(Strategy):
         self.mode = privacy_mode(run.cfg)
         self.strategy: Any = heldout  # the DP modes wrap it (build_rounds)
         self.noise_rng: Any = None  # the DP noise's own RNG stream (DP modes)
-        self.summary_: dict[str, Any] = {}  # the current round's record
+        self.round_record: dict[str, Any] = {}  # the current round's record
         self.clock: dict[str, float] = {}  # perf_counter() marks of the current round
 
     # ------------------------------------------------------------------------------- Flower's hooks
@@ -85,7 +85,8 @@ class FederationRounds(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The inner strategy's train messages (training nodes only) with the run's config and style pools."""
+        """The inner strategy's train messages (training nodes only) with the style pools; Flower's empty
+        ``config`` gives way to the run's (the fitted preprocessing, training settings)."""
         server_round += self.start_round
         self.clock = {"started": time.perf_counter()}
         outgoing = self.strategy.configure_train(server_round, arrays, self.base_config(), grid)
@@ -112,14 +113,14 @@ class FederationRounds(Strategy):
                 new_arrays, metrics = self.strategy.aggregate_train(server_round, usable)
         finally:
             report = self.record_updates(server_round)
-        self.summary_ = self.train_summary(server_round, report)
+        self.round_record = self.train_summary(server_round, report)
         if new_arrays is None:
             if self.mode not in DP_MODES:
                 raise FederationError(f"round {server_round}: aggregation returned no model")
             log.error(
                 "round %d: the privacy wrapper skipped the aggregate; the global model is kept", server_round
             )
-            self.summary_["skipped"] = True
+            self.round_record["skipped"] = True
         else:
             self.run.arrays = arrays_to_numpy(new_arrays)
         self.after_aggregate(server_round)
@@ -128,7 +129,7 @@ class FederationRounds(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Evaluation messages to every site on evaluation rounds (none otherwise)."""
+        """Evaluation messages to every site on evaluation rounds (none otherwise), with the run's config."""
         return self.evaluation_messages(server_round + self.start_round, arrays, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -171,7 +172,7 @@ class FederationRounds(Strategy):
         """After SecAgg+ round ``server_round``: the same evaluation and round record as the hooks above."""
         self.run.arrays = arrays_to_numpy(arrays)
         accepted = [s.site for s in self.run.train_sites]
-        self.summary_ = {"round": server_round, "accepted": accepted, "rejected": []}
+        self.round_record = {"round": server_round, "accepted": accepted, "rejected": []}
         if self.evaluates(server_round):
             messages = self.evaluation_messages(server_round, arrays, grid)
             replies = grid.send_and_receive(messages, timeout=float(self.cfg.round_timeout))
@@ -241,7 +242,7 @@ class FederationRounds(Strategy):
 
     def after_aggregate(self, server_round: int) -> None:
         """Pool the accepted sites' styles, audit the new model, add the train loss and the privacy spent."""
-        summary = self.summary_
+        summary = self.round_record
         self.styles.pool(server_round, summary["accepted"], self.run.audit)
         assert self.run.arrays is not None
         self.run.audit.append(
@@ -281,7 +282,7 @@ class FederationRounds(Strategy):
         if not self.evaluates(server_round):
             return None
         metrics = self.strategy.aggregate_evaluate(server_round, list(replies))
-        per_site, summary = self.heldout.last_eval, self.summary_
+        per_site, summary = self.heldout.last_eval, self.round_record
         roles = {s.site: s.role for s in self.run.sites}
         rows = _eval_rows(server_round, per_site, roles)
         for row in rows:
@@ -323,7 +324,7 @@ class FederationRounds(Strategy):
 
     def finish_round(self, server_round: int) -> None:
         """Keep the round's record, write its checkpoint and log its progress line."""
-        summary = self.summary_
+        summary = self.round_record
         summary["seconds"] = time.perf_counter() - self.clock["started"]
         self.run.state.rounds.append(summary)
         self.save(server_round)
