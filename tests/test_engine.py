@@ -225,7 +225,7 @@ def test_client_keeps_its_optimizer_state_in_the_node_context(tmp_path, keep):
     from fed_helpers import DirectGrid, tiny_config
 
     from fedprog.federated import client_app
-    from fedprog.federated.server_app import describe_sites, fit_preprocessing, initial_weights
+    from fedprog.federated.fitting import describe_sites, fit_preprocessing, initial_weights
     from fedprog.federated.simulation import prepare
     from fedprog.federated.strategy import numpy_to_arrays
 

@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedprog.federated import client_app
 from fedprog.federated.client_app import SiteRefusal
+from fedprog.federated.fitting import describe_sites, fit_preprocessing, initial_weights
 from fedprog.federated.messages import (
     ACTION_KEY,
     DESCRIBE_METRICS,
@@ -21,7 +22,6 @@ from fedprog.federated.messages import (
     TRAIN_METRICS,
     config_record,
 )
-from fedprog.federated.server_app import describe_sites, fit_preprocessing, initial_weights
 from fedprog.federated.simulation import prepare
 from fedprog.federated.strategy import numpy_to_arrays
 

@@ -44,11 +44,9 @@ class FaultyGrid(DirectGrid):
         super().__init__(n_nodes)
         self.any_faults = faults
 
-    def send_and_receive(
-        self, messages_: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
-        for msg in messages_:
+        for msg in messages:
             reply = super().send_and_receive([msg], timeout=timeout)[0]
             key = (msg.metadata.message_type.split(".")[0], self.node_ids.index(msg.metadata.dst_node_id))
             replies.append(self.any_faults[key](msg, reply) if key in self.any_faults else reply)
@@ -205,7 +203,7 @@ def test_traversal_site_name_writes_nothing_outside_out(data_root: Path, tmp_pat
 
 
 def test_km_plot_of_an_unsafe_site_name_is_not_drawn(tmp_path: Path):
-    from fedprog.federated.server_app import RunState
+    from fedprog.federated.run_record import RunState
 
     km = {"km-grid": [0.0, 10.0], "km-low": [1.0, 0.5], "km-high": [1.0, 0.4]}
     km.update({"km-n-low": 5, "km-n-high": 5, "km-events-low": 1, "km-events-high": 2})

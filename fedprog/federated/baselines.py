@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedprog import engine
 from fedprog.data import DatasetLayout, Site, SurvivalDataset, build_sites, load_cohorts
 from fedprog.federated.federation import derived_seed, km_aggregates
-from fedprog.federated.server_app import RunState
+from fedprog.federated.run_record import RunState
 from fedprog.pipeline import PooledDataset, Preprocessing, build_model, fit_preprocessing, make_dataset
 
 log = logging.getLogger(__name__)

@@ -285,7 +285,7 @@ def write_outputs(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write results.json, rounds.csv, report.md (+ PNGs), config.yaml, final weights; return the results."""
-    from fedprog.federated.server_app import role_summary
+    from fedprog.federated.run_record import role_summary
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

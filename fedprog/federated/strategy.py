@@ -49,6 +49,10 @@ class TooFewSitesError(FederationError):
     """Fewer than ``min_train_sites`` training sites sent a usable update in a round."""
 
 
+class RunFailed(FederationError):
+    """The run cannot give the results it promises (a site failed; see ``allow_partial``)."""
+
+
 @dataclass(frozen=True)
 class Rejection:
     """One reply left out of aggregation, with the reason (logged and audited)."""

@@ -3,7 +3,7 @@
 Three modes, chosen by the Hydra group ``privacy`` (``configs/privacy/*.yaml``, key ``privacy.mode``):
 ``central_dp`` (DP-FedAvg through Flower's clipping wrappers, with a Rényi-DP accountant), ``local_dp``
 (each site adds noise itself with Flower's ``LocalDpMod``) and ``secagg`` (SecAgg+ on Flower's legacy
-workflow). The server wraps its strategy with :func:`wrap_strategy` (or calls :func:`run_secagg`) and
+workflow). The server wraps its strategy with :func:`wrap_strategy` (or calls :func:`run_secagg_rounds`) and
 reports :func:`privacy_spent` every round; the ClientApp applies :func:`privacy_mod` and
 :func:`secagg_dispatch_mod`, driven by the ``privacy.*`` keys announced in each train message.
 
@@ -14,7 +14,8 @@ Modules, one job each:
 * :mod:`.local`: :class:`LocalDpStrategy`, the server side of local DP;
 * :mod:`.accounting`: :func:`privacy_spent`, checkpoint state, :class:`NoiseRng`;
 * :mod:`.mods`: the site's Flower mods (:func:`privacy_mod`, :func:`secagg_dispatch_mod`);
-* :mod:`.secagg`: the SecAgg+ legacy client app and :func:`run_secagg`.
+* :mod:`.secagg`: the SecAgg+ legacy client app, :func:`run_secagg` and the federation's
+  :func:`run_secagg_rounds`.
 
 Every public name is re-exported here, so ``from fedprog.federated.privacy import X`` keeps working.
 """
@@ -45,11 +46,13 @@ from fedprog.federated.privacy.secagg import (
     KEY_SECAGG_CLIPPING_RANGE,
     KEY_SECAGG_MAX_WEIGHT,
     KEY_SERVER_ROUND,
+    SECAGG_STRATEGIES,
     EvaluateFn,
     SecAggNumPyClient,
     TrainFn,
     make_secagg_client_app,
     run_secagg,
+    run_secagg_rounds,
     train_fn_from_handler,
 )
 from fedprog.federated.privacy.settings import (
@@ -75,6 +78,7 @@ __all__ = [
     "KEY_SERVER_ROUND",
     "MODES",
     "PREFIX",
+    "SECAGG_STRATEGIES",
     "CentralDpSettings",
     "ClientSideAdaptiveClippingDp",
     "ClientSideFixedClippingDp",
@@ -103,6 +107,7 @@ __all__ = [
     "privacy_spent",
     "privacy_state",
     "run_secagg",
+    "run_secagg_rounds",
     "secagg_dispatch_mod",
     "to_run_config",
     "train_fn_from_handler",

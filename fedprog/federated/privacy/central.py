@@ -10,7 +10,7 @@
     so :func:`~fedprog.federated.privacy.accounting.privacy_spent` gives the site-level (epsilon, delta)
     spent so far.
 
-:func:`wrap_strategy` is the server's entry point for both DP modes (``server_app.py``)::
+:func:`wrap_strategy` is the server's entry point for both DP modes (``rounds.build_rounds``)::
 
     strategy = build_strategy(...)                                # Message-API FedAvg/FedProx/...
     if privacy.mode in ("central_dp", "local_dp"):

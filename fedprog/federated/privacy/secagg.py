@@ -438,3 +438,64 @@ def run_secagg(
         log.error(message)
     final = legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
     return _named(final, strategy.names, strategy.dtypes)
+
+
+#: Strategies whose aggregate SecAgg+ can compute: the example-weighted mean of the site models.
+SECAGG_STRATEGIES = ("fedavg", "fedprox")
+
+
+def run_secagg_rounds(
+    grid: Grid,
+    context: Context | None,
+    cfg: DictConfig,
+    arrays: ArrayRecord,
+    start_round: int,
+    train_nodes: Collection[int],
+    train_config: Mapping[str, Scalar],
+    after_round: Callable[[int, ArrayRecord], None],
+) -> ArrayRecord:
+    """Rounds ``start_round + 1 .. cfg.rounds`` of a federation with SecAgg+ (:func:`run_secagg`).
+
+    The server sees only the masked sum, so per-site update screening (NaN, ``max_update_norm``) cannot run;
+    ``after_round(server_round, arrays)`` (evaluation, privacy bookkeeping, checkpoint) follows every round,
+    as on the Message-API path. Held-out sites never receive a training message (only ``train_nodes`` train)
+    and still evaluate in ``after_round``. ``cfg`` is the run's config: ``strategy.name`` must be one of
+    :data:`SECAGG_STRATEGIES` and ``weighting`` ``examples``; ``context`` None makes a fresh one.
+    """
+    from fedprog.federated.strategy import FederationError
+
+    name = str(cfg.strategy.name)
+    if name not in SECAGG_STRATEGIES:
+        raise FederationError(
+            f"privacy.mode=secagg gives the server only the weighted mean of the site models: use strategy "
+            f"{' or '.join(SECAGG_STRATEGIES)}, not {name!r}"
+        )
+    if str(cfg.weighting) != "examples":
+        raise FederationError(
+            f"privacy.mode=secagg weights sites by num-examples, not weighting={cfg.weighting}"
+        )
+    rounds = int(cfg.rounds)
+    if start_round >= rounds:
+        return arrays
+    config = dict(train_config)
+    if name == "fedprox":
+        config["proximal-mu"] = float(cfg.strategy.proximal_mu)
+
+    def evaluate_fn(server_round: int, new_arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > start_round:  # not the legacy workflow's evaluation of the initial model
+            after_round(server_round, new_arrays)
+        return None
+
+    if context is None:
+        context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    return run_secagg(
+        grid,
+        context,
+        cfg.privacy,
+        arrays,
+        rounds - start_round,
+        list(train_nodes),
+        train_config=config,
+        evaluate_fn=evaluate_fn,
+        start_round=start_round,
+    )
