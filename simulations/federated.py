@@ -197,7 +197,7 @@ def run_one(spec: RunSpec, root: Path) -> dict[str, Any]:
 
 def record(spec: RunSpec, results: dict[str, Any], root: Path) -> dict[str, Any]:
     """One row per run: headline numbers (baselines: mean over their models of each model's summary)."""
-    from fedprog.federated.run_record import role_summary
+    from fedprog.federated.outputs import role_summary
 
     final = results["final"]
     if spec.strategy == "local":

@@ -203,13 +203,13 @@ def test_traversal_site_name_writes_nothing_outside_out(data_root: Path, tmp_pat
 
 
 def test_km_plot_of_an_unsafe_site_name_is_not_drawn(tmp_path: Path):
-    from fedprog.federated.run_record import RunState
+    from fedprog.federated.outputs import RunState, write_outputs
 
     km = {"km-grid": [0.0, 10.0], "km-low": [1.0, 0.5], "km-high": [1.0, 0.4]}
     km.update({"km-n-low": 5, "km-n-high": 5, "km-events-low": 1, "km-events-high": 2})
     state = RunState(km={"../escape": km, "ok-site": km, "c3-D1@pooled": km})  # "@": a baseline's model
     cfg = tiny_config(tmp_path / "data", tmp_path / "out")
-    simulation.write_outputs(
+    write_outputs(
         tmp_path / "out",
         cfg,
         state=state,

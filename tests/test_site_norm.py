@@ -139,7 +139,8 @@ def test_option_reaches_the_client(tmp_path: Path) -> None:
 
 def test_pooled_baseline_runs_standardized(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """strategy=pooled builds every site's dataset (held-out included) through the same standardization."""
-    from fedprog.federated import baselines, simulation
+    from fedprog import baselines
+    from fedprog.federated import simulation
 
     cfg = tiny_config(tmp_path / "synth", tmp_path / "out", "strategy=pooled", "data.site_standardize=true")
     seen: list[bool] = []

@@ -40,7 +40,8 @@ from fedprog.config import to_container
 from fedprog.federated.checkpoint import CHECKPOINT_DIR, Checkpoint, capture_rng, save_checkpoint
 from fedprog.federated.fitting import Described, SiteFailure
 from fedprog.federated.messages import KM_GRID_KEY, PREP_KEY, config_record
-from fedprog.federated.run_record import RunRecord, model_sha, role_summary
+from fedprog.federated.outputs import role_summary
+from fedprog.federated.run_record import RunRecord, model_sha
 from fedprog.federated.strategy import (
     FederationError,
     HeldoutAwareMixin,

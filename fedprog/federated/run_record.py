@@ -9,9 +9,7 @@ failures, KM curves). Start-up fills it (:meth:`RunRecord.describe`, then :meth:
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,48 +26,11 @@ from fedprog.federated.fitting import (
     initial_weights,
     wait_for_nodes,
 )
+from fedprog.federated.outputs import RunState, write_outputs
 from fedprog.federated.strategy import RunFailed, TooFewSitesError
 from fedprog.pipeline import Preprocessing
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunState:
-    """What the server accumulates over a run (per-site rows, rejections, failures, KM, round summaries)."""
-
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    rejections: list[dict[str, Any]] = field(default_factory=list)
-    km: dict[str, dict[str, Any]] = field(default_factory=dict)
-    failures: list[dict[str, Any]] = field(default_factory=list)
-
-
-def role_summary(rows: Sequence[Mapping[str, Any]], role: str) -> dict[str, float]:
-    """Event-weighted mean C-index (and example-weighted loss) over the sites of one role in ``rows``.
-
-    ``c_index_site_mean`` is the unweighted mean over the sites with a finite C-index (FLamby's benchmark
-    aggregation), reported beside the event-weighted headline for comparison with published numbers.
-    """
-    from fedprog.survival.metrics import event_weighted_mean
-
-    chosen = [r for r in rows if r["role"] == role]
-    if not chosen:
-        return {"c_index": math.nan, "n": 0, "n_events": 0, "n_sites": 0}
-    c_values = [r["c_index"] for r in chosen]
-    events = [r["n_events"] for r in chosen]
-    losses = [(r["loss"], r["n"]) for r in chosen if math.isfinite(r["loss"]) and r["n"] > 0]
-    finite = [float(c) for c in c_values if math.isfinite(c)]
-    return {
-        "c_index": event_weighted_mean(c_values, events),
-        # FLamby's aggregation (unweighted mean over the sites' local test sets), for comparison only
-        "c_index_site_mean": sum(finite) / len(finite) if finite else math.nan,
-        "c_index_ipcw": event_weighted_mean([r["c_index_ipcw"] for r in chosen], events),
-        "loss": sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else math.nan,
-        "n": int(sum(r["n"] for r in chosen)),
-        "n_events": int(sum(events)),
-        "n_sites": len(chosen),
-    }
 
 
 class _NullAudit:
@@ -188,8 +149,6 @@ class RunRecord:
 
     def write(self) -> dict[str, Any]:
         """Write results.json, rounds.csv, report.md (and the final weights when there is a model)."""
-        from fedprog.federated.simulation import write_outputs
-
         self.audit.append(
             "run_finished", status=self.status, model_sha256=model_sha(self.arrays) if self.arrays else None
         )

@@ -3,53 +3,31 @@
 ``main(cfg)`` prepares the data (the generated default dataset creates itself), writes the resolved config to
 ``<out>/config.yaml`` and runs Flower 1.42's in-process simulation runtime with that file as the ServerApp's
 run config (``config-file``): the same apps that ``flwr run .`` starts. ``strategy=local|pooled`` runs the
-baselines of :mod:`fedprog.federated.baselines` instead (no Flower). :func:`write_outputs` writes
-``results.json``, ``rounds.csv``, ``report.md`` with PNG plots, the resolved config and package versions.
+baselines of :mod:`fedprog.baselines` instead (no Flower). Both write their outputs through
+:mod:`fedprog.federated.outputs`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog.config import to_container
 from fedprog.device import client_resources, simulation_device
 from fedprog.federated.checkpoint import CheckpointError, check_fresh_out, resume_config
+from fedprog.federated.outputs import fmt_value
 from fedprog.federated.strategy import BASELINES, FederationError
-from fedprog.report import (
-    ReportBuilder,
-    UnsafePathError,
-    environment_info,
-    plot_rounds,
-    safe_output_path,
-    save_run_config,
-    write_json,
-)
+from fedprog.report import save_run_config
 from fedprog.results import run_folder, save_versions
 
 log = logging.getLogger(__name__)
 
-ROUND_COLUMNS = [
-    "round",
-    "site",
-    "role",
-    "c_index",
-    "n",
-    "n_events",
-    "loss",
-    "c_index_ipcw",
-    "ibs",
-    "missing_genes",
-]
 FLWR_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -236,7 +214,7 @@ def main(cfg: DictConfig) -> int:
         print(f"fedprog simulate: error: {' | '.join(str(error).splitlines())}", file=sys.stderr)
         return 2
     if str(cfg.strategy.name) in BASELINES:
-        from fedprog.federated.baselines import run_baseline
+        from fedprog.baselines import run_baseline
 
         results = run_baseline(cfg)
     else:
@@ -249,8 +227,8 @@ def main(cfg: DictConfig) -> int:
     print(
         f"fedprog simulate [{results.get('strategy')}] {results.get('status')}: held-out C-index "
         f"(event-weighted over {head.get('heldout_sites_evaluated')} of {head.get('heldout_sites')} held-out "
-        f"site(s)) {_fmt(head.get('heldout_c_index'))}, training sites {_fmt(head.get('train_c_index'))}"
-        f" -> {results.get('out')}"
+        f"site(s)) {fmt_value(head.get('heldout_c_index'))}, training sites "
+        f"{fmt_value(head.get('train_c_index'))} -> {results.get('out')}"
     )
     return 0 if results.get("status") == "completed" else 1
 
@@ -263,223 +241,3 @@ def _status(cfg: DictConfig) -> str:
         return str(json.loads((Path(str(cfg.out)) / "results.json").read_text())["status"])
     except (OSError, ValueError, KeyError):
         return "failed"
-
-
-def _fmt(value: Any) -> str:
-    return (
-        "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.3f}"
-    )
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-def write_outputs(
-    out: Path,
-    cfg: DictConfig,
-    *,
-    state: Any,
-    sites: Sequence[Mapping[str, Any]],
-    final_arrays: Mapping[str, np.ndarray] | None,
-    status: str,
-    message: str,
-    prep: Mapping[str, Any],
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write results.json, rounds.csv, report.md (+ PNGs), config.yaml, final weights; return the results."""
-    from fedprog.federated.run_record import role_summary
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = pd.DataFrame(state.rows, columns=[*ROUND_COLUMNS, *_extra_columns(state.rows)])
-    rows.to_csv(out / "rounds.csv", index=False)
-    final_round = int(rows["round"].max()) if len(rows) else 0
-    final = rows[rows["round"] == final_round]
-    final_records = final.to_dict("records")
-    summary = {role: role_summary(final_records, role) for role in ("holdout", "train")}
-    heldout = sorted(str(s["site"]) for s in sites if s.get("role") == "holdout")
-    known = {str(s["site"]) for s in sites} | {str(s.get("cohort")) for s in sites}
-    heldout += sorted(
-        str(h) for h in (cfg.get("heldout") or []) if str(h) not in known
-    )  # failed before describe
-    covered = sorted({str(r["site"]) for r in final_records if r["role"] == "holdout"})
-    sha = None
-    if final_arrays is not None:
-        np.savez(out / "final_weights.npz", **final_arrays)
-        from fedprog.deploy.audit import sha256_arrays
-
-        sha = sha256_arrays(final_arrays)
-    results: dict[str, Any] = {
-        "command": "simulate",
-        "strategy": str(cfg.strategy.name),
-        "status": status,
-        "message": message,
-        "out": str(out),
-        "seed": int(cfg.seed),
-        "rounds_planned": int(cfg.rounds),
-        "rounds_completed": len(state.rounds),
-        "weighting": str(cfg.get("weighting", "examples")),
-        "headline": {
-            "heldout_c_index": summary["holdout"]["c_index"],
-            "train_c_index": summary["train"]["c_index"],
-            "heldout_sites": len(heldout),
-            "heldout_sites_evaluated": len(covered),
-            "heldout_sites_missing": sorted(set(heldout) - set(covered)),
-            "sites_failed": sorted({str(f["site"]) for f in getattr(state, "failures", [])}),
-            "note": "event-weighted mean over the evaluated sites of the final round's Harrell C-index",
-        },
-        "summary": summary,
-        "sites": list(sites),
-        "final": final_records,
-        "rounds": state.rounds,
-        "rejections": state.rejections,
-        "failures": getattr(state, "failures", []),
-        "ceilings": _heldout_ceilings(cfg, heldout),
-        "km": state.km,
-        "bins": prep.get("bins"),
-        "final_model_sha256": sha,
-        "privacy": _privacy_summary(cfg, state.rounds),
-        "environment": environment_info(),
-        **(dict(extra) if extra else {}),
-    }
-    write_json(results, out / "results.json")
-    save_run_config(cfg, out)
-    _report(out, cfg, rows, results)
-    return results
-
-
-def _audit_sentence(anchor: Mapping[str, Any] | None) -> str:
-    """The audit log's anchor in the report (``fedprog audit verify LOG expect=results.json`` checks it)."""
-    if not anchor:
-        return ""
-    return f" Audit log: {anchor['entries']} entries, last hash `{anchor['last_hash']}`."
-
-
-def _heldout_ceilings(cfg: DictConfig, heldout: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Oracle and transfer C-index ceilings of each held-out site, from a generated dataset's truth.csv.
-
-    Empty for data without a generated truth (real cohorts). Held-out sites evaluate all their cases, so the
-    ceilings are over the same patients as their C-index.
-    """
-    from fedprog.data.synth import TRUTH, site_ceilings
-
-    root = Path(str(cfg.data.root))
-    if not (root / TRUTH).is_file():
-        return {}
-    table = site_ceilings(root)
-    whole = table[table["site"] == "all"].set_index(
-        "cohort"
-    )  # a site that is a whole cohort (partition=cohort)
-    table = pd.concat([table[table["site"] != "all"].set_index("site"), whole])
-    columns = ["oracle_c_index", "transfer_c_index"]
-    return {site: {k: float(table.loc[site, k]) for k in columns} for site in heldout if site in table.index}
-
-
-def _privacy_summary(cfg: DictConfig, rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The privacy mode and, with DP, the (epsilon, delta) spent after the last completed round."""
-    mode = str((cfg.get("privacy") or {}).get("mode", "none"))
-    out: dict[str, Any] = {"mode": mode}
-    spent = [r["privacy"] for r in rounds if "privacy" in r]
-    if spent:
-        out.update(epsilon=spent[-1]["epsilon"], delta=spent[-1]["delta"])
-    return out
-
-
-def _failure_sentence(results: Mapping[str, Any]) -> str:
-    failed = results["headline"]["sites_failed"]
-    if not failed:
-        return ""
-    return f" **{len(failed)} site(s) failed** ({', '.join(failed)}): see Site failures."
-
-
-def _privacy_sentence(privacy: Mapping[str, Any]) -> str:
-    if privacy.get("mode", "none") == "none":
-        return ""
-    if "epsilon" not in privacy:
-        return f" Privacy: {privacy['mode']}."
-    return (
-        f" Privacy: {privacy['mode']}, spent epsilon = {_fmt(privacy['epsilon'])} at delta = "
-        f"{privacy['delta']:.3g}."
-    )
-
-
-def _extra_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    extra: list[str] = []
-    for row in rows:
-        extra.extend(k for k in row if k not in ROUND_COLUMNS and k not in extra)
-    return extra
-
-
-def plot_km_aggregate(site: str, km: Mapping[str, Any], path: Path) -> Path:
-    """Plot the aggregate KM curves a site sent (median-split risk groups) with its log-rank p-value."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 4.5))
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    grid = np.asarray(km["km-grid"], dtype=float)
-    for name, color in (("low", "tab:blue"), ("high", "tab:red")):
-        curve = np.asarray(km[f"km-{name}"], dtype=float)
-        label = f"{name} risk (n={int(km[f'km-n-{name}'])}, events={int(km[f'km-events-{name}'])})"
-        ax.step(grid, curve, where="post", color=color, label=label)
-    p = km.get("logrank-p", math.nan)
-    p_label = f"log-rank p = {p:.3g}" if isinstance(p, float) and math.isfinite(p) else "log-rank p = n/a"
-    ax.set(xlabel="time (months)", ylabel="survival probability", ylim=(0, 1.02), title=f"{site} (held out)")
-    ax.legend(title=p_label, loc="best")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150, bbox_inches="tight")
-    return path
-
-
-def _report(out: Path, cfg: DictConfig, rows: pd.DataFrame, results: Mapping[str, Any]) -> None:
-    head = results["headline"]
-    report = ReportBuilder(out, f"fedprog simulate: {results['strategy']}")
-    report.section(
-        "Run",
-        f"Status **{results['status']}** after {results['rounds_completed']} of {results['rounds_planned']} "
-        f"round(s){': ' + results['message'] if results['message'] else ''}. "
-        f"Seed {results['seed']}, weighting by "
-        f"{results['weighting']}. Held-out C-index (event-weighted over {head['heldout_sites_evaluated']} of "
-        f"{head['heldout_sites']} held-out site(s)): **{_fmt(head['heldout_c_index'])}**; training sites "
-        f"(in-sample): {_fmt(head['train_c_index'])}. Chance is 0.5"
-        + (
-            "; oracle and transfer ceilings of the generated truth beside each held-out site."
-            if results.get("ceilings")
-            else "."
-        )
-        + _failure_sentence(results)
-        + _privacy_sentence(results["privacy"])
-        + _audit_sentence(results.get("audit")),
-    )
-    if results["failures"]:
-        report.table("Site failures", pd.DataFrame(results["failures"]))
-    report.table("Sites", pd.DataFrame(results["sites"]))
-    if len(rows):
-        final = rows[rows["round"] == rows["round"].max()]
-        final = final.drop(columns=["round"]).reset_index(drop=True)
-        if results.get("ceilings"):
-            ceilings = pd.DataFrame.from_dict(results["ceilings"], orient="index")
-            final = final.join(ceilings[["oracle_c_index", "transfer_c_index"]], on="site")
-        report.table("Final evaluation per site", final)
-        summary = pd.DataFrame([{"role": role, **values} for role, values in results["summary"].items()])
-        report.table("Summary (C-index weighted by events)", summary)
-        if rows["round"].nunique() > 1 or "model" not in rows.columns:
-            figure = plot_rounds(rows, out / "cindex_rounds.png", title="C-index per round per site")
-            report.figure("C-index per round", figure)
-    spent = [{"round": r["round"], **r["privacy"]} for r in results["rounds"] if "privacy" in r]
-    if spent:
-        title = f"Privacy spent ({results['privacy']['mode']}; NaN: no accountable guarantee)"
-        report.table(title, pd.DataFrame(spent))
-    if results["rejections"]:
-        report.table("Updates left out", pd.DataFrame(results["rejections"]))
-    for site, km in sorted(results["km"].items()):
-        if km.get("km-grid"):
-            try:
-                path = safe_output_path(out, f"km_{site}.png")
-            except UnsafePathError as error:
-                log.warning("no KM plot for site %r: %s", site[:40], error)
-                report.section(f"Kaplan-Meier: {site[:40]!r}", f"not drawn: {error}")
-                continue
-            report.figure(f"Kaplan-Meier of predicted risk groups: {site}", plot_km_aggregate(site, km, path))
-    env = results["environment"]
-    report.section("Environment", ", ".join(f"{k} {v}" for k, v in env.items()))
-    report.write()

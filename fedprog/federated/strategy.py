@@ -418,7 +418,7 @@ def build_strategy(
     name = cfg.pop("name", None)
     if name in BASELINES:
         raise FederationError(
-            f"strategy={name!r} is a baseline without Flower; run it with fedprog.federated.baselines"
+            f"strategy={name!r} is a baseline without Flower; run it with fedprog.baselines"
         )
     if name not in STRATEGY_CLASSES:
         raise FederationError(

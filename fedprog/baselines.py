@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedprog import engine
 from fedprog.data import DatasetLayout, Site, SurvivalDataset, build_sites, load_cohorts
 from fedprog.federated.federation import derived_seed, km_aggregates
-from fedprog.federated.run_record import RunState
+from fedprog.federated.outputs import RunState, write_outputs
 from fedprog.pipeline import PooledDataset, Preprocessing, build_model, fit_preprocessing, make_dataset
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,6 @@ def _cases_by_cohort(sites: list[Site]) -> dict[str, list[str]]:
 
 def run_baseline(cfg: DictConfig) -> dict[str, Any]:
     """Run ``strategy=local`` or ``strategy=pooled`` and write the same outputs as a federated run."""
-    from fedprog.federated.simulation import write_outputs
-
     layout = DatasetLayout.load(cfg.data)
     heldout = cfg.get("heldout")
     sites = build_sites(layout, cfg.federation, None if heldout is None else list(heldout))
