@@ -397,14 +397,7 @@ def run_secagg(
     SecAggError
         A round produced no aggregate (too many dropouts, a site error) and ``privacy.secagg.strict`` is on.
     """
-    if not isinstance(cfg, PrivacySettings) and PREFIX in cfg:
-        cfg = cast(Any, cfg)[PREFIX]
-    settings = parse_privacy(cfg)
-    if settings.mode != "secagg" or settings.secagg is None:
-        raise PrivacyConfigError(f"{PREFIX}.mode: run_secagg needs mode secagg, got {settings.mode!r}")
-    sa = settings.secagg
-    if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
-        raise PrivacyConfigError(f"num_rounds: expected a positive integer, got {num_rounds!r}")
+    sa = _secagg_settings(cfg, num_rounds)
     train_nodes = frozenset(int(n) for n in fit_client) if fit_client is not None else None
     if train_nodes is not None and len(train_nodes) < 2:
         raise SecAggError(f"SecAgg+ needs at least 2 training nodes, got {sorted(train_nodes)}")
@@ -417,7 +410,35 @@ def run_secagg(
         start_round=start_round,
     )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds), strategy=strategy)
-    workflow = DefaultWorkflow(
+    log.info("SecAgg+: %d rounds, %s", num_rounds, sa)
+    _secagg_workflow(sa)(grid, legacy)
+    failed = sorted(set(range(1, num_rounds + 1)) - strategy.aggregated_rounds)
+    if failed:
+        message = f"SecAgg+ produced no aggregate in round(s) {failed}; the model was not updated there"
+        if sa.strict:
+            raise SecAggError(message + f" (set {PREFIX}.secagg.strict=false to continue anyway)")
+        log.error(message)
+    final = legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
+    return _named(final, strategy.names, strategy.dtypes)
+
+
+def _secagg_settings(
+    cfg: DictConfig | Mapping[str, Any] | PrivacySettings, num_rounds: int
+) -> SecAggSettings:
+    """The ``privacy.secagg`` settings of ``cfg`` (the privacy section or the full config), checked."""
+    if not isinstance(cfg, PrivacySettings) and PREFIX in cfg:
+        cfg = cast(Any, cfg)[PREFIX]
+    settings = parse_privacy(cfg)
+    if settings.mode != "secagg" or settings.secagg is None:
+        raise PrivacyConfigError(f"{PREFIX}.mode: run_secagg needs mode secagg, got {settings.mode!r}")
+    if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
+        raise PrivacyConfigError(f"num_rounds: expected a positive integer, got {num_rounds!r}")
+    return settings.secagg
+
+
+def _secagg_workflow(sa: SecAggSettings) -> DefaultWorkflow:
+    """Flower's legacy default workflow with the SecAgg+ fit workflow of settings ``sa``."""
+    return DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
             num_shares=sa.num_shares,
             reconstruction_threshold=sa.reconstruction_threshold,
@@ -428,16 +449,6 @@ def run_secagg(
             timeout=sa.timeout,
         )
     )
-    log.info("SecAgg+: %d rounds, %s", num_rounds, sa)
-    workflow(grid, legacy)
-    failed = sorted(set(range(1, num_rounds + 1)) - strategy.aggregated_rounds)
-    if failed:
-        message = f"SecAgg+ produced no aggregate in round(s) {failed}; the model was not updated there"
-        if sa.strict:
-            raise SecAggError(message + f" (set {PREFIX}.secagg.strict=false to continue anyway)")
-        log.error(message)
-    final = legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
-    return _named(final, strategy.names, strategy.dtypes)
 
 
 #: Strategies whose aggregate SecAgg+ can compute: the example-weighted mean of the site models.
