@@ -90,7 +90,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "server", "fedprog.deploy.server:run_main", "start a run and follow it", "config"
     ),
     ("server", "stop"): Command("server", "fedprog.deploy.server:stop_main", "stop the SuperLink", "config"),
-    ("audit", "verify"): Command("audit", "fedprog.deploy.audit:verify_main", "verify an audit log", "path"),
+    ("audit", "verify"): Command("audit", "fedprog.audit:verify_main", "verify an audit log", "path"),
 }
 
 

@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from fedprog.data import Cohort, DatasetLayout, load_cohorts
 from fedprog.engine import EvalResult, TrainConfig, evaluate, resolve_device, seed_everything, train
 from fedprog.pipeline import PooledDataset, build_model, fit_preprocessing, make_dataset
-from fedprog.report import ReportBuilder, environment_info, write_json
+from fedprog.report import ReportBuilder, environment_info, plot_km, write_json
 from fedprog.results import start_run
-from fedprog.survival.metrics import harrell_cindex, plot_km
+from fedprog.survival.metrics import harrell_cindex
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,17 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from numpy.typing import ArrayLike
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from sksurv.nonparametric import kaplan_meier_estimator
+
+from fedprog.survival.metrics import (
+    MetricUndefinedError,
+    check_risk,
+    check_survival,
+    logrank_split,
+    median_split,
+)
 
 __all__ = [
     "CONFIG_FILE",
@@ -47,6 +57,8 @@ CONFIG_FILE = "config.yaml"
 MISSING_CELL = "n/a"
 """How a NaN / missing value is shown in markdown tables."""
 DEFAULT_PLOT_DPI = 150
+KM_DPI = 150  # resolution of the Kaplan-Meier PNGs
+KM_CONF_LEVEL = 0.95  # level of the pointwise (log-log) band drawn around each Kaplan-Meier curve
 """Resolution of the round plots."""
 HOLDOUT_ROLE = "holdout"
 """``role`` value of held-out (evaluation-only) sites, drawn dashed in :func:`plot_rounds`."""
@@ -402,3 +414,93 @@ def plot_rounds(
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=dpi, bbox_inches="tight")
     return out
+
+
+# ------------------------------------------------------------------------------------ Kaplan-Meier plots
+def plot_km(
+    time: ArrayLike,
+    censorship: ArrayLike,
+    risk: ArrayLike,
+    path: str | Path,
+    title: str,
+    *,
+    dpi: int = KM_DPI,
+    conf_level: float = KM_CONF_LEVEL,
+) -> Path:
+    """Plot Kaplan-Meier curves of the median-split risk groups with the log-rank p-value; save a PNG.
+
+    Parameters
+    ----------
+    time, censorship : array-like, shape = (n_samples,)
+        Labels (months; 1 = censored).
+    risk : array-like, float, shape = (n_samples,)
+        Risk scores, higher = worse; high-risk group = ``risk >= median``.
+    path : str or Path
+        Output PNG (parent folders are created).
+    title : str
+        Figure title (for example ``"BRCA -> BLCA"``).
+    dpi : int, optional, default: 150
+        PNG resolution.
+    conf_level : float, optional, default: 0.95
+        Level of the shaded log-log pointwise confidence bands (groups with events only).
+
+    Returns
+    -------
+    Path
+        The written file. The legend shows each group's size and events and ``log-rank p`` (``n/a`` when the
+        test is undefined, with the reason logged).
+    """
+    event, time_arr = check_survival(time, censorship)
+    risk_arr = check_risk(risk, time_arr.size)
+    high = median_split(risk_arr)
+    try:
+        p_label = f"log-rank p = {logrank_split(time_arr, ~event, risk_arr)[1]:.3g}"
+    except MetricUndefinedError as err:
+        log.warning("plot_km %s: log-rank p-value unavailable: %s", title, err)
+        p_label = "log-rank p = n/a"
+    figure = Figure(figsize=(6, 4.5))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for name, members, color in (("low risk", ~high, "tab:blue"), ("high risk", high, "tab:red")):
+        if not members.any():
+            continue
+        has_events = bool(event[members].any())
+        result = kaplan_meier_estimator(
+            event[members],
+            time_arr[members],
+            conf_level=conf_level,
+            conf_type="log-log" if has_events else None,
+        )
+        steps, prob = np.r_[0.0, result[0]], np.r_[1.0, result[1]]
+        label = f"{name} (n={int(members.sum())}, events={int(event[members].sum())})"
+        ax.step(steps, prob, where="post", color=color, label=label)
+        if has_events:
+            band = result[2]  # (2, n_unique_times): lower, upper
+            ax.fill_between(
+                steps, np.r_[1.0, band[0]], np.r_[1.0, band[1]], step="post", color=color, alpha=0.15, lw=0
+            )
+    ax.set(xlabel="time (months)", ylabel="survival probability", ylim=(0, 1.02), title=title)
+    ax.legend(title=p_label, loc="best")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=dpi, bbox_inches="tight")
+    return out
+
+
+def plot_km_aggregate(site: str, km: Mapping[str, Any], path: Path) -> Path:
+    """Plot the aggregate KM curves a site sent (median-split risk groups) with its log-rank p-value."""
+    figure = Figure(figsize=(6, 4.5))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    grid = np.asarray(km["km-grid"], dtype=float)
+    for name, color in (("low", "tab:blue"), ("high", "tab:red")):
+        curve = np.asarray(km[f"km-{name}"], dtype=float)
+        label = f"{name} risk (n={int(km[f'km-n-{name}'])}, events={int(km[f'km-events-{name}'])})"
+        ax.step(grid, curve, where="post", color=color, label=label)
+    p = km.get("logrank-p", math.nan)
+    p_label = f"log-rank p = {p:.3g}" if isinstance(p, float) and math.isfinite(p) else "log-rank p = n/a"
+    ax.set(xlabel="time (months)", ylabel="survival probability", ylim=(0, 1.02), title=f"{site} (held out)")
+    ax.legend(title=p_label, loc="best")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=KM_DPI, bbox_inches="tight")
+    return path

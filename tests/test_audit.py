@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedprog.config import load_config
-from fedprog.deploy.audit import (
+from fedprog.audit import (
     GENESIS_HASH,
     AuditError,
     AuditLog,
@@ -20,6 +19,7 @@ from fedprog.deploy.audit import (
     verify,
     verify_main,
 )
+from fedprog.config import load_config
 
 
 def _write_log(path: Path, n: int = 5) -> list[dict]:

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
+from fedprog.audit import verify
 from fedprog.config import load_config
 from fedprog.deploy import processes, server, site
-from fedprog.deploy.audit import verify
 from fedprog.deploy.certs import make_certificates
 
 REPO = Path(__file__).resolve().parents[1]

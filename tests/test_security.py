@@ -531,8 +531,8 @@ def test_simulate_in_flower_runtime_names_a_corrupt_site_in_one_line(
 
 # ------------------------------------------------------------------------------ finding 8: audit anchor
 def test_results_json_anchors_the_audit_log_and_verify_detects_truncation(data_root: Path, tmp_path: Path):
+    from fedprog.audit import verify_main
     from fedprog.config import load_config
-    from fedprog.deploy.audit import verify_main
 
     out = tmp_path / "run"
     results = _run(data_root, out, "audit.enabled=true", "rounds=1")

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
+from fedprog.audit import verify
 from fedprog.config import load_config
 from fedprog.deploy import processes, server, site
-from fedprog.deploy.audit import verify
 from fedprog.deploy.certs import make_certificates
 from fedprog.deploy.gate import FleetOnlyGate, is_loopback
 from fedprog.deploy.pinned_supernode import pin_fabs

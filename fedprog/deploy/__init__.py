@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from fedprog.deploy.audit import AuditError, AuditLog, VerifyResult, sha256_arrays, verify
+from fedprog.audit import AuditError, AuditLog, VerifyResult, sha256_arrays, verify
 
 __all__ = ["AuditError", "AuditLog", "VerifyResult", "sha256_arrays", "verify"]

@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def on_refused(run_id: int, digest: str) -> None:
         if args.audit:
-            from fedprog.deploy.audit import AuditLog
+            from fedprog.audit import AuditLog
 
             AuditLog(args.audit).append("app_refused", site=args.site, run_id=int(run_id), fab_sha256=digest)
 

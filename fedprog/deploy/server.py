@@ -20,7 +20,7 @@ are relative to the working directory (the repository root).
   repository's ``.venv`` or ``runs/`` and tolerates ``fab-exclude`` patterns that match nothing.
 - ``stop``: stops the SuperLink (and the processes it spawned) by its PID.
 
-Every step is recorded in the audit log (:class:`fedprog.deploy.audit.AuditLog`).
+Every step is recorded in the audit log (:class:`fedprog.audit.AuditLog`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedprog.deploy.audit import AuditLog
+from fedprog.audit import AuditLog
 from fedprog.deploy.processes import (
     ManagedProcess,
     ProcessError,
@@ -681,7 +681,7 @@ def run_audit_anchor(out: str | Path) -> dict[str, Any] | None:
     The launcher stores it in its own log: a later truncation or rewrite of the run's log is then caught by
     ``fedprog audit verify <out>/audit.jsonl expect_hash=... expect_entries=...``.
     """
-    from fedprog.deploy.audit import AuditError, audit_anchor
+    from fedprog.audit import AuditError, audit_anchor
 
     path = Path(out) / "audit.jsonl"
     if not path.is_file():

@@ -57,7 +57,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedprog.deploy.audit import AuditLog
+from fedprog.audit import AuditLog
+from fedprog.data.sites import ROLES
 from fedprog.deploy.processes import (
     ManagedProcess,
     ProcessError,
@@ -76,7 +77,6 @@ from fedprog.federated.site_state import STATE_NODE_KEY
 logger = logging.getLogger(__name__)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
-ROLES = ("train", "holdout")
 PROCESS_MODELS = ("warm", "per_message")
 SUPERNODE_PID = "supernode.pid"
 SUPEREXEC_PID = "superexec.pid"

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from fedprog.data.sites import ROLES
 
-ROLES = ("train", "holdout")
+log = logging.getLogger(__name__)
 
 
 class SiteResolutionError(LookupError):

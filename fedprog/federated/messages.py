@@ -21,6 +21,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Message
 from omegaconf import DictConfig
 
+from fedprog.data.sites import ROLES
+
 # ------------------------------------------------------------------------------------------------ keys
 CFG_PREFIX = (
     "fedprog."  # resolved-config keys inside a ConfigRecord (never "privacy.*": privacy mods read those)
@@ -52,7 +54,6 @@ EVAL_METRICS = (
 )
 DESCRIBE_METRICS = ("n-cases", "n-events", "n-train-cases", "strong-dim")
 FIT_METRICS = ("expr-count", "expr-sum", "expr-sumsq", "event-hist")
-ROLES = ("train", "holdout")
 #: Style summary records: ``"<modality>.<field>"`` keys; ``count`` an integer, the rest ``model.dim`` floats.
 STYLE_MODALITIES = ("strong", "weak")
 STYLE_VECTORS = ("mu_mean", "mu_var", "log_sigma_mean", "log_sigma_var")

@@ -22,6 +22,7 @@ from fedprog.report import (
     ReportBuilder,
     UnsafePathError,
     environment_info,
+    plot_km_aggregate,
     plot_rounds,
     safe_output_path,
     save_run_config,
@@ -119,7 +120,7 @@ def write_outputs(
     sha = None
     if final_arrays is not None:
         np.savez(out / "final_weights.npz", **final_arrays)
-        from fedprog.deploy.audit import sha256_arrays
+        from fedprog.audit import sha256_arrays
 
         sha = sha256_arrays(final_arrays)
     results: dict[str, Any] = {
@@ -221,28 +222,6 @@ def _extra_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     for row in rows:
         extra.extend(k for k in row if k not in ROUND_COLUMNS and k not in extra)
     return extra
-
-
-def plot_km_aggregate(site: str, km: Mapping[str, Any], path: Path) -> Path:
-    """Plot the aggregate KM curves a site sent (median-split risk groups) with its log-rank p-value."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 4.5))
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    grid = np.asarray(km["km-grid"], dtype=float)
-    for name, color in (("low", "tab:blue"), ("high", "tab:red")):
-        curve = np.asarray(km[f"km-{name}"], dtype=float)
-        label = f"{name} risk (n={int(km[f'km-n-{name}'])}, events={int(km[f'km-events-{name}'])})"
-        ax.step(grid, curve, where="post", color=color, label=label)
-    p = km.get("logrank-p", math.nan)
-    p_label = f"log-rank p = {p:.3g}" if isinstance(p, float) and math.isfinite(p) else "log-rank p = n/a"
-    ax.set(xlabel="time (months)", ylabel="survival probability", ylim=(0, 1.02), title=f"{site} (held out)")
-    ax.legend(title=p_label, loc="best")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150, bbox_inches="tight")
-    return path
 
 
 def _report(out: Path, cfg: DictConfig, rows: pd.DataFrame, results: Mapping[str, Any]) -> None:

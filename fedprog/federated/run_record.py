@@ -48,14 +48,14 @@ def audit_log(cfg: DictConfig) -> Any:
     audit = cfg.get("audit") or {}
     if not audit.get("enabled", False):
         return _NullAudit()
-    from fedprog.deploy.audit import AuditLog
+    from fedprog.audit import AuditLog
 
     return AuditLog(str(audit.get("path") or Path(cfg.out) / "audit.jsonl"))
 
 
 def model_sha(arrays: Mapping[str, np.ndarray]) -> str:
     """SHA-256 of a model's weights, as the audit log records it."""
-    from fedprog.deploy.audit import sha256_arrays
+    from fedprog.audit import sha256_arrays
 
     return sha256_arrays(arrays)
 

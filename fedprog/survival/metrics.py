@@ -5,12 +5,9 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 from sksurv.compare import compare_survival
 from sksurv.exceptions import NoComparablePairException
@@ -41,7 +38,6 @@ __all__ = [
     "harrell_cindex",
     "integrated_brier",
     "logrank_split",
-    "plot_km",
     "time_auc",
     "uno_cindex",
 ]
@@ -54,10 +50,6 @@ DEFAULT_TIME_QUANTILES = (0.1, 0.9)
 """Quantiles of the evaluated patients' observed times that bound the IBS / AUC time grid."""
 DEFAULT_N_TIMES = 20
 """Number of (quantile-spaced) points in the IBS / AUC time grid before de-duplication."""
-DEFAULT_KM_DPI = 150
-"""Resolution of the Kaplan-Meier PNG."""
-DEFAULT_KM_CONF_LEVEL = 0.95
-"""Level of the pointwise (log-log) confidence band drawn around each Kaplan-Meier curve."""
 
 
 class MetricUndefinedError(ValueError):
@@ -644,7 +636,7 @@ def time_auc(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _median_split(risk: np.ndarray) -> np.ndarray:
+def median_split(risk: np.ndarray) -> np.ndarray:
     """High-risk indicator: ``risk >= median(risk)``, shape (n_samples,) bool."""
     return risk >= np.median(risk)
 
@@ -674,7 +666,7 @@ def logrank_split(time: ArrayLike, censorship: ArrayLike, risk: ArrayLike) -> tu
     event, time_arr = check_survival(time, censorship)
     risk_arr = check_risk(risk, time_arr.size)
     _require_events(event, "logrank_split")
-    high = _median_split(risk_arr)
+    high = median_split(risk_arr)
     if high.all() or not high.any():
         raise MetricUndefinedError("logrank_split: the median split leaves one group empty (constant risk?)")
     try:
@@ -730,76 +722,6 @@ def event_weighted_mean(values: ArrayLike, n_events: ArrayLike) -> float:
 # ----------------------------------------------------------------------------------------------------------
 # Plot and one-call evaluation
 # ----------------------------------------------------------------------------------------------------------
-
-
-def plot_km(
-    time: ArrayLike,
-    censorship: ArrayLike,
-    risk: ArrayLike,
-    path: str | Path,
-    title: str,
-    *,
-    dpi: int = DEFAULT_KM_DPI,
-    conf_level: float = DEFAULT_KM_CONF_LEVEL,
-) -> Path:
-    """Plot Kaplan-Meier curves of the median-split risk groups with the log-rank p-value; save a PNG.
-
-    Parameters
-    ----------
-    time, censorship : array-like, shape = (n_samples,)
-        Labels (months; 1 = censored).
-    risk : array-like, float, shape = (n_samples,)
-        Risk scores, higher = worse; high-risk group = ``risk >= median``.
-    path : str or Path
-        Output PNG (parent folders are created).
-    title : str
-        Figure title (for example ``"BRCA -> BLCA"``).
-    dpi : int, optional, default: 150
-        PNG resolution.
-    conf_level : float, optional, default: 0.95
-        Level of the shaded log-log pointwise confidence bands (groups with events only).
-
-    Returns
-    -------
-    Path
-        The written file. The legend shows each group's size and events and ``log-rank p`` (``n/a`` when the
-        test is undefined, with the reason logged).
-    """
-    event, time_arr = check_survival(time, censorship)
-    risk_arr = check_risk(risk, time_arr.size)
-    high = _median_split(risk_arr)
-    try:
-        p_label = f"log-rank p = {logrank_split(time_arr, ~event, risk_arr)[1]:.3g}"
-    except MetricUndefinedError as err:
-        log.warning("plot_km %s: log-rank p-value unavailable: %s", title, err)
-        p_label = "log-rank p = n/a"
-    figure = Figure(figsize=(6, 4.5))
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    for name, members, color in (("low risk", ~high, "tab:blue"), ("high risk", high, "tab:red")):
-        if not members.any():
-            continue
-        has_events = bool(event[members].any())
-        result = kaplan_meier_estimator(
-            event[members],
-            time_arr[members],
-            conf_level=conf_level,
-            conf_type="log-log" if has_events else None,
-        )
-        steps, prob = np.r_[0.0, result[0]], np.r_[1.0, result[1]]
-        label = f"{name} (n={int(members.sum())}, events={int(event[members].sum())})"
-        ax.step(steps, prob, where="post", color=color, label=label)
-        if has_events:
-            band = result[2]  # (2, n_unique_times): lower, upper
-            ax.fill_between(
-                steps, np.r_[1.0, band[0]], np.r_[1.0, band[1]], step="post", color=color, alpha=0.15, lw=0
-            )
-    ax.set(xlabel="time (months)", ylabel="survival probability", ylim=(0, 1.02), title=title)
-    ax.legend(title=p_label, loc="best")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=dpi, bbox_inches="tight")
-    return out
 
 
 def _or_nan(name: str, compute: Callable[[], float]) -> float:
