@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from fedprog.data import Cohort, DatasetLayout, load_cohorts
 from fedprog.engine import EvalResult, TrainConfig, evaluate, resolve_device, seed_everything, train
 from fedprog.pipeline import PooledDataset, build_model, fit_preprocessing, make_dataset
-from fedprog.report import ReportBuilder, environment_info, plot_km, write_json
-from fedprog.results import start_run
+from fedprog.report import ReportBuilder, environment_info, plot_km
+from fedprog.results import start_run, write_results
 from fedprog.survival.metrics import harrell_cindex
 
 log = logging.getLogger(__name__)
@@ -247,9 +247,10 @@ def write_outputs(
 ) -> None:
     """results.json (records + summary + environment) and report.md with tables and KM plots."""
     summary = summarize(records)
-    write_json(
+    write_results(
+        out_dir,
+        "train",
         {"records": list(records), "summary": summary.to_dict("records"), "environment": environment_info()},
-        out_dir / "results.json",
     )
     targets = summary[summary["split"] == "target"]
     report = ReportBuilder(out_dir, "fedprog cross-cancer protocol")

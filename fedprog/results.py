@@ -11,16 +11,20 @@ import datetime as dt
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
-from fedprog.report import save_run_config
+from fedprog.report import save_run_config, write_json
 
 log = logging.getLogger(__name__)
 
 RUNS_ROOT = Path("runs")
 STAMP_FORMAT = "%Y%m%d-%H%M%S"
 VERSIONS_FILE = "versions.json"
+RESULTS_FILE = "results.json"
+#: Version of results.json's layout; raised when a key is renamed or removed (adding keys keeps it).
+RESULTS_SCHEMA_VERSION = 1
 
 
 def claim_new_folder(parent: Path, name: str) -> Path:
@@ -77,3 +81,9 @@ def start_run(command: str, cfg: DictConfig) -> Path:
     save_run_config(cfg, folder)
     save_versions(folder)
     return folder
+
+
+def write_results(out: Path, command: str, results: dict[str, Any]) -> Path:
+    """Write ``<out>/results.json`` with its schema stamp (``schema``: name, version, command) first."""
+    stamp = {"name": "fedprog.results", "version": RESULTS_SCHEMA_VERSION, "command": command}
+    return write_json({"schema": stamp, **results}, Path(out) / RESULTS_FILE)

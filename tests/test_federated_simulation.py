@@ -39,6 +39,7 @@ def test_flower_simulation_end_to_end(data_root: Path, tmp_path: Path, capsys):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed" and results["strategy"] == "fedprox"
+    assert results["schema"] == {"name": "fedprog.results", "version": 1, "command": "simulate"}
     rounds = pd.read_csv(out / "rounds.csv")
     assert set(rounds["site"]) == {"c0-A1", "c0-A2", "c1-B1", "c1-B2"}
     assert set(rounds.loc[rounds.site == "c1-B1", "role"]) == {"holdout"}

@@ -55,6 +55,7 @@ def test_train_command_writes_results_and_report(dataset, tmp_path):
     assert main(cfg) == 0
     run = tmp_path / "runs"  # out= names the run folder itself
     results = json.loads((run / "results.json").read_text())
+    assert results["schema"] == {"name": "fedprog.results", "version": 1, "command": "train"}
     records = results["records"]
     # 2 sources x 2 seeds x (in-domain + 1 target)
     assert len(records) == 8

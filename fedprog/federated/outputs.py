@@ -26,8 +26,8 @@ from fedprog.report import (
     plot_rounds,
     safe_output_path,
     save_run_config,
-    write_json,
 )
+from fedprog.results import write_results
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def write_outputs(
         "environment": environment_info(),
         **(dict(extra) if extra else {}),
     }
-    write_json(results, out / "results.json")
+    write_results(out, "simulate", results)
     save_run_config(cfg, out)
     _report(out, cfg, rows, results)
     return results
