@@ -49,6 +49,7 @@ from fedprog.federated.strategy import (
     RunFailed,
     arrays_to_numpy,
     build_strategy,
+    event_weighted_summary,
     numpy_to_arrays,
 )
 from fedprog.federated.style_sharing import StyleExchange
@@ -254,7 +255,9 @@ class FederationRounds(Strategy):
         )
         report = self.heldout.last_round
         if report and report.train_metrics:
-            summary["train_loss"] = _weighted_train_loss(report.train_metrics.values())
+            summary["train_loss"] = event_weighted_summary(report.train_metrics.values()).get(
+                "train-loss", math.nan
+            )  # example-weighted
         if self.mode in DP_MODES:
             from fedprog.federated.privacy import privacy_spent
 
@@ -426,13 +429,6 @@ def _eval_rows(
             }
         )
     return rows
-
-
-def _weighted_train_loss(metrics: Iterable[Mapping[str, Any]]) -> float:
-    """Example-weighted mean of the sites' ``train-loss`` (NaN when none is finite)."""
-    pairs = [(m.get("train-loss", math.nan), m.get("num-examples", 0)) for m in metrics]
-    pairs = [(v, n) for v, n in pairs if math.isfinite(v) and n > 0]
-    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else math.nan
 
 
 def _progress(summary: Mapping[str, Any], rounds: int) -> None:
