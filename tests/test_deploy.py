@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from fedprog.audit import verify
 from fedprog.config import load_config
 from fedprog.deploy import processes, server, site
 from fedprog.deploy.certs import make_certificates
+from fedprog.deploy.loopback import LoopbackConsortium, synth_sites
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SYNTH = [
@@ -402,106 +403,15 @@ def test_collect_report_marks_missed_rounds(tmp_path: Path) -> None:
 # intruders and a site that leaves and rejoins), then a SuperLink restart with resume. Every process is
 # stopped by its PID when the module ends, also when a test fails.
 
-SITES = {"h0": ("c0", "train"), "h1": ("c1", "train"), "h2": ("c2", "holdout")}
-CANCERS = [
-    "data.synth.cancers=[c0,c1,c2]",
-    "data.synth.n_patients=[30,30,30]",
-    "data.synth.site_fractions=[1.0]",
-    "data.synth.patches=[4,8]",
-    "data.synth.n_genes=24",
-    "data.synth.n_pathways=4",
-    "data.synth.feature_dim=8",
-    "data.synth.survival.weibull_scale=[60.0,40.0,50.0]",
-    "data.synth.survival.weibull_shape=[1.2,1.0,1.1]",
-    "data.synth.survival.censoring=[0.4,0.5,0.5]",
-]
-TINY_RUN = [
-    "heldout=null",  # the documented way: each site's role comes from its node-config (role='holdout')
-    "expected_sites=3",
-    "node_wait_timeout=120",
-    "model.dim=8",
-    "model.attn_dim=8",
-    "model.head_hidden=8",
-    "training.epochs=1",
-    "training.grad_accum=1",
-    "round_timeout=120",
-]
+SITES, CANCERS = synth_sites(3)  # h0, h1 train on c0, c1; h2 holds out c2
 POLL_S = 0.05
 
 
-class Consortium:
-    """A loopback consortium in ``root``: certificates, data, server settings; processes go in ``running``."""
+class Consortium(LoopbackConsortium):
+    """The module's consortium: three hospitals, plus a key for the rogue SuperNode (never enrolled)."""
 
     def __init__(self, root: Path, running: list[processes.ManagedProcess]) -> None:
-        self.root, self.running = root, running
-        self.certs = root / "certs"
-        make_certificates(self.certs, ["localhost", "127.0.0.1"], [*SITES, "rogue"])
-        self.data = root / "data"
-        cfg = load_config("simulate", [f"data.root={self.data}", f"out={root / 'unused'}", *CANCERS])
-        from fedprog.data.synth import ensure_generated
-
-        ensure_generated(cfg.data)
-        self.port = processes.free_port()
-        keys = {
-            "certs": {
-                name: str(self.certs / f)
-                for name, f in (("ca", "ca.crt"), ("cert", "server.crt"), ("key", "server.key"))
-            },
-            "port": self.port,
-            "database": str(root / "srv" / "state.db"),
-            "flwr_home": str(root / "srv" / "home"),
-            "state_dir": str(root / "srv"),
-            "audit": str(root / "srv" / "audit.jsonl"),
-            "sites": {name: str(self.certs / f"nodes/{name}.pub") for name in SITES},
-            "app_dir": str(REPO),  # the real repository app (pyproject.toml at the root)
-            "run": {"config_name": "simulate", "overrides": [f"data.root={self.data}", *CANCERS, *TINY_RUN]},
-            "echo": False,
-            "stop_timeout_s": 5,  # uvicorn waits for the streaming `flwr run` connection: SIGKILL after 5 s
-        }
-        OmegaConf.save(OmegaConf.create(keys), root / "server.yaml")
-        self.settings = server.load_settings(load_config("server", [f"config={root / 'server.yaml'}"]))
-        self.ports = {name: processes.free_port() for name in SITES}
-        # Every site pins the app `server run` submits (the repository snapshot): any other app is refused.
-        self.app_hash = str(server.stage_app(REPO, root / "pinned-app")["fab_sha256"])
-
-    def start_link(self) -> processes.ManagedProcess:
-        link = server.start_superlink(self.settings)
-        self.running.append(link)
-        return link
-
-    def site(self, name: str, **keys: object) -> object:
-        cohort, role = SITES.get(name, ("c0", "train"))
-        base: dict[str, object] = {
-            "site": name,
-            "data_root": str(self.data),
-            "cohort": cohort,
-            "role": role,
-            "server": f"127.0.0.1:{self.port}",
-            "ca": str(self.certs / "ca.crt"),
-            "key": str(self.certs / f"nodes/{name}.key"),
-            "port": self.ports.get(name) or processes.free_port(),
-            "state_dir": str(self.root / name),
-            "startup_grace_s": 0.5,
-            "process_model": "warm",
-            "torch_threads": 1,  # three sites share 2 cores
-            "app_hashes": [self.app_hash],
-        }
-        base.update(keys)
-        return _site_settings(_site_file(self.root / f"{name}.yaml", **base))
-
-    def start_site(self, name: str, **keys: object) -> list[processes.ManagedProcess]:
-        started = site.start_site(self.site(name, **keys))
-        self.running.extend(started)
-        return started
-
-    def run_settings(self, name: str, *overrides: str, **keys: object) -> DictConfig:
-        """Server settings of one run: report in ``<root>/<name>``, extra Hydra overrides, extra keys."""
-        settings = OmegaConf.create(OmegaConf.to_container(self.settings))
-        settings.out = str(self.root / name)
-        settings.run.overrides = [*settings.run.overrides, *overrides]
-        for key, value in keys.items():
-            settings[key] = value
-        return settings  # type: ignore[return-value]
+        super().__init__(root, SITES, data_overrides=CANCERS, extra_keys=["rogue"], running=running)
 
 
 @pytest.fixture(scope="module")
@@ -510,10 +420,7 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
     running: list[processes.ManagedProcess] = []
     try:
         dep = Consortium(tmp_path_factory.mktemp("consortium"), running)
-        dep.start_link()
-        assert server.enrol_sites(dep.settings) == {name: "registered" for name in SITES}
-        for name in SITES:
-            dep.start_site(name)  # data checked first (check_data: true)
+        assert dep.start() == {name: "registered" for name in SITES}  # sites' data checked first
         yield dep
     finally:
         processes.stop_processes(running, timeout=5)
@@ -603,7 +510,7 @@ def test_deployment_with_intruders_and_a_site_that_leaves(
         logged = processes.log_tail(h1_log, 10_000).count("SuperNode ID")
         dep.running.extend(site.start_site(h1_settings))
         _wait_for_line(h1_log, "SuperNode ID", logged + 1, 60)
-        _wait_for_line(dep.root / "h1" / site.SUPEREXEC_LOG, "warm SuperExec: preloaded", 2, 90)
+        _wait_for_line(dep.root / "h1" / site.SUPEREXEC_LOG, site.WARM_READY, 2, 90)
     finally:
         os.kill(h0, signal.SIGCONT)
     runner.join(timeout=240)

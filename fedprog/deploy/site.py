@@ -82,6 +82,7 @@ SUPERNODE_PID = "supernode.pid"
 SUPEREXEC_PID = "superexec.pid"
 SUPERNODE_LOG = "supernode.log"
 SUPEREXEC_LOG = "superexec.log"
+WARM_READY = "warm SuperExec: preloaded"  # logged by the warm SuperExec once the app is imported
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's SuperExec reads its task poll period here
 EXIT_REFUSED = (
     305  # Flower's exit code (logged; the process status is 1) when the SuperLink refuses a SuperNode
@@ -509,7 +510,7 @@ def _warm_superexec(argv: Sequence[str]) -> None:
     from flwr.supercore.superexec.executor.types import LaunchResult
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-    logger.info("warm SuperExec: preloaded %s in %.1f s", args.preload, time.monotonic() - started)
+    logger.info("%s %s in %.1f s", WARM_READY, args.preload, time.monotonic() - started)
 
     class ForkExecutor:
         """Executor protocol of Flower's SuperExec: fork a warm child per ClientApp task."""
