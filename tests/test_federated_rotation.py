@@ -123,3 +123,31 @@ def test_rotation_through_flower_simulation_end_to_end(data_root, tmp_path):
     assert record["setting"]["label"] == "fedavg+survpath+none"
     assert_predictions_are_the_federations(out)
     assert np.isfinite([row["c_index"] for row in record["summary"]]).all()
+
+
+def test_a_stopped_fold_resumes_from_its_checkpoint(data_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "fed"
+
+    def stops_in_c2(cfg):
+        results = in_process(cfg)
+        if "c2-s0" in str(cfg.out):  # the run stopped after its checkpoint (e.g. too few training sites)
+            path = Path(cfg.out) / "results.json"
+            path.write_text(json.dumps({**results, "status": "stopped"}))
+            return None
+        return results
+
+    monkeypatch.setattr(simulation, "execute", stops_in_c2)
+    assert simulation.main(rotation_config(data_root, out)) == 1
+    assert "rotation stopped at fold 2/2 (c2 seed 0" in capsys.readouterr().err
+    assert not (out / compare.ROTATION_FILE).exists()
+
+    resumed: list[str] = []
+
+    def records_resume(cfg):
+        resumed.append(str(cfg.get("resume")))
+        return in_process(cfg)
+
+    monkeypatch.setattr(simulation, "execute", records_resume)
+    assert simulation.main(rotation_config(data_root, out)) == 0
+    assert resumed == [str(out / "folds" / "c2-s0")]  # c1 was not run again; c2 continued from its checkpoint
+    assert_predictions_are_the_federations(out)
