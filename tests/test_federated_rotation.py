@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +61,17 @@ def assert_predictions_are_the_federations(out: Path) -> None:
             assert recomputed == pytest.approx(float(reported["c_index"].iloc[0]), abs=1e-12), site
 
 
-def test_rotation_in_process_writes_rotation_compare_and_resumes(data_root, tmp_path, monkeypatch, capsys):
+def test_rotation_in_process_writes_rotation_compare_and_resumes(
+    data_root, tmp_path, monkeypatch, capsys, caplog
+):
     monkeypatch.setattr(simulation, "execute", in_process)
     out = tmp_path / "fed"
-    assert simulation.main(rotation_config(data_root, out, "label=fed")) == 0
+    with caplog.at_level(logging.INFO, logger="fedprog.federated.rotation"):
+        assert simulation.main(rotation_config(data_root, out, "label=fed")) == 0
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fold ")]
+    assert len(progress) == 2 and re.match(
+        r"fold 2/2: c2 seed 0 -> held-out C-index 0\.\d\d \(\d+ s\)$", progress[1]
+    )
     record = json.loads((out / compare.ROTATION_FILE).read_text())
     assert record["setting"]["command"] == "simulate" and record["setting"]["label"] == "fed"
     assert [(f["target"], f["seed"]) for f in record["federation_folds"]] == [("c1", 0), ("c2", 0)]

@@ -58,12 +58,11 @@ def rotation_cohorts(cfg: DictConfig) -> list[str]:
     return list(dict.fromkeys(site.cohort for site in sites))
 
 
-def check_rotation(cfg: DictConfig, cohorts: list[str]) -> tuple[list[str], list[int]]:
-    """(targets, seeds) of a rotation; :class:`RotationError` (one line) for settings that cannot rotate."""
-    rotation = cfg.rotation
+def check_settings(cfg: DictConfig) -> None:
+    """:class:`RotationError` (one line) for settings that cannot rotate; checked before any data is read."""
     default_heldout = OmegaConf.load(_simulate_yaml()).heldout
-    if str(rotation.mode) != "loco":
-        raise RotationError(f"rotation.mode={rotation.mode!r}: choose none or loco")
+    if str(cfg.rotation.mode) != "loco":
+        raise RotationError(f"rotation.mode={cfg.rotation.mode!r}: choose none or loco")
     if cfg.get("resume"):
         raise RotationError(
             f"resume={cfg.resume} with rotation=loco: give the rotation's out= again instead "
@@ -79,6 +78,11 @@ def check_rotation(cfg: DictConfig, cohorts: list[str]) -> tuple[list[str], list
             f"strategy={cfg.strategy.name} with rotation=loco: the baselines keep no global model to predict "
             "the held-out patients with; the centralized rotation is `fedprog train rotation=loco`"
         )
+
+
+def targets_and_seeds(cfg: DictConfig, cohorts: list[str]) -> tuple[list[str], list[int]]:
+    """(targets, seeds) of the rotation; :class:`RotationError` names a target that is not a cohort."""
+    rotation = cfg.rotation
     if len(cohorts) < 2:
         raise RotationError(f"rotation=loco needs two or more cohorts, the federation has {cohorts}")
     targets = [str(t) for t in rotation.targets] if rotation.targets is not None else list(cohorts)
@@ -294,7 +298,8 @@ def main(cfg: DictConfig) -> int:
     try:
         cfg.data.root = str(Path(str(cfg.data.root)).resolve())
         simulation.ray_init_args(cfg.simulation)
-        targets, seeds = check_rotation(cfg, rotation_cohorts(cfg))
+        check_settings(cfg)
+        targets, seeds = targets_and_seeds(cfg, rotation_cohorts(cfg))
     except (RotationError, CohortError, simulation.RayAddressError, OSError) as error:
         print(f"fedprog simulate: error: {' | '.join(str(error).splitlines())}", file=sys.stderr)
         return 2
