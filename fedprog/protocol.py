@@ -284,18 +284,22 @@ def setting_label(cfg: DictConfig) -> str:
     return str(cfg.label) if cfg.label else f"{cfg.model.name}+{modules_label(cfg.model)}"
 
 
+def layout_truth(layout: DatasetLayout) -> pd.DataFrame | None:
+    """The truth table of generated data (oracle and transfer ceilings), None for other data."""
+    if layout.truth is None or not layout.root_file(layout.truth).is_file():
+        return None
+    from fedprog.data.synth import read_truth
+
+    return read_truth(layout.root)
+
+
 def write_rotation_outputs(
     cfg: DictConfig, out_dir: Path, records: Sequence[Mapping[str, Any]], predictions: pd.DataFrame
 ) -> pd.DataFrame:
     """rotation.json and predictions.csv.gz (fedprog.compare), plus the rotation table in report.md."""
     from fedprog.compare import write_rotation
 
-    layout = prepare_layout(cfg.data)
-    truth = None
-    if layout.truth is not None and layout.root_file(layout.truth).is_file():
-        from fedprog.data.synth import read_truth
-
-        truth = read_truth(layout.root)
+    truth = layout_truth(prepare_layout(cfg.data))
     setting = {
         "label": setting_label(cfg),
         "command": "train",

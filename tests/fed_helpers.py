@@ -62,24 +62,31 @@ class DirectGrid:
         return replies
 
 
-def tiny_config(data_root: Path, out: Path, *overrides: str):
-    """The simulate config with a tiny model and data, 3 sites (2 train + 1 held out), 2 rounds."""
+TINY_DATA = (  # generated data of two cancers, two hospitals each (also for `fedprog train`)
+    "data.synth.cancers=[c0,c1]",
+    "data.synth.n_patients=[40,30]",
+    "data.synth.site_fractions=[0.5,0.5]",
+    "data.synth.patches=[8,16]",
+    "data.synth.n_genes=40",
+    "data.synth.n_pathways=4",
+    "data.synth.feature_dim=8",
+    "data.synth.survival.weibull_scale=[60.0,40.0]",
+    "data.synth.survival.weibull_shape=[1.2,1.0]",
+    "data.synth.survival.censoring=[0.4,0.5]",
+)
+
+
+def tiny_config(data_root: Path, out: Path, *overrides: str, heldout: str | None = "[c1-B1]"):
+    """The simulate config with a tiny model and data, 3 sites (2 train + 1 held out), 2 rounds.
+
+    ``heldout=None`` leaves the config's default (a rotation sets it per fold)."""
     return load_config(
         "simulate",
         [
             f"data.root={data_root}",
             f"out={out}",
-            "data.synth.cancers=[c0,c1]",
-            "data.synth.n_patients=[40,30]",
-            "data.synth.site_fractions=[0.5,0.5]",
-            "data.synth.patches=[8,16]",
-            "data.synth.n_genes=40",
-            "data.synth.n_pathways=4",
-            "data.synth.feature_dim=8",
-            "data.synth.survival.weibull_scale=[60.0,40.0]",
-            "data.synth.survival.weibull_shape=[1.2,1.0]",
-            "data.synth.survival.censoring=[0.4,0.5]",
-            "heldout=[c1-B1]",
+            *TINY_DATA,
+            *([f"heldout={heldout}"] if heldout is not None else []),
             "rounds=2",
             "model.dim=16",
             "model.attn_dim=8",

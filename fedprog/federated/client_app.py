@@ -243,7 +243,7 @@ def _federation(
     return _FEDERATIONS[key]
 
 
-def _eval_ids(site: Site) -> tuple[str, ...]:
+def eval_ids(site: Site) -> tuple[str, ...]:
     """Cases a site evaluates on: its local test split when it has one, else all its cases."""
     return site.test_ids if site.test_ids else site.all_ids
 
@@ -266,22 +266,37 @@ def site_datasets(
     )
     if key not in _DATA:
         prep = Preprocessing.from_state_dict(json.loads(prep_json))
-
-        def make(ids: tuple[str, ...]) -> SurvivalDataset:
-            return make_dataset(
-                handle.cohort,
-                ids,
-                prep,
-                max_patches=cfg.training.max_patches,
-                seed=int(cfg.seed),
-                site_cases=handle.site.all_ids,  # site standardization: this site's own cases only
-            )
-
+        site, cohort = handle.site, handle.cohort
         train_ds = (
-            make(handle.site.case_ids) if handle.site.role == "train" and handle.site.case_ids else None
+            site_dataset(cfg, cohort, site, site.case_ids, prep)
+            if site.role == "train" and site.case_ids
+            else None
         )
-        _DATA[key] = (train_ds, make(_eval_ids(handle.site)))
+        _DATA[key] = (train_ds, site_dataset(cfg, cohort, site, eval_ids(site), prep))
     return _DATA[key]
+
+
+def site_dataset(
+    cfg: DictConfig, cohort: Cohort, site: Site, ids: tuple[str, ...], prep: Preprocessing
+) -> SurvivalDataset:
+    """The dataset of ``ids`` of ``site`` with the federation's preprocessing (standardized by the site's own
+    cases with ``data.site_standardize``); the simulated rotation evaluates held-out sites with it too."""
+    return make_dataset(
+        cohort,
+        ids,
+        prep,
+        max_patches=cfg.training.max_patches,
+        seed=int(cfg.seed),
+        site_cases=site.all_ids,  # site standardization: this site's own cases only
+    )
+
+
+def evaluate_model(
+    cfg: DictConfig, data: SurvivalDataset, arrays: ArrayRecord, device: str
+) -> engine.EvalResult:
+    """The global model ``arrays`` evaluated on a site's ``data`` (the ``evaluate`` handler's computation)."""
+    model = _model(cfg, data, arrays)
+    return engine.evaluate(model, data, bins=data.bins, device=device, loss_cfg=_train_config(cfg))
 
 
 # ------------------------------------------------------------------------------------------ model helpers
@@ -549,10 +564,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     if grid is not None:  # refuse before any work: the KM request is checked against the site's limits
         handle.policy.check_km_grid(grid)
         handle.policy.check_counts(f"site {handle.site.name}: KM curves", len(eval_ds), int(eval_ds.n_events))
-    model = _model(cfg, eval_ds, msg.content["arrays"])
-    result = engine.evaluate(
-        model, eval_ds, bins=eval_ds.bins, device=handle.device, loss_cfg=_train_config(cfg)
-    )
+    result = evaluate_model(cfg, eval_ds, msg.content["arrays"], handle.device)
     m = result.metrics
     metrics: dict[str, Any] = {
         "num-examples": int(m.get("n", len(eval_ds))),

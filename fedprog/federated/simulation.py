@@ -199,30 +199,21 @@ def run_simulation(cfg: DictConfig) -> dict[str, Any]:
 
 
 def main(cfg: DictConfig) -> int:
-    """``fedprog simulate``: federated run (or ``strategy=local|pooled`` baseline); prints a short summary."""
-    from fedprog.data import CohortError
+    """``fedprog simulate``: federated run (or ``strategy=local|pooled`` baseline); prints a short summary.
 
-    try:
-        cfg = prepare(cfg)
-        check_site_sizes(cfg)
-    except (
-        CheckpointError,
-        CohortError,
-        RayAddressError,
-        OSError,
-    ) as error:  # a user or data error: one line, no traceback
-        print(f"fedprog simulate: error: {' | '.join(str(error).splitlines())}", file=sys.stderr)
+    ``rotation=loco`` runs one federation per held-out cancer and seed instead
+    (:mod:`fedprog.federated.rotation`).
+    """
+    if str(cfg.get("rotation", {}).get("mode", "none")) != "none":
+        from fedprog.federated.rotation import main as rotation_main
+
+        return rotation_main(cfg)
+    prepared = start(cfg)
+    if prepared is None:
         return 2
-    if str(cfg.strategy.name) in BASELINES:
-        from fedprog.baselines import run_baseline
-
-        results = run_baseline(cfg)
-    else:
-        try:
-            results = run_simulation(cfg)
-        except FederationError as error:
-            print(f"fedprog simulate: {_status(cfg)}: {error} -> {cfg.out}", file=sys.stderr)
-            return 1
+    results = execute(prepared)
+    if results is None:
+        return 1
     head = results.get("headline", {})
     print(
         f"fedprog simulate [{results.get('strategy')}] {results.get('status')}: held-out C-index "
@@ -231,6 +222,33 @@ def main(cfg: DictConfig) -> int:
         f"{fmt_value(head.get('train_c_index'))} -> {results.get('out')}"
     )
     return 0 if results.get("status") == "completed" else 1
+
+
+def start(cfg: DictConfig) -> DictConfig | None:
+    """:func:`prepare` and :func:`check_site_sizes`; a user or data error prints one line and gives None."""
+    from fedprog.data import CohortError
+
+    try:
+        prepared = prepare(cfg)
+        check_site_sizes(prepared)
+    except (CheckpointError, CohortError, RayAddressError, OSError) as error:  # one line, no traceback
+        print(f"fedprog simulate: error: {' | '.join(str(error).splitlines())}", file=sys.stderr)
+        return None
+    return prepared
+
+
+def execute(cfg: DictConfig) -> dict[str, Any] | None:
+    """Run a :func:`start`-ed config (federation or baseline); its results, or None after a federation
+    error (one line naming the status and the run folder)."""
+    if str(cfg.strategy.name) in BASELINES:
+        from fedprog.baselines import run_baseline
+
+        return run_baseline(cfg)
+    try:
+        return run_simulation(cfg)
+    except FederationError as error:
+        print(f"fedprog simulate: {_status(cfg)}: {error} -> {cfg.out}", file=sys.stderr)
+        return None
 
 
 def _status(cfg: DictConfig) -> str:

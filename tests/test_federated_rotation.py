@@ -1,0 +1,162 @@
+"""`fedprog simulate rotation=loco`: one federation per (held-out cancer, seed), rotation.json for compare."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fed_helpers import TINY_DATA, DirectGrid, tiny_config
+from omegaconf import OmegaConf
+
+from fedprog import compare
+from fedprog.config import load_config
+from fedprog.federated import client_app, rotation, simulation
+from fedprog.federated.server_app import run_federation
+from fedprog.survival.stats import cindex
+
+THREE_CANCERS = (
+    "data.synth.cancers=[c0,c1,c2]",
+    "data.synth.n_patients=[40,30,30]",
+    "data.synth.survival.weibull_scale=[60.0,40.0,50.0]",
+    "data.synth.survival.weibull_shape=[1.2,1.0,1.1]",
+    "data.synth.survival.censoring=[0.4,0.5,0.4]",
+)
+ROTATION = ("rotation=loco", "rotation.targets=[c1,c2]", "rotation.seeds=null", "rotation.n_boot=50")
+
+
+def rotation_config(data_root: Path, out: Path, *overrides: str):
+    return tiny_config(data_root, out, *THREE_CANCERS, "rounds=1", *ROTATION, *overrides, heldout=None)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("rot") / "synth"
+    rotation.rotation_cohorts(rotation_config(root, root.parent / "unused"))  # generates the data
+    return root
+
+
+def in_process(cfg):
+    """simulation.execute without Ray: the same ServerApp/ClientApp code over the in-process DirectGrid."""
+    client_app.clear_caches()
+    run_federation(DirectGrid(int(cfg.expected_sites)), cfg)
+    return json.loads((Path(cfg.out) / "results.json").read_text())
+
+
+def assert_predictions_are_the_federations(out: Path) -> None:
+    """Per held-out site, the C-index of predictions.csv.gz equals the one the site reported (final round)."""
+    predictions = pd.read_csv(out / compare.PREDICTIONS_FILE, dtype={"case_id": str})
+    for (target, seed), fold in predictions.groupby(["target", "seed"]):
+        rounds = pd.read_csv(out / "folds" / f"{target}-s{seed}" / "rounds.csv")
+        final = rounds[(rounds["round"] == rounds["round"].max()) & (rounds["role"] == "holdout")]
+        assert sorted(final["site"]) == sorted(fold["site"].unique())
+        for site, part in fold.groupby("site"):
+            recomputed = cindex(*(part[k].to_numpy(float) for k in ("time", "censorship", "risk")))
+            reported = final.loc[final["site"] == site]
+            assert int(reported["n"].iloc[0]) == len(part)
+            assert recomputed == pytest.approx(float(reported["c_index"].iloc[0]), abs=1e-12), site
+
+
+def test_rotation_in_process_writes_rotation_compare_and_resumes(
+    data_root, tmp_path, monkeypatch, capsys, caplog
+):
+    monkeypatch.setattr(simulation, "execute", in_process)
+    out = tmp_path / "fed"
+    with caplog.at_level(logging.INFO, logger="fedprog.federated.rotation"):
+        assert simulation.main(rotation_config(data_root, out, "label=fed")) == 0
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fold ")]
+    assert len(progress) == 2 and re.match(
+        r"fold 2/2: c2 seed 0 -> held-out C-index 0\.\d\d \(\d+ s\)$", progress[1]
+    )
+    record = json.loads((out / compare.ROTATION_FILE).read_text())
+    assert record["setting"]["command"] == "simulate" and record["setting"]["label"] == "fed"
+    assert [(f["target"], f["seed"]) for f in record["federation_folds"]] == [("c1", 0), ("c2", 0)]
+    for fold in ("c1-s0", "c2-s0"):
+        results = json.loads((out / "folds" / fold / "results.json").read_text())
+        heldout = OmegaConf.load(out / "folds" / fold / "config.yaml").heldout
+        assert results["status"] == "completed" and list(heldout) == [fold[:2]]
+    assert_predictions_are_the_federations(out)
+    assert "Leave-one-cancer-out (federated)" in (out / "report.md").read_text()
+
+    central = tmp_path / "central"  # the centralized rotation on the same data, targets, seeds and patients
+    tiny = ("training.epochs=1", "model.dim=16", "model.attn_dim=8", "model.head_hidden=8", "km_plots=false")
+    data = (f"data.root={data_root}", *TINY_DATA, *THREE_CANCERS)
+    train = load_config(
+        "train", [*data, f"out={central}", *ROTATION, "rotation.seeds=[0]", *tiny, "label=central"]
+    )
+    from fedprog.protocol import main as train_main
+
+    assert train_main(train) == 0
+    assert compare.main([str(out), str(central), "--out", str(tmp_path / "cmp"), "--n-boot", "50"]) == 0
+    paired = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["paired"]
+    assert [p["target"] for p in paired] == ["c1", "c2", "overall"] and (
+        tmp_path / "cmp" / "forest.png"
+    ).is_file()
+
+    def must_not_run(cfg):
+        raise AssertionError(f"completed fold {cfg.out} ran again")
+
+    monkeypatch.setattr(simulation, "execute", must_not_run)  # same out=: completed folds are skipped
+    before = pd.read_csv(out / compare.PREDICTIONS_FILE)
+    capsys.readouterr()
+    assert simulation.main(rotation_config(data_root, out, "label=fed")) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / compare.PREDICTIONS_FILE), before)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("resume=somewhere", "resume=somewhere with rotation=loco"),
+        ("heldout=[c0]", 'heldout=["c0"] with rotation=loco'),
+        ("strategy=local", "strategy=local with rotation=loco"),
+        ("rotation.targets=[c1,c22]", "'c22' is not a cohort of the dataset (nearest: 'c2'"),
+    ],
+)
+def test_rotation_refusals_are_one_line_before_start_up(data_root, tmp_path, capsys, override, expected):
+    out = tmp_path / "out"
+    assert simulation.main(rotation_config(data_root, out, override)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert expected in line and not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rotation_through_flower_simulation_end_to_end(data_root, tmp_path):
+    out = tmp_path / "ray"
+    assert simulation.main(rotation_config(data_root, out)) == 0
+    record = json.loads((out / compare.ROTATION_FILE).read_text())
+    assert record["setting"]["label"] == "fedavg+survpath+none"
+    assert_predictions_are_the_federations(out)
+    assert np.isfinite([row["c_index"] for row in record["summary"]]).all()
+
+
+def test_a_stopped_fold_resumes_from_its_checkpoint(data_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "fed"
+
+    def stops_in_c2(cfg):
+        results = in_process(cfg)
+        if "c2-s0" in str(cfg.out):  # the run stopped after its checkpoint (e.g. too few training sites)
+            path = Path(cfg.out) / "results.json"
+            path.write_text(json.dumps({**results, "status": "stopped"}))
+            return None
+        return results
+
+    monkeypatch.setattr(simulation, "execute", stops_in_c2)
+    assert simulation.main(rotation_config(data_root, out)) == 1
+    assert "rotation stopped at fold 2/2 (c2 seed 0" in capsys.readouterr().err
+    assert not (out / compare.ROTATION_FILE).exists()
+
+    resumed: list[str] = []
+
+    def records_resume(cfg):
+        resumed.append(str(cfg.get("resume")))
+        return in_process(cfg)
+
+    monkeypatch.setattr(simulation, "execute", records_resume)
+    assert simulation.main(rotation_config(data_root, out)) == 0
+    assert resumed == [str(out / "folds" / "c2-s0")]  # c1 was not run again; c2 continued from its checkpoint
+    assert_predictions_are_the_federations(out)
