@@ -25,6 +25,8 @@ process (no Flower). Raw outputs go to ``runs/benchmarks/federated/<part>/<run>/
     python simulations/federated.py synth                  # 5 strategies x 2 module settings x 3 seeds
     python simulations/federated.py tcga --tcga-strong null --strategies fedavg fedadam pooled
     python simulations/federated.py synth --report-only    # tables from what is on disk
+    python simulations/federated.py synth --targets c0 c1 c2 c4 c5 --strategies fedavg pooled --modules none \
+        --seeds 0 1    # every listed cancer held out in turn (out/<target>/...), then one table over targets
 """
 
 from __future__ import annotations
@@ -277,6 +279,84 @@ def paired_table(frame: pd.DataFrame, reference: str) -> str:
     return markdown_table(pd.DataFrame(rows)) if rows else "(no setting shares two seeds with the reference)"
 
 
+def rotate(args: argparse.Namespace) -> int:
+    """Run (or tabulate) the grid once per held-out target, then the table over targets and seeds."""
+    frames, failed = [], 0
+    for target in args.targets:
+        log.info("held-out target %s", target)
+        specs = grid(
+            args.part,
+            args.strategies,
+            args.modules,
+            args.seeds,
+            [*args.overrides, f"heldout=[{target}]"],
+            args.tcga_strong,
+            full=args.all,
+        )
+        root = args.out / target
+        records = collect(specs, root, report_only=args.report_only)
+        failed += len(specs) - len(records)
+        frames.append(pd.DataFrame(records).assign(target=target))
+    frame = pd.concat(frames, ignore_index=True)
+    write_json(frame.to_dict("records"), args.out / f"{args.part}_targets_records.json")
+    print(f"\n## Held-out C-index per target ({args.part}), final round, mean over seeds\n")
+    print(target_table(frame))
+    print(f"\n## Paired differences to {args.reference} over (target, seed) pairs\n")
+    print(paired_targets_table(frame, args.reference))
+    return 1 if failed else 0
+
+
+def collect(specs: Sequence[RunSpec], root: Path, *, report_only: bool) -> list[dict[str, Any]]:
+    """Records of the completed cells (runs the missing ones unless ``report_only``)."""
+    records = []
+    for spec in specs:
+        if report_only:
+            results = _completed(spec.out(root), spec.overrides)
+        else:
+            try:
+                results = run_one(spec, root)
+            except (BenchmarkError, subprocess.TimeoutExpired) as error:
+                log.error("%s", error)
+                results = None
+        if results is not None:
+            records.append(record(spec, results, root))
+    return records
+
+
+def target_table(frame: pd.DataFrame) -> str:
+    """Markdown: one row per target (and ``overall``), one column per setting, mean over seeds."""
+    frame = frame.assign(setting=frame["strategy"] + "/" + frame["modules"])
+    wide = frame.pivot_table(index="target", columns="setting", values="heldout_c_index", aggfunc="mean")
+    ceiling = frame.groupby("target")["transfer_ceiling"].mean()
+    wide["transfer ceiling"] = ceiling
+    wide.loc["overall"] = wide.mean()
+    return markdown_table(wide.reset_index(), floatfmt=3)
+
+
+def paired_targets_table(frame: pd.DataFrame, reference: str) -> str:
+    """Markdown: each setting minus ``reference`` on the same (target, seed): mean, 95% t-CI, pairs."""
+    from scipy import stats
+
+    key = frame["strategy"] + "/" + frame["modules"]
+    base = frame[key == reference].set_index(["target", "seed"])["heldout_c_index"]
+    rows = []
+    for label, group in frame[key != reference].groupby(key[key != reference], sort=False):
+        diff = (group.set_index(["target", "seed"])["heldout_c_index"] - base).dropna()
+        if len(diff) < 2:
+            continue
+        half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
+        rows.append(
+            {
+                "setting": label,
+                "minus": reference,
+                "mean difference": f"{diff.mean():+.3f}",
+                "95% CI (t, over target x seed)": f"[{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]",
+                "pairs": len(diff),
+            }
+        )
+    return markdown_table(pd.DataFrame(rows)) if rows else "(no setting shares two folds with the reference)"
+
+
 def main(argv: list[str]) -> int:
     """Entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(
@@ -291,8 +371,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--report-only", action="store_true", help="only tabulate the runs on disk")
     parser.add_argument("--all", action="store_true", help="also the cells of REDUCED")
     parser.add_argument("--reference", default="pooled/none", help="strategy/modules of the paired reference")
+    parser.add_argument(
+        "--targets", nargs="+", help="hold out each of these cohorts in turn (heldout=[T], out/<T>/)"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
+    if args.targets:
+        return rotate(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     specs = grid(
