@@ -9,6 +9,7 @@ import pytest
 from data_factory import write_cohort
 
 from fedprog.data import DatasetLayout, Site, SiteError, build_sites, load_cohort, tss_counts
+from fedprog.data.cohort import tss_code
 
 
 @pytest.fixture
@@ -43,6 +44,19 @@ def test_tss_partition_merging_rule(layout: DatasetLayout) -> None:
     # no TSS reaches min_cases: the cohort is one site <cohort>-other
     sites = {s.name: len(s.case_ids) for s in build_sites(layout, {"partition": "tss", "min_cases": 100})}
     assert sites == {"c0-other": 20, "c1-other": 40}
+
+
+def test_tss_partition_merges_sites_with_too_few_events(layout: DatasetLayout) -> None:
+    cohort = load_cohort(layout, "c1")
+    codes = cohort.labels.index.map(tss_code)
+    events = (cohort.labels["censorship"] == 0).groupby(codes).sum()
+    assert events.max() > events.min()  # the fixture has a TSS with fewer events than another
+    need = int(events.min()) + 1
+    sites = build_sites(layout, {"partition": "tss", "min_cases": 1, "min_events": need})
+    c1 = {s.name: s.case_ids for s in sites if s.cohort == "c1"}
+    assert f"c1-{events.idxmin()}" not in c1  # merged away
+    assert all((cohort.labels.loc[list(ids), "censorship"] == 0).sum() >= need for ids in c1.values())
+    assert sum(len(ids) for ids in c1.values()) == len(cohort.labels)  # no case dropped
 
 
 def test_mapping_partition(layout: DatasetLayout, tmp_path: Path) -> None:

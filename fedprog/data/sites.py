@@ -8,9 +8,9 @@ Partitions (``federation`` config, ``sites/federation/*.yaml``)
     One site per value of the labels' ``site`` column (``site_column``), named ``<cohort>-<value>``.
 ``tss``
     One site per tissue source site (barcode characters 6-7) within each cohort, named ``<cohort>-<TSS>``.
-    Merging rule: every TSS with fewer than ``min_cases`` cases joins ``<cohort>-other``; if that pooled site
-    itself has fewer than ``min_cases`` cases, it joins the largest TSS site instead (which keeps its name).
-    If no TSS reaches ``min_cases``, the whole cohort is one site ``<cohort>-other``.
+    Merging rule: every TSS with fewer than ``min_cases`` cases or ``min_events`` events joins
+    ``<cohort>-other``; if that pooled site itself falls short, it joins the largest TSS site instead (which
+    keeps its name). If no TSS reaches both, the whole cohort is one site ``<cohort>-other``.
 ``mapping``
     A CSV maps a case id or a TSS code to a site (FLamby's regional centers): ``mapping: {path, key: case|tss,
     key_column, site_column}``. Sites are named ``<value>`` (one cohort) or ``<cohort>-<value>``.
@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from fedprog.data.cohort import SITE, Cohort, load_cohort, read_table_file, tss_code
+from fedprog.data.cohort import CENSOR, SITE, Cohort, load_cohort, read_table_file, tss_code
 from fedprog.data.errors import SiteError, preview
 from fedprog.data.layout import DatasetLayout
 
@@ -42,6 +42,7 @@ ROLES = ("train", "holdout")
 PARTITIONS = ("cohort", "site", "tss", "mapping")
 OTHER = "other"
 DEFAULT_MIN_CASES = 20
+DEFAULT_MIN_EVENTS = 0
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def build_sites(
     ----------
     layout : DatasetLayout
     federation_cfg : mapping
-        ``partition`` (default ``cohort``), ``min_cases`` (tss, default 20), ``mapping`` (mapping),
+        ``partition`` (default ``cohort``), ``min_cases`` (tss, default 20), ``min_events`` (tss, default 0),
+        ``mapping`` (mapping),
         ``cohorts`` (subset to use, default all), ``split_column``, ``test_value``, ``heldout``.
     heldout : iterable of str, optional
         Site or cohort names evaluated only (overrides ``federation_cfg.heldout``).
@@ -131,7 +133,8 @@ def build_sites(
             for value, ids in labels.groupby(SITE, sort=True).groups.items():
                 groups.append((f"{name}-{value}", name, list(ids)))
         elif partition == "tss":
-            groups.extend(_tss_sites(cohort, int(cfg.get("min_cases", DEFAULT_MIN_CASES))))
+            min_cases = int(cfg.get("min_cases", DEFAULT_MIN_CASES))
+            groups.extend(_tss_sites(cohort, min_cases, int(cfg.get("min_events", DEFAULT_MIN_EVENTS))))
         else:
             groups.extend(_mapped_sites(cohort, cfg, single=len(loaded) == 1, layout=layout))
     held = list(cfg.get("heldout") or []) if heldout is None else list(heldout)
@@ -177,26 +180,31 @@ def tss_counts(cohort: Cohort) -> pd.Series:
     return counts.sort_values(ascending=False, kind="stable")
 
 
-def _tss_sites(cohort: Cohort, min_cases: int) -> list[tuple[str, str, list[str]]]:
+def _tss_sites(cohort: Cohort, min_cases: int, min_events: int) -> list[tuple[str, str, list[str]]]:
     codes = pd.Series([tss_code(c) for c in cohort.labels.index], index=cohort.labels.index)
-    counts = tss_counts(cohort)
-    big = [code for code, n in counts.items() if n >= min_cases]
-    small = [code for code, n in counts.items() if n < min_cases]
+    events = cohort.labels[CENSOR] == 0
+
+    def enough(ids: pd.Index) -> bool:
+        return len(ids) >= min_cases and int(events.loc[ids].sum()) >= min_events
+
+    order = list(tss_counts(cohort).index)  # largest first
+    big = [code for code in order if enough(codes.index[codes == code])]
     sites = {f"{cohort.name}-{code}": list(codes.index[codes == code]) for code in big}
-    other = list(codes.index[codes.isin(small)])
-    if other:
-        if len(other) >= min_cases or not sites:
-            sites[f"{cohort.name}-{OTHER}"] = other
+    other = codes.index[~codes.isin(big)]
+    if len(other):
+        if enough(other) or not sites:
+            sites[f"{cohort.name}-{OTHER}"] = list(other)
         else:
             largest = f"{cohort.name}-{big[0]}"
             log.info(
-                "cohort %s: %d case(s) of small TSS (< %d) joined the largest site %s",
+                "cohort %s: %d case(s) of small TSS (< %d cases or < %d events) joined the largest site %s",
                 cohort.name,
                 len(other),
                 min_cases,
+                min_events,
                 largest,
             )
-            sites[largest] = sites[largest] + other
+            sites[largest] = sites[largest] + list(other)
     return [(name, cohort.name, ids) for name, ids in sites.items()]
 
 

@@ -103,7 +103,7 @@ def check_site_sizes(cfg: DictConfig) -> None:
             f"than the sites' disclosure minimums (min_cases={policy.min_cases}, "
             f"min_events={policy.min_events}): "
             f"{shown}; use federation=per_cohort (one hospital per cohort) or a partition that merges small "
-            "sites (federation=tcga_tss, federation.min_cases=N)"
+            "sites (federation=tcga_tss with federation.min_cases=N, federation.min_events=N)"
         )
 
 
