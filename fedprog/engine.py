@@ -319,51 +319,46 @@ def _batch_loss(
     return loss
 
 
-def _optimizer_step(
-    model: nn.Module,
-    batches: Iterator[Batch],
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    plan: _Plan,
-    device: torch.device,
-    anchors: Sequence[torch.Tensor] | None,
-    history: TrainHistory,
-) -> list[float]:
-    """One optimizer step over ``cfg.grad_accum`` batches; return their losses, count into ``history``."""
-    optimizer.zero_grad(set_to_none=True)
-    losses = []
-    for _ in range(cfg.grad_accum):
-        batch = next(batches).to(device)
-        loss = _batch_loss(model, batch, cfg, device, anchors, history)
-        (loss / cfg.grad_accum).backward()
-        losses.append(loss.item())
-        history.n_examples_seen += len(batch.case_ids)
-    if cfg.max_grad_norm:
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    history.lr_last = plan.lr(cfg, history.n_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = history.lr_last
-    optimizer.step()
-    history.n_steps += 1
-    return losses
+@dataclass
+class _Loop:
+    """What the optimizer steps of one :func:`train` call share (model, batch stream, optimizer, plan)."""
 
+    model: nn.Module
+    batches: Iterator[Batch]
+    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
+    plan: _Plan
+    device: torch.device
+    anchors: Sequence[torch.Tensor] | None
+    history: TrainHistory
 
-def _train_epoch(
-    model: nn.Module,
-    batches: Iterator[Batch],
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    plan: _Plan,
-    device: torch.device,
-    anchors: Sequence[torch.Tensor] | None,
-    history: TrainHistory,
-) -> None:
-    """One epoch (fewer steps when ``plan.total_steps`` runs out); appends its mean loss to ``history``."""
-    model.train()
-    losses = []
-    for _ in range(min(plan.steps_per_epoch, plan.total_steps - history.n_steps)):
-        losses += _optimizer_step(model, batches, optimizer, cfg, plan, device, anchors, history)
-    history.epoch_loss.append(float(np.mean(losses)) if losses else float("nan"))
+    def step(self) -> list[float]:
+        """One optimizer step over ``cfg.grad_accum`` batches; return their losses, count into ``history``."""
+        cfg, history = self.cfg, self.history
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for _ in range(cfg.grad_accum):
+            batch = next(self.batches).to(self.device)
+            loss = _batch_loss(self.model, batch, cfg, self.device, self.anchors, history)
+            (loss / cfg.grad_accum).backward()
+            losses.append(loss.item())
+            history.n_examples_seen += len(batch.case_ids)
+        if cfg.max_grad_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        history.lr_last = self.plan.lr(cfg, history.n_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = history.lr_last
+        self.optimizer.step()
+        history.n_steps += 1
+        return losses
+
+    def epoch(self) -> None:
+        """One epoch (fewer steps when ``plan.total_steps`` runs out); its mean loss goes to ``history``."""
+        self.model.train()
+        losses = []
+        for _ in range(min(self.plan.steps_per_epoch, self.plan.total_steps - self.history.n_steps)):
+            losses += self.step()
+        self.history.epoch_loss.append(float(np.mean(losses)) if losses else float("nan"))
 
 
 def _validation_metrics(
@@ -455,9 +450,9 @@ def train(
     best_score, best_state = -math.inf, None
     started = time.perf_counter()
     train_data.train()
-    batches = _batches(loader, train_data)
+    loop = _Loop(model, _batches(loader, train_data), optimizer, cfg, plan, device, anchors, history)
     for epoch in range(plan.n_epochs):
-        _train_epoch(model, batches, optimizer, cfg, plan, device, anchors, history)
+        loop.epoch()
         message = f"{log_prefix}epoch {epoch + 1}/{plan.n_epochs} loss {history.loss:.4f}"
         if val_data is not None and cfg.select_on != "last" and (epoch + 1) % cfg.eval_every == 0:
             metrics = _validation_metrics(model, val_data, train_data, device, cfg)
