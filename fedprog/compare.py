@@ -49,6 +49,23 @@ class CompareError(ValueError):
     """A run folder without rotation results, or settings that cannot be compared."""
 
 
+def prediction_frame(
+    target: str,
+    seed: int,
+    site: str | Sequence[str],
+    case_ids: Sequence[str],
+    time: Any,
+    censorship: Any,
+    risk: Any,
+) -> pd.DataFrame:
+    """Per-case risks of one (target, seed) evaluation in the rotation's predictions format.
+
+    ``site`` is one site name for every case, or one name per case; the columns are ``PREDICTION_COLUMNS``.
+    """
+    values = [target, seed, site, list(case_ids), time, censorship, risk]
+    return pd.DataFrame(dict(zip(PREDICTION_COLUMNS, values, strict=True)), columns=list(PREDICTION_COLUMNS))
+
+
 def fold_table(predictions: pd.DataFrame) -> pd.DataFrame:
     """C-index, n and events per (target, seed, site), plus site ``all`` (the target's sites pooled)."""
     rows = []

@@ -144,19 +144,11 @@ def run_source(
 
 
 def prediction_frame(cohort: Cohort, seed: int, result: EvalResult) -> pd.DataFrame:
-    """Per-case risks of one target evaluation, in the rotation's predictions format."""
-    sites = cohort.labels.loc[result.case_ids, "site"].astype(str)
-    return pd.DataFrame(
-        {
-            "target": cohort.name,
-            "seed": seed,
-            "site": [f"{cohort.name}-{site}" for site in sites],
-            "case_id": result.case_ids,
-            "time": result.time,
-            "censorship": result.censorship,
-            "risk": result.risk,
-        }
-    )
+    """Per-case risks of one target evaluation in the rotation's predictions format (sites from labels)."""
+    from fedprog.compare import prediction_frame as frame
+
+    sites = [f"{cohort.name}-{site}" for site in cohort.labels.loc[result.case_ids, "site"].astype(str)]
+    return frame(cohort.name, seed, sites, result.case_ids, result.time, result.censorship, result.risk)
 
 
 def effective_seeds(cfg: DictConfig) -> list[int]:

@@ -51,6 +51,7 @@ from omegaconf import OmegaConf
 from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.util import Surv
 
+from fedprog.compare import prediction_frame as predictions_of
 from fedprog.config import load_config
 from fedprog.data import Cohort, DatasetLayout, ExpressionTransform, TabularTransform, load_cohorts
 from fedprog.data.dataset import expression_frame
@@ -244,17 +245,9 @@ def run_source(
 def prediction_frame(cohort: Cohort, seed: int, ids: list[str], risk: np.ndarray) -> pd.DataFrame:
     """Per-case risks of one target, in the predictions format of :mod:`fedprog.survival.stats`."""
     labels = cohort.labels.loc[ids]
-    return pd.DataFrame(
-        {
-            "target": cohort.name,
-            "seed": seed,
-            "site": [f"{cohort.name}-{site}" for site in labels["site"].astype(str)],
-            "case_id": ids,
-            "time": labels["survival_months"].to_numpy(),
-            "censorship": labels["censorship"].to_numpy(),
-            "risk": risk,
-        }
-    )
+    sites = [f"{cohort.name}-{site}" for site in labels["site"].astype(str)]
+    time, censorship = labels["survival_months"].to_numpy(), labels["censorship"].to_numpy()
+    return predictions_of(cohort.name, seed, sites, ids, time, censorship, risk)
 
 
 def tables(frame: pd.DataFrame) -> str:

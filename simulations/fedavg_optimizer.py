@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog import engine
+from fedprog.compare import prediction_frame
 from fedprog.config import load_config
 from fedprog.data import build_sites
 from fedprog.federated.federation import derived_seed
@@ -98,16 +99,8 @@ def run_fedavg(cfg: DictConfig, optimizer: str, keep: bool) -> tuple[dict[str, A
         scores[site.name] = (site.role, float(result.metrics["c_index"]))
         if site.role == "holdout":
             predictions.append(
-                pd.DataFrame(
-                    {
-                        "target": site.cohort,
-                        "seed": seed,
-                        "site": site.name,
-                        "case_id": result.case_ids,
-                        "time": result.time,
-                        "censorship": result.censorship,
-                        "risk": result.risk,
-                    }
+                prediction_frame(
+                    site.cohort, seed, site.name, result.case_ids, result.time, result.censorship, result.risk
                 )
             )
     return scores, pd.concat(predictions, ignore_index=True)

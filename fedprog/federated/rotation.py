@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from fedprog.compare import prediction_frame
 from fedprog.config import to_container
 from fedprog.federated import simulation
 from fedprog.federated.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
@@ -176,16 +177,8 @@ def heldout_predictions(cfg: DictConfig, target: str, seed: int) -> pd.DataFrame
         data = site_dataset(cfg, cohort, site, eval_ids(site), prep)
         result = evaluate_model(cfg, data, arrays, device)
         frames.append(
-            pd.DataFrame(
-                {
-                    "target": target,
-                    "seed": seed,
-                    "site": site.name,
-                    "case_id": result.case_ids,
-                    "time": result.time,
-                    "censorship": result.censorship,
-                    "risk": result.risk,
-                }
+            prediction_frame(
+                target, seed, site.name, result.case_ids, result.time, result.censorship, result.risk
             )
         )
     return pd.concat(frames, ignore_index=True)
