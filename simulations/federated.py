@@ -255,15 +255,17 @@ def table(frame: pd.DataFrame) -> str:
     return markdown_table(pd.DataFrame(rows), floatfmt=0)
 
 
-def paired_table(frame: pd.DataFrame, reference: str) -> str:
-    """Markdown: each setting minus ``reference`` (``strategy/modules``) on the same seeds: mean, 95% t-CI."""
+def paired_table(frame: pd.DataFrame, reference: str, keys: Sequence[str] = ("seed",)) -> str:
+    """Markdown: each setting minus ``reference`` (``strategy/modules``) on the same ``keys`` (seeds, or
+    (target, seed) folds): mean difference, 95% t-interval over the pairs, number of pairs."""
     from scipy import stats
 
     key = frame["strategy"] + "/" + frame["modules"]
-    base = frame[key == reference].set_index("seed")["heldout_c_index"]
+    base = frame[key == reference].set_index(list(keys))["heldout_c_index"]
+    over = " x ".join(keys)
     rows = []
     for label, group in frame[key != reference].groupby(key[key != reference], sort=False):
-        diff = (group.set_index("seed")["heldout_c_index"] - base).dropna()
+        diff = (group.set_index(list(keys))["heldout_c_index"] - base).dropna()
         if len(diff) < 2:
             continue
         half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
@@ -272,11 +274,13 @@ def paired_table(frame: pd.DataFrame, reference: str) -> str:
                 "setting": label,
                 "minus": reference,
                 "mean difference": f"{diff.mean():+.3f}",
-                "95% CI (t, over seeds)": f"[{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]",
-                "seeds": len(diff),
+                f"95% CI (t, over {over})": f"[{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]",
+                "pairs": len(diff),
             }
         )
-    return markdown_table(pd.DataFrame(rows)) if rows else "(no setting shares two seeds with the reference)"
+    if not rows:
+        return f"(no setting shares two {over} with the reference)"
+    return markdown_table(pd.DataFrame(rows))
 
 
 def rotate(args: argparse.Namespace) -> int:
@@ -302,7 +306,7 @@ def rotate(args: argparse.Namespace) -> int:
     print(f"\n## Held-out C-index per target ({args.part}), final round, mean over seeds\n")
     print(target_table(frame))
     print(f"\n## Paired differences to {args.reference} over (target, seed) pairs\n")
-    print(paired_targets_table(frame, args.reference))
+    print(paired_table(frame, args.reference, keys=("target", "seed")))
     return 1 if failed else 0
 
 
@@ -331,30 +335,6 @@ def target_table(frame: pd.DataFrame) -> str:
     wide["transfer ceiling"] = ceiling
     wide.loc["overall"] = wide.mean()
     return markdown_table(wide.reset_index(), floatfmt=3)
-
-
-def paired_targets_table(frame: pd.DataFrame, reference: str) -> str:
-    """Markdown: each setting minus ``reference`` on the same (target, seed): mean, 95% t-CI, pairs."""
-    from scipy import stats
-
-    key = frame["strategy"] + "/" + frame["modules"]
-    base = frame[key == reference].set_index(["target", "seed"])["heldout_c_index"]
-    rows = []
-    for label, group in frame[key != reference].groupby(key[key != reference], sort=False):
-        diff = (group.set_index(["target", "seed"])["heldout_c_index"] - base).dropna()
-        if len(diff) < 2:
-            continue
-        half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
-        rows.append(
-            {
-                "setting": label,
-                "minus": reference,
-                "mean difference": f"{diff.mean():+.3f}",
-                "95% CI (t, over target x seed)": f"[{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]",
-                "pairs": len(diff),
-            }
-        )
-    return markdown_table(pd.DataFrame(rows)) if rows else "(no setting shares two folds with the reference)"
 
 
 def main(argv: list[str]) -> int:
