@@ -10,7 +10,8 @@ moments of the pooled source TRAINING cases and the z-scores clipped to +-``z_cl
 fitted on the pooled training cases and the penalty is chosen by Harrell's C-index on the pooled SOURCE
 validation split; the chosen model then scores every case of each target cohort. Nothing is fitted or chosen
 on a target. ``--modality clinical`` runs the same procedure on the clinical covariates the cohorts share
-(age, sex, stage; the layout's tabular encoding) instead of the genes.
+(age, sex, stage; the layout's tabular encoding) instead of the genes, ``--modality both`` on the two side by
+side (one elastic net over the clinical columns and the genes).
 
     python simulations/coxnet_reference.py                       # 4 sources x 3 seeds, data=tcga
     python simulations/coxnet_reference.py --refit                # then refit the chosen penalty on all cases
@@ -22,7 +23,9 @@ on a target. ``--modality clinical`` runs the same procedure on the clinical cov
 
 ``--loco`` (leave-one-cancer-out) holds out each cohort in turn (or each of ``targets=``) with every other
 cohort as the pooled source, and prints per target the mean C-index over seeds with the hierarchical bootstrap
-95% CI of :func:`fedprog.survival.stats.bootstrap_summary` (patients resampled within sites, then seeds).
+95% CI of :func:`fedprog.survival.stats.bootstrap_summary` (patients resampled within sites, then seeds); it
+also writes ``<out>/coxnet_<modality>_loco/`` (rotation.json + predictions.csv.gz), so ``fedprog compare``
+pairs the Coxnet with any ``fedprog train|simulate rotation=loco`` run on the same targets, seeds and cases.
 
 Like ``fedprog train``, it takes Hydra overrides of the ``train`` config: ``data=`` (default ``tcga`` with
 ``data.strong=clinical``), ``data.root=``, ``sources=`` (cohorts or lists of cohorts, default every cohort)
@@ -52,12 +55,13 @@ from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.util import Surv
 
 from fedprog.compare import prediction_frame as predictions_of
+from fedprog.compare import write_rotation
 from fedprog.config import load_config
 from fedprog.data import Cohort, DatasetLayout, ExpressionTransform, TabularTransform, load_cohorts
 from fedprog.data.dataset import expression_frame
 from fedprog.data.harmonize import align_expression, feature_genes, max_missing_fraction, missing_genes
 from fedprog.data.transforms import tabular_transform_for
-from fedprog.protocol import prepare_layout, split_cases
+from fedprog.protocol import layout_truth, prepare_layout, split_cases
 from fedprog.report import markdown_table, write_json
 from fedprog.survival.metrics import harrell_cindex
 from fedprog.survival.stats import bootstrap_summary
@@ -76,6 +80,11 @@ DEFAULT_CLIP = 10.0  # raw z-score clip (cBioPortal values reach |z| > 30,000)
 DEFAULT_Z_CLIP = 5.0  # clip of the re-standardized values
 DEFAULT_N_BOOT = 1000  # bootstrap replicates of the --loco CI
 DEFAULT_OUT = Path("runs/benchmarks")
+FEATURES = {
+    "expression": "source genes",
+    "clinical": "clinical covariates",
+    "both": "clinical covariates + source genes",
+}
 
 
 Parts = Mapping[str, Sequence[str]]  # cohort name -> case ids, in the source's cohort order
@@ -133,11 +142,12 @@ def select_alpha(
 
 
 class Features:
-    """Source-fitted features of any cohort: the source's genes (``expression``) or the clinical table.
+    """Source-fitted features of any cohort: the source's genes (``expression``), the clinical table
+    (``clinical``) or both side by side (``both``: the clinical columns, then the genes).
 
-    ``expression``: per-gene clip / standardize / clip (:class:`ExpressionTransform`, ``clip_standardize``) on
-    the genes the source fixes; a cohort lacking some is imputed at the source mean (refused above
-    ``max_missing_genes_fraction``). ``clinical``: the layout's :class:`TabularTransform` (age and sex
+    Expression: per-gene clip / standardize / clip (:class:`ExpressionTransform`, ``clip_standardize``) on the
+    genes the source fixes; a cohort lacking some is imputed at the source mean (refused above
+    ``max_missing_genes_fraction``). Clinical: the layout's :class:`TabularTransform` (age and sex
     standardized with missing indicators, stage one-hot). Both are fitted by :meth:`fit` on source cases only
     and applied unchanged elsewhere.
     """
@@ -146,38 +156,51 @@ class Features:
         self.cohorts, self.layout, self.modality = cohorts, layout, args.modality
         self.genes: list[str] = []
         self.clip, self.z_clip = args.clip, args.z_clip
-        self.transform: ExpressionTransform | TabularTransform | None = None
+        self.expression: ExpressionTransform | None = None
+        self.clinical: TabularTransform | None = None
 
-    def _table(self, name: str, ids: list[str]) -> pd.DataFrame:
-        if self.modality == "clinical":
-            return self.cohorts[name].tables[str(self.layout.strong)].loc[ids]
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The feature blocks of ``modality``, in column order."""
+        return ("clinical", "expression") if self.modality == "both" else (self.modality,)
+
+    def _clinical_table(self, name: str, ids: list[str]) -> pd.DataFrame:
+        return self.cohorts[name].tables[str(self.layout.strong)].loc[ids]
+
+    def _expression_table(self, name: str, ids: list[str]) -> pd.DataFrame:
         missing_genes(name, self.cohorts[name].genes, self.genes, max_missing_fraction(self.layout))
         return align_expression(expression_frame(self.cohorts[name], None, ids), self.genes)
 
     def fit(self, parts: Parts) -> Features:
-        """Fit the transform on the pooled ``parts`` (source cohort -> its training case ids); returns self.
+        """Fit the transforms on the pooled ``parts`` (source cohort -> its training case ids); returns self.
 
         The genes are fixed by the source cohorts' gene lists (``gene_policy``); a gene a source cohort lacks
         (``union``) counts no case of it in the moments (:meth:`ExpressionTransform.fit_parts`).
         """
-        if self.modality == "clinical":
+        if "clinical" in self.parts:
             transform = tabular_transform_for(self.layout)
-            assert transform is not None
-            self.transform = transform.fit(pd.concat([self._table(n, list(ids)) for n, ids in parts.items()]))
-            return self
-        gene_lists = {name: self.cohorts[name].genes for name in parts}
-        self.genes = feature_genes(gene_lists, self.layout.gene_policy)
-        expression = ExpressionTransform("clip_standardize", clip=self.clip, z_clip=self.z_clip)
-        self.transform = expression.fit_parts([self._table(n, list(ids)) for n, ids in parts.items()])
+            if transform is None:
+                raise ValueError(f"coxnet_reference: data {self.layout.name!r} has no clinical table")
+            tables = [self._clinical_table(n, list(ids)) for n, ids in parts.items()]
+            self.clinical = transform.fit(pd.concat(tables))
+        if "expression" in self.parts:
+            self.genes = feature_genes({n: self.cohorts[n].genes for n in parts}, self.layout.gene_policy)
+            expression = ExpressionTransform("clip_standardize", clip=self.clip, z_clip=self.z_clip)
+            tables = [self._expression_table(n, list(ids)) for n, ids in parts.items()]
+            self.expression = expression.fit_parts(tables)
         return self
 
     def __call__(self, name: str, ids: Sequence[str]) -> np.ndarray:
         """float64 features of cohort ``name``, shape = (len(ids), n_features)."""
-        assert self.transform is not None, "Features.fit first"
-        table = self._table(name, list(ids))
-        if isinstance(self.transform, ExpressionTransform):
-            return self.transform.transform(table, impute_missing=True).astype(np.float64)
-        return self.transform.transform(table).astype(np.float64)
+        blocks = []
+        if "clinical" in self.parts:
+            assert self.clinical is not None, "Features.fit first"
+            blocks.append(self.clinical.transform(self._clinical_table(name, list(ids))))
+        if "expression" in self.parts:
+            assert self.expression is not None, "Features.fit first"
+            table = self._expression_table(name, list(ids))
+            blocks.append(self.expression.transform(table, impute_missing=True))
+        return np.hstack(blocks).astype(np.float64)
 
     def pooled(self, parts: Parts) -> np.ndarray:
         """Features of the ``parts`` cases stacked in the order of ``parts`` (as :func:`pooled_labels`)."""
@@ -272,7 +295,7 @@ def tables(frame: pd.DataFrame) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modality", choices=("expression", "clinical"), default="expression")
+    parser.add_argument("--modality", choices=FEATURES, default="expression")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
     parser.add_argument("--l1-ratio", type=float, default=DEFAULT_L1_RATIO)
@@ -397,7 +420,7 @@ def run_all(
         plan = [(source, targets) for source in sources]
         used = list(dict.fromkeys([*(c for s in sources for c in s), *(targets or cohort_names)]))
     features = Features(load_cohorts(layout, used), layout, args)
-    what = "source genes" if args.modality == "expression" else "clinical covariates"
+    what = FEATURES[args.modality]
     log.info("Coxnet reference on the %s: %s", what, [("+".join(s), t or "the others") for s, t in plan])
     records: list[dict[str, Any]] = []
     predictions: list[pd.DataFrame] = []
@@ -408,6 +431,17 @@ def run_all(
     return records, frame, features.cohorts
 
 
+def rotation_setting(args: argparse.Namespace, argv: list[str]) -> dict[str, str]:
+    """The ``setting`` of the rotation.json that ``--loco`` writes (what ``fedprog compare`` shows)."""
+    return {
+        "label": f"coxnet_{args.modality}",
+        "command": " ".join(["python simulations/coxnet_reference.py", *argv]),
+        "model": f"coxnet (l1_ratio {args.l1_ratio}) on the {FEATURES[args.modality]}",
+        "modules": "none",
+        "strategy": "pooled sources",
+    }
+
+
 def main(argv: list[str]) -> int:
     """Entry point: fit every (source, seed), write the records and print the tables."""
     args = parse_args(argv)
@@ -415,7 +449,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config("train", [*default_overrides(args.overrides), *args.overrides])
     layout = prepare_layout(cfg.data)
     records, predictions, cohorts = run_all(args, cfg, layout)
-    what = "source genes" if args.modality == "expression" else "clinical covariates"
+    what = FEATURES[args.modality]
     settings = {k: str(v) for k, v in vars(args).items()}
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = f"{'_refit' if args.refit else ''}{'_loco' if args.loco else ''}"
@@ -425,6 +459,16 @@ def main(argv: list[str]) -> int:
     )
     title = f"## Coxnet reference (l1_ratio {args.l1_ratio}, {what}, refit {args.refit})"
     if predictions is not None:
+        rotation = args.out / f"coxnet_{args.modality}{suffix}"
+        rotation.mkdir(parents=True, exist_ok=True)
+        write_rotation(
+            rotation,
+            rotation_setting(args, argv),
+            predictions,
+            truth=layout_truth(layout),
+            n_boot=args.n_boot,
+        )
+        log.info("rotation results for `fedprog compare`: %s", rotation)
         print(f"\n{title}, leave-one-cancer-out: held-out C-index, mean over seeds [bootstrap 95% CI]\n")
         print(loco_table(pd.DataFrame(records), predictions, layout, cohorts, args.n_boot))
     else:

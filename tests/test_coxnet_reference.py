@@ -36,11 +36,11 @@ def folder(tmp_path: Path) -> Path:
     return root
 
 
-def _run(folder: Path, out: Path, *extra: str) -> pd.DataFrame:
-    argv = ["--seeds", "0", "1", "--n-alphas", "8", "--out", str(out), *extra]
+def _run(folder: Path, out: Path, *extra: str, modality: str = "expression") -> pd.DataFrame:
+    argv = ["--seeds", "0", "1", "--n-alphas", "8", "--out", str(out), "--modality", modality, *extra]
     argv += ["data=folder", f"data.root={folder}"]
     assert _coxnet().main(argv) == 0
-    (written,) = out.glob("coxnet_reference_expression*.json")
+    (written,) = out.glob(f"coxnet_reference_{modality}*.json")
     return pd.DataFrame(json.loads(written.read_text())["records"])
 
 
@@ -91,8 +91,8 @@ def test_pooled_split_and_features_match_the_protocol(folder: Path) -> None:
     assert val == {c: split_cases(cohorts[c], args.val_fraction, 3)[1] for c in ("c0", "c1")}
     train = {c: split_cases(cohorts[c], args.val_fraction, 3)[0] for c in ("c0", "c1")}
     prep = fit_preprocessing(layout, cohorts, train, n_bins=4)
-    assert prep.expression is not None and features.transform is not None
-    ours = pd.Series(features.transform.mean, index=features.transform.genes)
+    assert prep.expression is not None and features.expression is not None
+    ours = pd.Series(features.expression.mean, index=features.expression.genes)
     theirs = pd.Series(prep.expression.mean, index=prep.expression.genes)
     assert sorted(ours.index) == sorted(theirs.index)  # the genes the pooled sources fix
     np.testing.assert_allclose(ours.loc[theirs.index], theirs)  # moments of the pooled training cases
@@ -117,3 +117,38 @@ def test_loco_holds_out_each_cohort_with_a_bootstrap_ci(
 def test_loco_refuses_sources(folder: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="drop sources="):
         _run(folder, tmp_path / "x", "--loco", "sources=[c0]")
+
+
+def test_both_puts_the_clinical_columns_beside_the_genes(folder: Path) -> None:
+    from fedprog.config import load_config
+    from fedprog.data import load_cohorts
+    from fedprog.protocol import prepare_layout
+
+    module = _coxnet()
+    overrides = ["data=folder", f"data.root={folder}", "data.strong=clinical"]
+    layout = prepare_layout(load_config("train", overrides).data)
+    cohorts = load_cohorts(layout)
+    ids = list(cohorts["c1"].case_ids)
+    parts = {"c0": list(cohorts["c0"].case_ids)}
+    blocks = {}
+    for modality in ("clinical", "expression", "both"):
+        args = module.parse_args(["--modality", modality])
+        blocks[modality] = module.Features(cohorts, layout, args).fit(parts)("c1", ids)
+    np.testing.assert_array_equal(blocks["both"], np.hstack([blocks["clinical"], blocks["expression"]]))
+    assert blocks["expression"].shape == (len(ids), 20) and blocks["clinical"].shape[1] >= 2
+
+
+def test_loco_writes_a_rotation_that_fedprog_compare_pairs(folder: Path, tmp_path: Path) -> None:
+    from fedprog.compare import compare
+
+    out = tmp_path / "runs"
+    _run(folder, out, "--loco", "--n-boot", "20", "data.strong=clinical", modality="clinical")
+    _run(folder, out, "--loco", "--n-boot", "20")
+    clinical, expression = out / "coxnet_clinical_loco", out / "coxnet_expression_loco"
+    rotation = json.loads((clinical / "rotation.json").read_text())
+    assert rotation["setting"]["label"] == "coxnet_clinical"
+    assert sorted(row["target"] for row in rotation["summary"]) == [*COHORTS, "overall"]
+    tables = compare([clinical, expression], tmp_path / "cmp", n_boot=20)
+    paired = tables["paired"]
+    assert "coxnet_expression" in paired.to_string() and set(COHORTS) <= set(paired["target"])
+    assert (tmp_path / "cmp" / "forest.png").is_file()
