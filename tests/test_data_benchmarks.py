@@ -77,3 +77,55 @@ def test_coxnet_reference_on_a_folder_with_sources_and_targets(folder: Path, tmp
     assert set(records["source"]) == {"c0"}
     assert set(records.loc[records["split"] == "target", "target"]) == {"c1", "c2"}
     assert records["c_index"].between(0, 1).all()
+
+
+def _fake_rotation(folder: Path, label: str, shift: float) -> None:
+    """A finished rotation over the four TCGA targets and seeds 0-1: risk = true order + noise + ``shift``."""
+    import numpy as np
+
+    from fedprog.compare import prediction_frame, write_rotation
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for t, target in enumerate(("blca", "brca", "hnsc", "stad")):
+        time = rng.exponential(30.0, 60) + 1.0
+        censorship = (rng.random(60) < 0.4).astype(int)
+        ids = [f"{target}-{i:03d}" for i in range(60)]
+        for seed in (0, 1):
+            noise = np.random.default_rng([t, seed, int(shift * 100)]).normal(0, 1 + shift, 60)
+            risk = -np.log(time) + noise
+            frames.append(prediction_frame(target, seed, target, ids, time, censorship, risk))
+    folder.mkdir(parents=True)
+    write_rotation(folder, {"label": label}, pd.concat(frames, ignore_index=True), n_boot=20)
+
+
+def test_tcga_loco_compares_every_setting_to_the_clinical_coxnet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = _script("tcga_loco")
+    for label, shift in (("coxnet_clinical_loco", 3.0), ("fedavg", 0.0), ("pooled", 1.0)):
+        _fake_rotation(tmp_path / label, label.removesuffix("_loco"), shift)
+    assert module.covers(tmp_path / "fedavg", ["blca", "brca", "hnsc", "stad"], [0, 1])
+    assert not module.covers(tmp_path / "fedavg", ["blca", "brca", "hnsc", "stad"], [0, 1, 2])
+    argv = [
+        "--report-only",
+        "--root",
+        str(tmp_path),
+        "--settings",
+        "fedavg",
+        "pooled",
+        "--coxnet",
+        "clinical",
+    ]
+    assert module.main([*argv, "--n-boot", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "| fedavg - coxnet_clinical |" in printed and "| fedavg - pooled |" in printed
+    (last,) = [line for line in printed.splitlines() if line.startswith("tcga_loco:")]
+    assert "fedavg - coxnet_clinical +" in last  # the less noisy risk ranks better
+    assert (tmp_path / "compare" / "forest.png").is_file() and (tmp_path / "compare_fedavg").is_dir()
+
+
+def test_tcga_loco_refuses_to_compare_without_the_reference(tmp_path: Path) -> None:
+    _fake_rotation(tmp_path / "fedavg", "fedavg", 0.5)
+    with pytest.raises(RuntimeError, match="nothing to compare"):
+        _script("tcga_loco").main(["--report-only", "--root", str(tmp_path), "--settings", "fedavg"])
