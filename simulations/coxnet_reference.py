@@ -11,7 +11,9 @@ fitted on the pooled training cases and the penalty is chosen by Harrell's C-ind
 validation split; the chosen model then scores every case of each target cohort. Nothing is fitted or chosen
 on a target. ``--modality clinical`` runs the same procedure on the clinical covariates the cohorts share
 (age, sex, stage; the layout's tabular encoding) instead of the genes, ``--modality both`` on the two side by
-side (one elastic net over the clinical columns and the genes).
+side (one elastic net over the clinical columns and the genes); ``--modality pathways`` scores each gene group
+of the layout (TCGA: the 50 Hallmark sets) by the mean of its standardized genes, and ``clinical_pathways``
+puts those scores beside the clinical columns.
 
     python simulations/coxnet_reference.py                       # 4 sources x 3 seeds, data=tcga
     python simulations/coxnet_reference.py --refit                # then refit the chosen penalty on all cases
@@ -59,6 +61,7 @@ from fedprog.compare import write_rotation
 from fedprog.config import load_config
 from fedprog.data import Cohort, DatasetLayout, ExpressionTransform, TabularTransform, load_cohorts
 from fedprog.data.dataset import expression_frame
+from fedprog.data.groups import load_groups
 from fedprog.data.harmonize import align_expression, feature_genes, max_missing_fraction, missing_genes
 from fedprog.data.transforms import tabular_transform_for
 from fedprog.protocol import layout_truth, prepare_layout, split_cases
@@ -84,6 +87,16 @@ FEATURES = {
     "expression": "source genes",
     "clinical": "clinical covariates",
     "both": "clinical covariates + source genes",
+    "pathways": "pathway scores",
+    "clinical_pathways": "clinical covariates + pathway scores",
+}
+#: Feature blocks of each ``--modality``, in column order.
+BLOCKS = {
+    "expression": ("expression",),
+    "clinical": ("clinical",),
+    "both": ("clinical", "expression"),
+    "pathways": ("pathways",),
+    "clinical_pathways": ("clinical", "pathways"),
 }
 
 
@@ -158,11 +171,12 @@ class Features:
         self.clip, self.z_clip = args.clip, args.z_clip
         self.expression: ExpressionTransform | None = None
         self.clinical: TabularTransform | None = None
+        self.groups: list[list[int]] = []  # column positions of each gene group's genes (pathways)
 
     @property
     def parts(self) -> tuple[str, ...]:
         """The feature blocks of ``modality``, in column order."""
-        return ("clinical", "expression") if self.modality == "both" else (self.modality,)
+        return BLOCKS[self.modality]
 
     def _clinical_table(self, name: str, ids: list[str]) -> pd.DataFrame:
         return self.cohorts[name].tables[str(self.layout.strong)].loc[ids]
@@ -183,11 +197,15 @@ class Features:
                 raise ValueError(f"coxnet_reference: data {self.layout.name!r} has no clinical table")
             tables = [self._clinical_table(n, list(ids)) for n, ids in parts.items()]
             self.clinical = transform.fit(pd.concat(tables))
-        if "expression" in self.parts:
+        if "expression" in self.parts or "pathways" in self.parts:
             self.genes = feature_genes({n: self.cohorts[n].genes for n in parts}, self.layout.gene_policy)
             expression = ExpressionTransform("clip_standardize", clip=self.clip, z_clip=self.z_clip)
             tables = [self._expression_table(n, list(ids)) for n, ids in parts.items()]
             self.expression = expression.fit_parts(tables)
+        if "pathways" in self.parts:
+            if self.layout.groups is None:
+                raise ValueError(f"coxnet_reference: data {self.layout.name!r} defines no gene groups")
+            self.groups = load_groups(self.layout).restrict(self.genes).indices(self.genes)
         return self
 
     def __call__(self, name: str, ids: Sequence[str]) -> np.ndarray:
@@ -196,10 +214,13 @@ class Features:
         if "clinical" in self.parts:
             assert self.clinical is not None, "Features.fit first"
             blocks.append(self.clinical.transform(self._clinical_table(name, list(ids))))
-        if "expression" in self.parts:
+        if "expression" in self.parts or "pathways" in self.parts:
             assert self.expression is not None, "Features.fit first"
-            table = self._expression_table(name, list(ids))
-            blocks.append(self.expression.transform(table, impute_missing=True))
+            genes = self.expression.transform(self._expression_table(name, list(ids)), impute_missing=True)
+            if "expression" in self.parts:
+                blocks.append(genes)
+            else:  # a pathway's score: the mean of its standardized genes
+                blocks.append(np.stack([genes[:, index].mean(axis=1) for index in self.groups], axis=1))
         return np.hstack(blocks).astype(np.float64)
 
     def pooled(self, parts: Parts) -> np.ndarray:

@@ -13,8 +13,8 @@ has (age and sex everywhere, stage where the cohort has ``survpath_clinical.csv`
   Cox loss, 16 cases per step, Adam lr 0.01): the federated counterpart of the clinical Coxnet;
 - ``pooled``: ``fedprog train rotation=loco``, one model on the eight pooled source cohorts with the same
   epoch budget (20 epochs), chosen on a validation split of the sources;
-- ``coxnet_clinical`` / ``coxnet_both`` / ``coxnet_expression``: the multi-source elastic-net Cox of
-  ``simulations/coxnet_reference.py --loco`` on the clinical covariates, on clinical + genes, on the genes.
+- ``coxnet_<features>``: the multi-source elastic-net Cox of ``simulations/coxnet_reference.py --loco`` on the
+  clinical covariates, clinical + Hallmark pathway scores, clinical + genes, the pathway scores, the genes.
 
 Then it compares (``fedprog.compare``): every setting against the clinical Coxnet, the federation against
 pooled training, and SDIR + CADE against no module (paired bootstrap CI per target and over the targets,
@@ -60,7 +60,7 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
         + ("training.grad_accum=1", "training.lr=0.01"),
     ),
 }
-COXNET = ("clinical", "both", "expression")
+COXNET = ("clinical", "clinical_pathways", "both", "pathways", "expression")
 REFERENCE = "coxnet_clinical"  # the bar of issue #9: the federation >= this + 0.01 over the four targets
 #: Pairs compared besides "every setting minus the reference": (setting, minus).
 PAIRS = (("fedavg", "pooled"), ("fedavg_sdir_cade", "fedavg"))

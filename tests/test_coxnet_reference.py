@@ -131,11 +131,18 @@ def test_both_puts_the_clinical_columns_beside_the_genes(folder: Path) -> None:
     ids = list(cohorts["c1"].case_ids)
     parts = {"c0": list(cohorts["c0"].case_ids)}
     blocks = {}
-    for modality in ("clinical", "expression", "both"):
+    for modality in ("clinical", "expression", "both"):  # fitted on c0, applied to c1
         args = module.parse_args(["--modality", modality])
         blocks[modality] = module.Features(cohorts, layout, args).fit(parts)("c1", ids)
     np.testing.assert_array_equal(blocks["both"], np.hstack([blocks["clinical"], blocks["expression"]]))
     assert blocks["expression"].shape == (len(ids), 20) and blocks["clinical"].shape[1] >= 2
+
+    args = module.parse_args(["--modality", "clinical_pathways"])
+    features = module.Features(cohorts, layout, args).fit(parts)
+    scores = features("c1", ids)[:, blocks["clinical"].shape[1] :]
+    assert scores.shape == (len(ids), 4)  # one score per gene group of the folder
+    for column, index in enumerate(features.groups):
+        np.testing.assert_allclose(scores[:, column], blocks["expression"][:, index].mean(axis=1), rtol=1e-5)
 
 
 def test_loco_writes_a_rotation_that_fedprog_compare_pairs(folder: Path, tmp_path: Path) -> None:
