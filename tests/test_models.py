@@ -166,6 +166,30 @@ def test_models_that_ignore_a_modality_accept_its_absence():
         assert model(batch).shape == (3, n_out)
 
 
+def test_linear_cox_pathway_scores_are_group_means_beside_the_table():
+    batch = make_batch("tabular")
+    model = create_model(
+        {"name": "linear_cox", "pathway_scores": True},
+        group_index=GROUP_INDEX,
+        strong_kind="tabular",
+        strong_dim=6,
+        n_outputs=1,
+    )
+    assert model.linear.in_features == 6 + len(GROUP_INDEX)
+    scores = torch.stack([batch.expression[:, group].mean(dim=1) for group in GROUP_INDEX], dim=1)
+    features = torch.cat([batch.strong[..., 0], scores], dim=1)
+    torch.testing.assert_close(model(batch), model.linear(features))
+    assert "averaging" not in model.state_dict()  # fixed by the groups: never sent or aggregated
+    with pytest.raises(ModelConfigError, match="pathway_scores=true needs gene groups"):
+        create_model(
+            {"name": "linear_cox", "pathway_scores": True},
+            group_index=[],
+            strong_kind="tabular",
+            strong_dim=6,
+            n_outputs=1,
+        )
+
+
 @pytest.mark.parametrize("name", sorted(UNIMODAL))
 def test_unimodal_models_refuse_sdir_and_cade(name):
     with pytest.raises(ModelConfigError, match="use modules=none with this model"):

@@ -112,6 +112,8 @@ class ModelConfig:
     weak_pool : pooling of the group tokens in ``late_fusion`` and ``snn`` (``mean`` or ``abmil``).
     snn_input : ``snn`` over all grouped ``genes`` or over the ``groups`` tokens.
     snn_layers : number of Linear -> ELU -> AlphaDropout blocks of the gene-level SNN.
+    pathway_scores : ``linear_cox`` also reads the expression, as one score per gene group (the mean of its
+        standardized genes) beside the tabular features.
     sdir, cade : the two plug-in modules.
     """
 
@@ -130,6 +132,7 @@ class ModelConfig:
     weak_pool: str = "mean"
     snn_input: str = "genes"
     snn_layers: int = 2
+    pathway_scores: bool = False
     sdir: SDIRConfig = field(default_factory=SDIRConfig)
     cade: CADEConfig = field(default_factory=CADEConfig)
 

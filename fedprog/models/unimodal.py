@@ -75,22 +75,43 @@ class ABMILModel(nn.Module):
 
 
 class LinearCoxModel(nn.Module):
-    """FLamby's Fed-TCGA-BRCA model: one ``Linear(F -> 1)`` over tabular features; output = log-risk."""
+    """Linear Cox model: one ``Linear(F [+ G] -> 1)``; output = log-risk.
 
-    def __init__(self, n_features: int) -> None:
+    Over the tabular features (FLamby's Fed-TCGA-BRCA model) and, given ``group_index`` (``model.
+    pathway_scores``), over one score per gene group beside them: the mean of the group's standardized genes
+    in ``batch.expression`` (the features of the multi-source Coxnet's ``clinical_pathways``).
+    """
+
+    def __init__(self, n_features: int, group_index: Sequence[Sequence[int]] = ()) -> None:
         super().__init__()
         self.n_features = n_features
-        self.linear = nn.Linear(n_features, 1)
+        self.n_genes = 1 + max((int(i) for group in group_index for i in group), default=-1)
+        averaging = torch.zeros(len(group_index), self.n_genes)
+        for row, group in enumerate(group_index):
+            averaging[row, list(group)] = 1.0 / len(group)
+        self.register_buffer("averaging", averaging, persistent=False)
+        self.linear = nn.Linear(n_features + len(group_index), 1)
 
     def forward(self, batch: BatchLike) -> Tensor:
-        """Log-risk [B, 1] from tabular ``batch.strong`` [B, F, 1]."""
+        """Log-risk [B, 1] from tabular ``batch.strong`` [B, F, 1] (and ``batch.expression`` [B, n_genes])."""
         table = batch.strong
         if table.dim() != 3 or table.shape[1:] != (self.n_features, 1):
             raise ModelInputError(
                 f"linear_cox needs tabular batch.strong of shape [B, {self.n_features}, 1], "
                 f"got {tuple(table.shape)}"
             )
-        return self.linear(table[..., 0])
+        features = table[..., 0]
+        if self.averaging.shape[0]:
+            expression = batch.expression
+            if expression is None or expression.dim() != 2 or expression.shape[1] < self.n_genes:
+                shape = None if expression is None else tuple(expression.shape)
+                raise ModelInputError(
+                    f"linear_cox with pathway_scores needs batch.expression [B, >= {self.n_genes}], "
+                    f"got {shape}"
+                )
+            scores = expression[:, : self.n_genes].to(features.dtype) @ self.averaging.T
+            features = torch.cat([features, scores], dim=1)
+        return self.linear(features)
 
 
 @register_backbone("snn")
@@ -132,8 +153,13 @@ def linear_cox(
     strong_dim: int,
     n_outputs: int,
 ) -> LinearCoxModel:
-    """Linear Cox model on a tabular strong modality; ``n_outputs=1`` (train with ``training.loss=cox``)."""
+    """Linear Cox model on a tabular strong modality (and, with ``model.pathway_scores``, one score per gene
+    group); ``n_outputs=1`` (train with ``training.loss=cox``)."""
     reject_modules(cfg)
+    if cfg.pathway_scores and not group_index:
+        raise ModelConfigError(
+            "model.pathway_scores=true needs gene groups (data.expression and data.groups)"
+        )
     if strong_kind != "tabular":
         raise ModelConfigError(
             f"model.name='linear_cox' needs a tabular strong modality, got strong_kind={strong_kind!r}"
@@ -142,4 +168,4 @@ def linear_cox(
         raise ModelConfigError(
             f"model.name='linear_cox' outputs one log-risk, got n_outputs={n_outputs}; use training.loss=cox"
         )
-    return LinearCoxModel(strong_dim)
+    return LinearCoxModel(strong_dim, group_index if cfg.pathway_scores else ())
