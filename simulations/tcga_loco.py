@@ -63,8 +63,8 @@ LINEAR_COX = (
     "training.lr=0.01",
 )
 #: The default backbone (SurvPath) with the Cox partial likelihood over batches of 16 cases of one hospital
-#: instead of the discrete-time NLL over bins pooled across cancers (a batch never mixes hospitals, so the loss
-#: is stratified by hospital: each cancer keeps its own baseline hazard).
+#: instead of the discrete-time NLL over bins pooled across cancers (a batch never mixes hospitals, so the
+#: loss is stratified by hospital: each cancer keeps its own baseline hazard).
 COX_LOSS = ("federation=per_cohort", "training.loss=cox", "training.batch_size=16", "training.grad_accum=1")
 #: Federated and pooled settings: (fedprog command, overrides beyond data, cohorts and rotation).
 SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
