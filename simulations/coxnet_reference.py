@@ -61,7 +61,7 @@ from fedprog.compare import write_rotation
 from fedprog.config import load_config
 from fedprog.data import Cohort, DatasetLayout, ExpressionTransform, TabularTransform, load_cohorts
 from fedprog.data.dataset import expression_frame
-from fedprog.data.groups import load_groups
+from fedprog.data.groups import group_means, load_groups
 from fedprog.data.harmonize import align_expression, feature_genes, max_missing_fraction, missing_genes
 from fedprog.data.transforms import tabular_transform_for
 from fedprog.protocol import layout_truth, prepare_layout, split_cases
@@ -83,13 +83,8 @@ DEFAULT_CLIP = 10.0  # raw z-score clip (cBioPortal values reach |z| > 30,000)
 DEFAULT_Z_CLIP = 5.0  # clip of the re-standardized values
 DEFAULT_N_BOOT = 1000  # bootstrap replicates of the --loco CI
 DEFAULT_OUT = Path("runs/benchmarks")
-FEATURES = {
-    "expression": "source genes",
-    "clinical": "clinical covariates",
-    "both": "clinical covariates + source genes",
-    "pathways": "pathway scores",
-    "clinical_pathways": "clinical covariates + pathway scores",
-}
+#: What each feature block is (``--modality`` puts one or two side by side).
+BLOCK_NAMES = {"clinical": "clinical covariates", "expression": "source genes", "pathways": "pathway scores"}
 #: Feature blocks of each ``--modality``, in column order.
 BLOCKS = {
     "expression": ("expression",),
@@ -98,6 +93,11 @@ BLOCKS = {
     "pathways": ("pathways",),
     "clinical_pathways": ("clinical", "pathways"),
 }
+
+
+def described(modality: str) -> str:
+    """The features of ``--modality`` in words (e.g. "clinical covariates + pathway scores")."""
+    return " + ".join(BLOCK_NAMES[block] for block in BLOCKS[modality])
 
 
 Parts = Mapping[str, Sequence[str]]  # cohort name -> case ids, in the source's cohort order
@@ -155,8 +155,8 @@ def select_alpha(
 
 
 class Features:
-    """Source-fitted features of any cohort: the source's genes (``expression``), the clinical table
-    (``clinical``) or both side by side (``both``: the clinical columns, then the genes).
+    """Source-fitted features of any cohort: the blocks of ``--modality`` side by side (:data:`BLOCKS`): the
+    clinical table, the source's genes, or one score per gene group (the mean of its standardized genes).
 
     Expression: per-gene clip / standardize / clip (:class:`ExpressionTransform`, ``clip_standardize``) on the
     genes the source fixes; a cohort lacking some is imputed at the source mean (refused above
@@ -171,7 +171,7 @@ class Features:
         self.clip, self.z_clip = args.clip, args.z_clip
         self.expression: ExpressionTransform | None = None
         self.clinical: TabularTransform | None = None
-        self.groups: list[list[int]] = []  # column positions of each gene group's genes (pathways)
+        self.pathway_means: np.ndarray | None = None  # [groups, genes] averaging matrix (pathways)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -191,6 +191,8 @@ class Features:
         The genes are fixed by the source cohorts' gene lists (``gene_policy``); a gene a source cohort lacks
         (``union``) counts no case of it in the moments (:meth:`ExpressionTransform.fit_parts`).
         """
+        if "pathways" in self.parts and self.layout.groups is None:
+            raise ValueError(f"coxnet_reference: data {self.layout.name!r} defines no gene groups")
         if "clinical" in self.parts:
             transform = tabular_transform_for(self.layout)
             if transform is None:
@@ -203,9 +205,8 @@ class Features:
             tables = [self._expression_table(n, list(ids)) for n, ids in parts.items()]
             self.expression = expression.fit_parts(tables)
         if "pathways" in self.parts:
-            if self.layout.groups is None:
-                raise ValueError(f"coxnet_reference: data {self.layout.name!r} defines no gene groups")
-            self.groups = load_groups(self.layout).restrict(self.genes).indices(self.genes)
+            groups = load_groups(self.layout).restrict(self.genes).indices(self.genes)
+            self.pathway_means = group_means(groups, len(self.genes))
         return self
 
     def __call__(self, name: str, ids: Sequence[str]) -> np.ndarray:
@@ -219,8 +220,9 @@ class Features:
             genes = self.expression.transform(self._expression_table(name, list(ids)), impute_missing=True)
             if "expression" in self.parts:
                 blocks.append(genes)
-            else:  # a pathway's score: the mean of its standardized genes
-                blocks.append(np.stack([genes[:, index].mean(axis=1) for index in self.groups], axis=1))
+            else:
+                assert self.pathway_means is not None, "Features.fit first"
+                blocks.append(genes.astype(np.float64) @ self.pathway_means.T)
         return np.hstack(blocks).astype(np.float64)
 
     def pooled(self, parts: Parts) -> np.ndarray:
@@ -316,7 +318,7 @@ def tables(frame: pd.DataFrame) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modality", choices=FEATURES, default="expression")
+    parser.add_argument("--modality", choices=BLOCKS, default="expression")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
     parser.add_argument("--l1-ratio", type=float, default=DEFAULT_L1_RATIO)
@@ -441,7 +443,7 @@ def run_all(
         plan = [(source, targets) for source in sources]
         used = list(dict.fromkeys([*(c for s in sources for c in s), *(targets or cohort_names)]))
     features = Features(load_cohorts(layout, used), layout, args)
-    what = FEATURES[args.modality]
+    what = described(args.modality)
     log.info("Coxnet reference on the %s: %s", what, [("+".join(s), t or "the others") for s, t in plan])
     records: list[dict[str, Any]] = []
     predictions: list[pd.DataFrame] = []
@@ -457,7 +459,7 @@ def rotation_setting(args: argparse.Namespace, argv: list[str]) -> dict[str, str
     return {
         "label": f"coxnet_{args.modality}",
         "command": " ".join(["python simulations/coxnet_reference.py", *argv]),
-        "model": f"coxnet (l1_ratio {args.l1_ratio}) on the {FEATURES[args.modality]}",
+        "model": f"coxnet (l1_ratio {args.l1_ratio}) on the {described(args.modality)}",
         "modules": "none",
         "strategy": "pooled sources",
     }
@@ -470,7 +472,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config("train", [*default_overrides(args.overrides), *args.overrides])
     layout = prepare_layout(cfg.data)
     records, predictions, cohorts = run_all(args, cfg, layout)
-    what = FEATURES[args.modality]
+    what = described(args.modality)
     settings = {k: str(v) for k, v in vars(args).items()}
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = f"{'_refit' if args.refit else ''}{'_loco' if args.loco else ''}"
@@ -499,4 +501,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    try:
+        raise SystemExit(main(sys.argv[1:]))
+    except ValueError as error:  # a one-line reason instead of a traceback
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None

@@ -33,7 +33,6 @@ again.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import subprocess
@@ -81,18 +80,9 @@ PAIRS = (
     ("fedavg", "pooled"),
     ("fedavg_cox", "fedavg"),
     ("fedavg_cox_sdir_cade", "fedavg_cox"),
+    ("fedavg_linear_clinical_pathways", "fedavg_linear_clinical"),
     ("fedavg_linear_clinical_pathways", "coxnet_clinical_pathways"),
 )
-
-
-def _script(name: str):  # noqa: ANN202 - a module loaded from simulations/
-    path = Path(__file__).resolve().parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"simulations_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _list(values: Sequence[object]) -> str:
@@ -110,8 +100,18 @@ def covers(folder: Path, targets: Sequence[str], seeds: Sequence[int]) -> bool:
     )
 
 
+def _run(label: str, argv: list[str], root: Path) -> None:
+    """One setting's rotation as its own process (log appended to ``<root>/<label>.log``)."""
+    log_path = root / f"{label}.log"
+    log.info("%s: %s (log %s)", label, " ".join(argv[1:]), log_path)
+    with open(log_path, "a") as handle:
+        done = subprocess.run(argv, stdout=handle, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"tcga_loco: {label} failed (exit {done.returncode}); see {log_path}")
+
+
 def run_setting(label: str, root: Path, targets: Sequence[str], seeds: Sequence[int]) -> None:
-    """One neural setting's rotation, as its own ``fedprog`` process (log in ``<root>/<label>.log``)."""
+    """A federated or pooled setting: ``fedprog simulate|train rotation=loco`` into ``<root>/<label>``."""
     command, extra = SETTINGS[label]
     overrides = [
         "data=tcga",
@@ -123,25 +123,15 @@ def run_setting(label: str, root: Path, targets: Sequence[str], seeds: Sequence[
         f"label={label}",
         f"out={root / label}",
     ]
-    argv = [sys.executable, "-m", "fedprog.cli", command, *overrides]
-    log.info("%s: %s (log %s)", label, " ".join(argv[2:]), root / f"{label}.log")
-    with open(root / f"{label}.log", "a") as handle:
-        done = subprocess.run(argv, stdout=handle, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"tcga_loco: {label} failed (exit {done.returncode}); see {root / f'{label}.log'}")
+    _run(label, [sys.executable, "-m", "fedprog.cli", command, *overrides], root)
 
 
 def run_coxnet(modality: str, root: Path, targets: Sequence[str], seeds: Sequence[int]) -> None:
     """The multi-source Coxnet's rotation (``simulations/coxnet_reference.py --loco``) into ``root``."""
-    argv = ["--loco", "--modality", modality, "--seeds", *map(str, seeds), "--out", str(root)]
-    argv += [
-        "data=tcga",
-        "data.strong=clinical",
-        f"data.cohorts={_list(COHORTS)}",
-        f"targets={_list(targets)}",
-    ]
-    if _script("coxnet_reference").main(argv) != 0:
-        raise RuntimeError(f"tcga_loco: coxnet_reference --modality {modality} failed")
+    script = Path(__file__).resolve().parent / "coxnet_reference.py"
+    argv = [sys.executable, str(script), "--loco", "--modality", modality, "--seeds", *map(str, seeds)]
+    argv += ["--out", str(root), "data=tcga", "data.strong=clinical", f"data.cohorts={_list(COHORTS)}"]
+    _run(f"coxnet_{modality}", [*argv, f"targets={_list(targets)}"], root)
 
 
 def folder_of(label: str, root: Path) -> Path:
@@ -150,7 +140,8 @@ def folder_of(label: str, root: Path) -> Path:
 
 
 def comparisons(root: Path, labels: Sequence[str], n_boot: int) -> dict[str, pd.DataFrame]:
-    """Every setting minus the reference, then :data:`PAIRS`; writes each under ``<root>/compare*``."""
+    """Every setting minus the reference (``<root>/compare``), then each of :data:`PAIRS`
+    (``<root>/compare_<setting>/minus_<other>``)."""
     present = [label for label in labels if (folder_of(label, root) / ROTATION_FILE).is_file()]
     if REFERENCE not in present or len(present) < 2:
         raise RuntimeError(f"tcga_loco: nothing to compare in {root} (found {present})")
@@ -159,9 +150,8 @@ def comparisons(root: Path, labels: Sequence[str], n_boot: int) -> dict[str, pd.
     paired = [tables["paired"]]
     for first, second in PAIRS:
         if first in present and second in present:
-            pair = compare(
-                [folder_of(second, root), folder_of(first, root)], root / f"compare_{first}", n_boot=n_boot
-            )
+            out = root / f"compare_{first}" / f"minus_{second}"
+            pair = compare([folder_of(second, root), folder_of(first, root)], out, n_boot=n_boot)
             paired.append(pair["paired"])
     return {"settings": tables["settings"], "paired": pd.concat(paired, ignore_index=True)}
 
@@ -245,4 +235,8 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    try:
+        raise SystemExit(main(sys.argv[1:]))
+    except RuntimeError as error:  # a one-line reason instead of a traceback
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None

@@ -122,6 +122,7 @@ def test_loco_refuses_sources(folder: Path, tmp_path: Path) -> None:
 def test_both_puts_the_clinical_columns_beside_the_genes(folder: Path) -> None:
     from fedprog.config import load_config
     from fedprog.data import load_cohorts
+    from fedprog.data.groups import load_groups
     from fedprog.protocol import prepare_layout
 
     module = _coxnet()
@@ -141,7 +142,8 @@ def test_both_puts_the_clinical_columns_beside_the_genes(folder: Path) -> None:
     features = module.Features(cohorts, layout, args).fit(parts)
     scores = features("c1", ids)[:, blocks["clinical"].shape[1] :]
     assert scores.shape == (len(ids), 4)  # one score per gene group of the folder
-    for column, index in enumerate(features.groups):
+    groups = load_groups(layout).restrict(features.genes).indices(features.genes)
+    for column, index in enumerate(groups):
         np.testing.assert_allclose(scores[:, column], blocks["expression"][:, index].mean(axis=1), rtol=1e-5)
 
 

@@ -16,6 +16,15 @@ from fedprog.data.layout import DatasetLayout, GroupSpec
 log = logging.getLogger(__name__)
 
 
+def group_means(group_index: Sequence[Sequence[int]], n_genes: int) -> np.ndarray:
+    """[n_groups, n_genes] averaging matrix: ``expression @ group_means(...).T`` gives each group's score, the
+    mean of its genes' (standardized) values. ``group_index`` lists each group's column positions."""
+    matrix = np.zeros((len(group_index), n_genes))
+    for row, group in enumerate(group_index):
+        matrix[row, list(group)] = 1.0 / len(group)
+    return matrix
+
+
 @dataclass(frozen=True)
 class GeneGroups:
     """Named gene lists.

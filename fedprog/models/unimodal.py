@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fedprog.data.groups import group_means
 from fedprog.models.encoders import GatedAttentionPool, GroupTokenizer, SNNBlock
 from fedprog.models.late_fusion import WeakPool
 from fedprog.models.model import (
@@ -86,9 +87,7 @@ class LinearCoxModel(nn.Module):
         super().__init__()
         self.n_features = n_features
         self.n_genes = 1 + max((int(i) for group in group_index for i in group), default=-1)
-        averaging = torch.zeros(len(group_index), self.n_genes)
-        for row, group in enumerate(group_index):
-            averaging[row, list(group)] = 1.0 / len(group)
+        averaging = torch.as_tensor(group_means(group_index, self.n_genes), dtype=torch.float32)
         self.register_buffer("averaging", averaging, persistent=False)
         self.linear = nn.Linear(n_features + len(group_index), 1)
 
