@@ -89,3 +89,31 @@ def test_errors_name_the_culprit(layout: DatasetLayout) -> None:
         Site("s", "c0", "test", ("a",))
     with pytest.raises(SiteError, match="mapping.path"):
         build_sites(layout, {"partition": "mapping"})
+
+
+def test_validation_split_holds_back_a_stratified_share_of_training_sites_only(layout: DatasetLayout) -> None:
+    fed = {"partition": "cohort", "val_fraction": 0.25, "val_seed": 3}
+    train, held = build_sites(layout, fed, heldout=["c1"])
+    assert held.test_ids == () and len(held.case_ids) == 40  # a held-out site evaluates on every case
+    censored = load_cohort(layout, "c0").labels["censorship"]
+    assert sorted(train.all_ids) == sorted(censored.index) and not set(train.case_ids) & set(train.test_ids)
+    for stratum in (censored == 0, censored != 0):  # a quarter of the events and a quarter of the censored
+        members = set(censored.index[stratum])
+        assert len(members & set(train.test_ids)) == round(0.25 * len(members))
+    again, _ = build_sites(layout, fed, heldout=["c1"])
+    other, _ = build_sites(layout, {**fed, "val_seed": 4}, heldout=["c1"])
+    assert again.test_ids == train.test_ids  # the same split in every process
+    assert other.test_ids != train.test_ids
+
+
+@pytest.mark.parametrize(
+    ("fed", "expected"),
+    [
+        ({"val_fraction": 1.5}, r"federation.val_fraction=1.5: choose a share in \(0, 1\)"),
+        ({"val_fraction": 0.2, "split_column": "split"}, "with split_column='split'"),
+        ({"val_fraction": 0.01}, r"site 'c0': val_fraction=0.01 of its 20 case\(s\) leaves no validation"),
+    ],
+)
+def test_validation_split_errors_name_the_key_or_site(layout: DatasetLayout, fed: dict, expected: str):
+    with pytest.raises(SiteError, match=expected):
+        build_sites(layout, {"partition": "cohort", **fed}, heldout=["c1"])

@@ -14,7 +14,8 @@ from fed_helpers import TINY_DATA, DirectGrid, tiny_config
 from omegaconf import OmegaConf
 
 from fedprog import compare
-from fedprog.config import load_config
+from fedprog.config import load_config, to_container
+from fedprog.data import DatasetLayout, build_sites
 from fedprog.federated import client_app, rotation, simulation
 from fedprog.federated.server_app import run_federation
 from fedprog.survival.stats import cindex
@@ -160,3 +161,61 @@ def test_a_stopped_fold_resumes_from_its_checkpoint(data_root, tmp_path, monkeyp
     assert simulation.main(rotation_config(data_root, out)) == 0
     assert resumed == [str(out / "folds" / "c2-s0")]  # c1 was not run again; c2 continued from its checkpoint
     assert_predictions_are_the_federations(out)
+
+
+SELECT = (
+    "federation=per_cohort",  # one hospital per cancer: each keeps 10+ cases and 3+ events in both splits
+    "rotation.targets=[c1]",
+    "rotation.select.key=training.lr",
+    "rotation.select.values=[1.0e-5,1.0e-2]",
+    "rotation.select.val_fraction=0.4",
+)
+
+
+def test_select_chooses_per_fold_on_source_validation_splits_only(data_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(simulation, "execute", in_process)
+    out = tmp_path / "fed"
+    assert simulation.main(rotation_config(data_root, out, *SELECT)) == 0
+    record = json.loads((out / compare.ROTATION_FILE).read_text())
+    assert "training.lr in [1e-05, 0.01] on 40% source validation splits" == record["setting"]["select"]
+    (fold,) = record["federation_folds"]
+    choice = fold["selected"]
+    scores = choice["source_val_c_index"]
+    assert set(scores) == {"1e-05", "0.01"} and choice["key"] == "training.lr"
+    assert str(choice["value"]) == max(scores, key=scores.get)  # the best source-validation C-index wins
+    assert fold["folder"] == f"folds/c1-s0/training.lr={choice['value']}"
+    for value, score in scores.items():  # each candidate: its training sites evaluated their validation cases
+        run = out / "folds" / "c1-s0" / f"training.lr={value}"
+        saved = OmegaConf.load(run / "config.yaml")
+        layout = DatasetLayout.load(to_container(saved.data))
+        assert saved.training.lr == float(value) and saved.federation.val_fraction == 0.4
+        assert saved.federation.val_seed == 0 and list(saved.heldout) == ["c1"]
+        rounds = pd.read_csv(run / "rounds.csv")
+        final = rounds[(rounds["round"] == rounds["round"].max()) & (rounds["role"] == "train")]
+        held_back = {s.name: len(s.test_ids) for s in build_sites(layout, saved.federation, ["c1"])}
+        assert held_back["c1"] == 0 and 0 < held_back["c0"] <= 17 and 0 < held_back["c2"] <= 13
+        evaluated = dict(zip(final["site"], final["n"], strict=True))
+        assert evaluated == {"c0": held_back["c0"], "c2": held_back["c2"]}
+        results = json.loads((run / "results.json").read_text())
+        assert results["headline"]["train_c_index"] == pytest.approx(score)
+        assert "their 40% validation splits" in (run / "report.md").read_text()
+    predictions = pd.read_csv(out / compare.PREDICTIONS_FILE, dtype={"case_id": str})
+    chosen = pd.read_csv(out / fold["folder"] / "rounds.csv")
+    final = chosen[(chosen["round"] == chosen["round"].max()) & (chosen["role"] == "holdout")]
+    assert len(predictions) == int(final["n"].sum()) == 30  # every c1 patient, from the chosen candidate
+    assert "source validation splits" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("rotation.select.key=training.nope", "rotation.select.key='training.nope' is not a key"),
+        ("rotation.select.values=[0.1]", "rotation.select.values=[0.1]: list two or more candidates"),
+        ("rotation.select.val_fraction=0", "rotation.select.val_fraction=0: choose a share in (0, 1)"),
+    ],
+)
+def test_select_refusals_are_one_line_before_start_up(data_root, tmp_path, capsys, override, expected):
+    out = tmp_path / "out"
+    assert simulation.main(rotation_config(data_root, out, *SELECT, override)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert expected in line and not out.exists()

@@ -19,16 +19,21 @@ Partitions (``federation`` config, ``sites/federation/*.yaml``)
 
 Roles: a site whose name or cohort is in ``heldout`` is ``holdout`` (evaluation only); others ``train``.
 An optional ``split_column`` (labels column, e.g. FLamby's ``split``) puts rows whose value is ``test_value``
-(default ``test``) into ``Site.test_ids`` instead of ``case_ids``.
+(default ``test``) into ``Site.test_ids`` instead of ``case_ids``. Without one, ``val_fraction`` (0 < f < 1)
+holds back that share of every TRAINING site's cases as its local validation split (``test_ids``, drawn per
+site with ``val_seed``, stratified by event): the site trains on the rest and evaluates on it, so the
+training sites' C-index is a source-validation score for model selection (never a target's).
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
@@ -105,7 +110,8 @@ def build_sites(
     federation_cfg : mapping
         ``partition`` (default ``cohort``), ``min_cases`` (tss, default 20), ``min_events`` (tss, default 0),
         ``mapping`` (mapping),
-        ``cohorts`` (subset to use, default all), ``split_column``, ``test_value``, ``heldout``.
+        ``cohorts`` (subset to use, default all), ``split_column``, ``test_value``, ``val_fraction``,
+        ``val_seed``, ``heldout``.
     heldout : iterable of str, optional
         Site or cohort names evaluated only (overrides ``federation_cfg.heldout``).
     cohorts : mapping of str to Cohort, optional
@@ -146,6 +152,7 @@ def build_sites(
         )
     split_column = cfg.get("split_column")
     test_value = str(cfg.get("test_value", "test"))
+    val_fraction = _val_fraction(cfg, split_column)
     sites = []
     for site_name, cohort_name, ids in groups:
         role = "holdout" if site_name in held or cohort_name in held else "train"
@@ -159,6 +166,10 @@ def build_sites(
             is_test = labels.loc[ids, split_column].astype(str) == test_value
             test_ids = [c for c, t in zip(ids, is_test, strict=True) if t]
             ids = [c for c, t in zip(ids, is_test, strict=True) if not t]
+        elif val_fraction and role == "train":
+            censored = loaded[cohort_name].labels.loc[ids, CENSOR].to_numpy()
+            seed = int(cfg.get("val_seed") or 0)
+            ids, test_ids = validation_split(site_name, ids, censored, val_fraction, seed)
         sites.append(Site(site_name, cohort_name, role, tuple(ids), tuple(test_ids)))
     log.info(
         "federation (%s): %d site(s): %s",
@@ -167,6 +178,42 @@ def build_sites(
         ", ".join(f"{s.name}[{s.role}, {len(s.all_ids)}]" for s in sites),
     )
     return sites
+
+
+def _val_fraction(cfg: Mapping[str, Any], split_column: Any) -> float:
+    """``val_fraction`` checked: 0/None (no split) or a share in (0, 1), never beside a ``split_column``."""
+    value = cfg.get("val_fraction")
+    if not value:
+        return 0.0
+    fraction = float(value)
+    if not 0.0 < fraction < 1.0:
+        raise SiteError(f"federation.val_fraction={value!r}: choose a share in (0, 1), or null for none")
+    if split_column:
+        raise SiteError(
+            f"federation.val_fraction={value!r} with split_column={split_column!r}: the static split is the "
+            "sites' test split already; drop one of the two"
+        )
+    return fraction
+
+
+def validation_split(
+    site: str, ids: Sequence[str], censored: np.ndarray, fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """(training ids, validation ids) of one site: ``fraction`` of its events and of its censored cases,
+    drawn with a generator seeded by (``seed``, site name), so that every process draws the same split."""
+    rng = np.random.default_rng([seed, zlib.crc32(site.encode())])
+    held: set[str] = set()
+    for stratum in (censored == 0, censored != 0):
+        members = [c for c, keep in zip(ids, stratum, strict=True) if keep]
+        n_val = int(round(fraction * len(members)))
+        held.update(members[i] for i in rng.permutation(len(members))[:n_val])
+    train = [c for c in ids if c not in held]
+    if not train or not held:
+        raise SiteError(
+            f"site {site!r}: val_fraction={fraction} of its {len(ids)} case(s) leaves "
+            f"{'no training' if not train else 'no validation'} case; lower or raise federation.val_fraction"
+        )
+    return train, [c for c in ids if c in held]
 
 
 def tss_counts(cohort: Cohort) -> pd.Series:

@@ -217,6 +217,16 @@ def _privacy_sentence(privacy: Mapping[str, Any]) -> str:
     )
 
 
+def _training_cases(cfg: DictConfig) -> str:
+    """What the training sites' C-index is measured on: their own training cases, or a held-back split."""
+    federation = cfg.get("federation") or {}
+    if federation.get("split_column"):
+        return "their local test splits"
+    if federation.get("val_fraction"):
+        return f"their {float(federation.val_fraction):.0%} validation splits"
+    return "in-sample"
+
+
 def _extra_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     extra: list[str] = []
     for row in rows:
@@ -234,7 +244,7 @@ def _report(out: Path, cfg: DictConfig, rows: pd.DataFrame, results: Mapping[str
         f"Seed {results['seed']}, weighting by "
         f"{results['weighting']}. Held-out C-index (event-weighted over {head['heldout_sites_evaluated']} of "
         f"{head['heldout_sites']} held-out site(s)): **{fmt_value(head['heldout_c_index'])}**; training "
-        f"sites (in-sample): {fmt_value(head['train_c_index'])}. Chance is 0.5"
+        f"sites ({_training_cases(cfg)}): {fmt_value(head['train_c_index'])}. Chance is 0.5"
         + (
             "; oracle and transfer ceilings of the generated truth beside each held-out site."
             if results.get("ceilings")

@@ -9,6 +9,12 @@ can be continued. After all folds, ``<out>`` gets the ``rotation.json`` + ``pred
 ``fedprog compare <simulate rotation> <train rotation>`` pairs federated and centralized on the same targets,
 seeds and patients) and a report.md table.
 
+With ``rotation.select`` (``key``, ``values``, ``val_fraction``) each fold runs one federation per candidate
+value of one config key (``<fold>/<key>=<value>/``), every training site holding back ``val_fraction`` of its
+cases as a validation split (``federation.val_fraction``, drawn with the fold's seed); the candidate with the
+best event-weighted source-validation C-index in its last round is the fold's model, as the Coxnet reference
+chooses its penalty on the sources' validation split. No target case takes part in the choice.
+
 SIMULATION ONLY: the patient-level held-out predictions are computed on the researcher's machine, which owns
 all simulated data, by evaluating each fold's final global model with the clients' own code
 (:func:`heldout_predictions`). In a deployment no patient-level value ever leaves a site.
@@ -21,12 +27,13 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedprog.compare import prediction_frame
 from fedprog.config import to_container
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 FOLDS_DIR = "folds"  # <out>/folds/<target>-s<seed>/: one simulate run folder per fold
 FINAL_WEIGHTS = "final_weights.npz"
 COMPLETED = "completed"
+_ABSENT = object()
 
 
 class RotationError(ValueError):
@@ -74,11 +82,62 @@ def check_settings(cfg: DictConfig) -> None:
             f"heldout={_text(cfg.get('heldout'))} with rotation=loco: each fold holds out its target cancer; "
             "drop heldout= and choose the cancers with rotation.targets"
         )
+    selection(cfg)
     if str(cfg.strategy.name) in BASELINES:
         raise RotationError(
             f"strategy={cfg.strategy.name} with rotation=loco: the baselines keep no global model to predict "
             "the held-out patients with; the centralized rotation is `fedprog train rotation=loco`"
         )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """``rotation.select``: one config key chosen per fold among ``values`` on source validation splits."""
+
+    key: str
+    values: tuple[Any, ...]
+    val_fraction: float
+
+    def folder(self, value: Any) -> str:
+        """A candidate's sub-folder of the fold: ``<key>=<value>``."""
+        return f"{self.key}={value}"
+
+    def candidate(self, cfg: DictConfig, value: Any, seed: int) -> DictConfig:
+        """The fold config with ``key=value`` and every training site holding back its validation split."""
+        candidate = OmegaConf.create(to_container(cfg))
+        OmegaConf.update(candidate, self.key, value, merge=False)
+        with open_dict(candidate.federation):
+            candidate.federation.val_fraction = self.val_fraction
+            candidate.federation.val_seed = seed
+        return candidate
+
+    def describe(self) -> str:
+        """One line for reports and rotation.json."""
+        return f"{self.key} in {list(self.values)} on {self.val_fraction:.0%} source validation splits"
+
+
+def selection(cfg: DictConfig) -> Selection | None:
+    """``rotation.select`` checked (one-line :class:`RotationError`), or None when no key is given."""
+    select = cfg.rotation.get("select")
+    if not select or select.get("key") is None:
+        return None
+    key = str(select.key)
+    if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+        raise RotationError(f"rotation.select.key={key!r} is not a key of the simulate config")
+    values = tuple(to_container(select.get("values") or []))
+    if len(values) < 2:
+        raise RotationError(f"rotation.select.values={list(values)}: list two or more candidates for {key}")
+    fraction = float(select.get("val_fraction") or 0.0)
+    if not 0.0 < fraction < 1.0:
+        raise RotationError(
+            f"rotation.select.val_fraction={select.get('val_fraction')!r}: choose a share in (0, 1)"
+        )
+    if cfg.federation.get("split_column"):
+        raise RotationError(
+            f"rotation.select with federation.split_column={cfg.federation.split_column!r}: the sites' "
+            "static test split would be the validation split; choose on the federation's own split instead"
+        )
+    return Selection(key, values, fraction)
 
 
 def targets_and_seeds(cfg: DictConfig, cohorts: list[str]) -> tuple[list[str], list[int]]:
@@ -148,6 +207,34 @@ def run_fold(cfg: DictConfig, target: str, seed: int, out: Path) -> tuple[DictCo
     return prepared, results
 
 
+def run_selected_fold(
+    cfg: DictConfig, target: str, seed: int, out: Path, select: Selection
+) -> tuple[DictConfig, dict[str, Any], dict[str, Any]] | None:
+    """Every candidate of ``select`` for one fold; the chosen one's config and results, and the choice."""
+    scores: dict[str, float] = {}
+    best: tuple[float, Any, DictConfig, dict[str, Any]] | None = None
+    for value in select.values:
+        ran = run_fold(select.candidate(cfg, value, seed), target, seed, out / select.folder(value))
+        if ran is None:
+            return None
+        score = ran[1].get("headline", {}).get("train_c_index")
+        score = float("nan") if score is None else float(score)
+        scores[str(value)] = score
+        log.info("fold %s: %s=%s -> source validation C-index %.3f", out.name, select.key, value, score)
+        if np.isfinite(score) and (best is None or score > best[0]):
+            best = (score, value, *ran)
+    if best is None:
+        print(
+            f"fedprog simulate: fold {out.name}: no candidate of {select.key} has a source validation "
+            "C-index (every training site's validation split lacks a comparable pair)",
+            file=sys.stderr,
+        )
+        return None
+    _, value, prepared, results = best
+    choice = {"key": select.key, "value": value, "source_val_c_index": scores}
+    return prepared, results, choice
+
+
 def heldout_predictions(cfg: DictConfig, target: str, seed: int) -> pd.DataFrame:
     """SIMULATION ONLY: per-patient risks of a finished fold's held-out sites, computed on this machine.
 
@@ -191,11 +278,18 @@ def run_folds(
     from fedprog.survival.stats import cindex
 
     folds = [(target, seed) for target in targets for seed in seeds]
+    select = selection(cfg)
     done: list[dict[str, Any]] = []
     for i, (target, seed) in enumerate(folds, 1):
         fold_out = out / FOLDS_DIR / fold_name(target, seed)
         started = time.monotonic()
-        ran = run_fold(cfg, target, seed, fold_out)
+        choice: dict[str, Any] | None = None
+        if select is None:
+            ran = run_fold(cfg, target, seed, fold_out)
+        else:
+            selected = run_selected_fold(cfg, target, seed, fold_out, select)
+            ran = None if selected is None else selected[:2]
+            choice = None if selected is None else selected[2]
         if ran is None:
             print(
                 f"fedprog simulate: rotation stopped at fold {i}/{len(folds)} ({target} seed {seed}, "
@@ -216,12 +310,15 @@ def run_folds(
             c_index,
             seconds,
         )
-        record = {
+        folder = fold_out if choice is None else fold_out / select.folder(choice["value"])  # type: ignore[union-attr]
+        record: dict[str, Any] = {
             "target": target,
             "seed": seed,
-            "folder": str(fold_out.relative_to(out)),
+            "folder": str(folder.relative_to(out)),
             "c_index": c_index,
         }
+        if choice is not None:
+            record["selected"] = choice
         record["federation_heldout_c_index"] = results.get("headline", {}).get("heldout_c_index")
         done.append({"record": record, "predictions": predictions, "cfg": prepared})
     return done
@@ -243,6 +340,7 @@ def setting(cfg: DictConfig, targets: list[str]) -> dict[str, Any]:
         "rounds": int(cfg.rounds),
         "federation": str(cfg.federation.get("name") or ""),
         "privacy": str(cfg.privacy.get("mode", "none")) if cfg.get("privacy") else "none",
+        **({"select": select.describe()} if (select := selection(cfg)) else {}),
     }
 
 
@@ -271,15 +369,27 @@ def write_outputs(
     report.section(
         "Rotation",
         f"One federation per held-out cancer and seed ({cfg.strategy.name}, {cfg.rounds} rounds), each in "
-        f"`{FOLDS_DIR}/<target>-s<seed>/`. Held-out predictions recomputed from each fold's final global "
+        f"`{FOLDS_DIR}/<target>-s<seed>/`"
+        + (f"; per fold {select.describe()}" if (select := selection(cfg)) else "")
+        + ". Held-out predictions recomputed from each fold's final global "
         "model on the researcher's machine (simulation only). C-index: Harrell's, mean over seeds, "
         f"{float(cfg.rotation.level):.0%} bootstrap CI (patients within sites, then seeds).",
     )
     columns = ["target", "c_index", "ci_low", "ci_high", "transfer_c_index", "oracle_c_index", "chance"]
     report.table("Leave-one-cancer-out (federated)", summary[[*columns, "n_seeds", "n_events", "few_events"]])
-    report.table("Folds", pd.DataFrame(records))
+    report.table("Folds", pd.DataFrame([_fold_row(r) for r in records]))
     report.write()
     return summary
+
+
+def _fold_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A fold record as a flat table row: the chosen value and every candidate's validation C-index."""
+    row = {k: v for k, v in record.items() if k != "selected"}
+    choice = record.get("selected")
+    if choice:
+        row[choice["key"]] = choice["value"]
+        row.update({f"val {value}": score for value, score in choice["source_val_c_index"].items()})
+    return row
 
 
 def main(cfg: DictConfig) -> int:

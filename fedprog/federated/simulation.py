@@ -98,12 +98,18 @@ def check_site_sizes(cfg: DictConfig) -> None:
                 break
     if small:
         shown = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+        fix = (
+            f"lower federation.val_fraction={cfg.federation.val_fraction} (each training site's validation "
+            "split and the rest must both clear them)"
+            if cfg.federation.get("val_fraction")
+            else "use federation=per_cohort (one hospital per cohort) or a partition that merges small sites "
+            "(federation=tcga_tss with federation.min_cases=N, federation.min_events=N)"
+        )
         raise SiteError(
             f"federation={cfg.federation.get('name')}: {len(small)} of {len(sites)} site(s) hold fewer "
             f"than the sites' disclosure minimums (min_cases={policy.min_cases}, "
             f"min_events={policy.min_events}): "
-            f"{shown}; use federation=per_cohort (one hospital per cohort) or a partition that merges small "
-            "sites (federation=tcga_tss with federation.min_cases=N, federation.min_events=N)"
+            f"{shown}; {fix}"
         )
 
 
