@@ -117,3 +117,15 @@ def test_validation_split_holds_back_a_stratified_share_of_training_sites_only(l
 def test_validation_split_errors_name_the_key_or_site(layout: DatasetLayout, fed: dict, expected: str):
     with pytest.raises(SiteError, match=expected):
         build_sites(layout, {"partition": "cohort", **fed}, heldout=["c1"])
+
+
+def test_a_deployed_training_site_draws_the_same_validation_split(layout: DatasetLayout) -> None:
+    from fedprog.federated.client_app import _resolve
+
+    fed = {"partition": "cohort", "val_fraction": 0.25, "val_seed": 3}
+    simulated, _ = build_sites(layout, fed, heldout=["c1"])
+    node = {"site": "c0", "cohort": "c0", "role": "train"}  # deployment: the node config names the site
+    deployed, _ = _resolve(layout, node, fed, None, ("k",))
+    assert (deployed.case_ids, deployed.test_ids) == (simulated.case_ids, simulated.test_ids)
+    held, _ = _resolve(layout, {**node, "role": "holdout"}, fed, None, ("k",))
+    assert held.test_ids == () and len(held.case_ids) == 20

@@ -152,7 +152,7 @@ def build_sites(
         )
     split_column = cfg.get("split_column")
     test_value = str(cfg.get("test_value", "test"))
-    val_fraction = _val_fraction(cfg, split_column)
+    _val_fraction(cfg, split_column)  # checked before any split is drawn
     sites = []
     for site_name, cohort_name, ids in groups:
         role = "holdout" if site_name in held or cohort_name in held else "train"
@@ -166,11 +166,8 @@ def build_sites(
             is_test = labels.loc[ids, split_column].astype(str) == test_value
             test_ids = [c for c, t in zip(ids, is_test, strict=True) if t]
             ids = [c for c, t in zip(ids, is_test, strict=True) if not t]
-        elif val_fraction and role == "train":
-            censored = loaded[cohort_name].labels.loc[ids, CENSOR].to_numpy()
-            seed = int(cfg.get("val_seed") or 0)
-            ids, test_ids = validation_split(site_name, ids, censored, val_fraction, seed)
-        sites.append(Site(site_name, cohort_name, role, tuple(ids), tuple(test_ids)))
+        site = Site(site_name, cohort_name, role, tuple(ids), tuple(test_ids))
+        sites.append(site if split_column else held_back_validation(site, loaded[cohort_name].labels, cfg))
     log.info(
         "federation (%s): %d site(s): %s",
         partition,
@@ -194,6 +191,18 @@ def _val_fraction(cfg: Mapping[str, Any], split_column: Any) -> float:
             "sites' test split already; drop one of the two"
         )
     return fraction
+
+
+def held_back_validation(site: Site, labels: pd.DataFrame, federation_cfg: Mapping[str, Any]) -> Site:
+    """``site`` with ``federation_cfg.val_fraction`` of its cases as its validation split (``test_ids``);
+    unchanged for a held-out site, a site with a static test split, or without ``val_fraction``."""
+    fraction = _val_fraction(federation_cfg, federation_cfg.get("split_column"))
+    if not fraction or site.role != "train" or site.test_ids:
+        return site
+    censored = labels.loc[list(site.case_ids), CENSOR].to_numpy()
+    seed = int(federation_cfg.get("val_seed") or 0)
+    train, held = validation_split(site.name, site.case_ids, censored, fraction, seed)
+    return Site(site.name, site.cohort, site.role, tuple(train), tuple(held))
 
 
 def validation_split(

@@ -40,6 +40,7 @@ from fedprog.data.check import check_dataset
 from fedprog.data.dataset import expression_frame
 from fedprog.data.groups import GeneGroups
 from fedprog.data.layout import MANIFEST
+from fedprog.data.sites import held_back_validation
 from fedprog.data.transforms import expression_transform_for, tabular_transform_for
 from fedprog.device import client_device
 from fedprog.federated.disclosure import DisclosurePolicy
@@ -204,7 +205,8 @@ def _resolve(
         cohort_name = str(node_config["cohort"])
         cohort = load_cohort(layout, cohort_name)
         role = str(node_config.get("role", "train"))
-        return Site(str(node_config["site"]), cohort_name, role, tuple(cohort.labels.index)), cohort
+        site = Site(str(node_config["site"]), cohort_name, role, tuple(cohort.labels.index))
+        return held_back_validation(site, cohort.labels, fed), cohort  # as build_sites draws it
     sites, cohorts = _federation(layout, fed, heldout, key[:3])
     name = resolve_site_name(node_config, [s.name for s in sites])
     matches = [s for s in sites if s.name == name]
