@@ -320,6 +320,12 @@ def write_rotation_outputs(
 
 def main(cfg: DictConfig) -> int:
     """``fedprog train``: run the protocol and write results.json and report.md under ``out``."""
+    select = cfg.rotation.get("select")
+    if cfg.rotation.mode == "loco" and select and select.get("key") is not None:
+        raise ValueError(
+            f"rotation.select.key={select.key} is for `fedprog simulate rotation=loco`; `fedprog train` "
+            "chooses its epoch on the sources' validation split (val_fraction, training.select_on)"
+        )
     out_dir = start_run("train", cfg)  # out=null: a new runs/train/<time stamp>/ folder
     log.info("fedprog train -> %s", out_dir)
     if cfg.rotation.mode not in {"none", "loco"}:

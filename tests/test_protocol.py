@@ -191,3 +191,19 @@ def test_compare_refuses_folders_without_rotation_results(tmp_path, capsys):
         compare([tmp_path / "x"], tmp_path / "out")
     assert compare_main([str(tmp_path / "x"), str(tmp_path / "x")]) == 2
     assert "x: no rotation.json" in capsys.readouterr().err
+
+
+def test_train_refuses_the_federated_selection_before_start_up(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(
+        "train",
+        [
+            f"out={out}",
+            "rotation=loco",
+            "rotation.select.key=training.lr",
+            "rotation.select.values=[0.1,0.2]",
+        ],
+    )
+    with pytest.raises(ValueError, match=r"rotation.select.key=training.lr is for `fedprog simulate"):
+        main(cfg)
+    assert not out.exists()
