@@ -14,9 +14,12 @@ has (age and sex everywhere, stage where the cohort has ``survpath_clinical.csv`
   Cox loss, 16 cases per step, Adam lr 0.01): the federated counterpart of the clinical Coxnet;
 - ``fedavg_linear_clinical_pathways``: the same with the 50 Hallmark pathway scores beside the clinical
   columns (``model.pathway_scores=true``): the federated counterpart of ``coxnet_clinical_pathways``;
-- ``fedavg_linear_clinical_pathways_select``: the same with its L2 penalty (``training.weight_decay``) chosen
-  per fold among :data:`PENALTIES` on a 20% validation split of every training hospital
-  (``rotation.select``), as the Coxnet chooses its penalty on the sources' validation split;
+- ``pooled_linear_clinical_pathways``: that model and recipe trained centrally on the eight pooled cohorts
+  (``fedprog train``, 20 epochs, batches of 16 cases that mix cancers, epoch chosen on a source validation
+  split);
+- ``fedavg_linear_clinical_pathways_select``: ``fedavg_linear_clinical_pathways`` with its L2 penalty
+  (``training.weight_decay``) chosen per fold among :data:`PENALTIES` on a 20% validation split of every
+  training hospital (``rotation.select``), as the Coxnet chooses its penalty on the sources' validation split;
 - ``pooled``: ``fedprog train rotation=loco``, one model on the eight pooled source cohorts with the same
   epoch budget (20 epochs), chosen on a validation split of the sources;
 - ``coxnet_<features>``: the multi-source elastic-net Cox of ``simulations/coxnet_reference.py --loco`` on the
@@ -85,6 +88,18 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fedavg_cox_sdir_cade": ("simulate", (*COX_LOSS, "modules=sdir_cade")),
     "fedavg_linear_clinical": ("simulate", LINEAR_COX),
     "fedavg_linear_clinical_pathways": ("simulate", (*LINEAR_COX, "model.pathway_scores=true")),
+    "pooled_linear_clinical_pathways": (
+        "train",
+        (
+            *(o for o in LINEAR_COX if not o.startswith("federation=")),
+            "model.pathway_scores=true",
+            "training.epochs=20",
+            "training.optimizer=adam",
+            "training.scheduler=constant",
+            "training.num_threads=2",
+            "km_plots=false",
+        ),
+    ),
     "fedavg_linear_clinical_pathways_select": (
         "simulate",
         (*LINEAR_COX, "model.pathway_scores=true", *SELECT_PENALTY),
@@ -99,6 +114,8 @@ PAIRS = (
     ("fedavg_cox_sdir_cade", "fedavg_cox"),
     ("fedavg_linear_clinical_pathways", "fedavg_linear_clinical"),
     ("fedavg_linear_clinical_pathways", "coxnet_clinical_pathways"),
+    ("fedavg_linear_clinical_pathways", "pooled_linear_clinical_pathways"),
+    ("pooled_linear_clinical_pathways", "coxnet_clinical_pathways"),
     ("fedavg_linear_clinical_pathways_select", "fedavg_linear_clinical_pathways"),
     ("fedavg_linear_clinical_pathways_select", "coxnet_clinical_pathways"),
 )
