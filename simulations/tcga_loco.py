@@ -230,7 +230,7 @@ def headline(tables: dict[str, pd.DataFrame]) -> str:
     paired = tables["paired"].set_index(["setting", "reference", "target"])
     parts = [
         f"{label} {overall[(label, 'overall')]:.3f}"
-        for label in (*FEDERATED_HEADLINE, "pooled", REFERENCE)
+        for label in (*FEDERATED_HEADLINE, "pooled_linear_clinical_pathways", "pooled", REFERENCE)
         if (label, "overall") in overall.index
     ]
     for label in FEDERATED_HEADLINE:
