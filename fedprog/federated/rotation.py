@@ -271,6 +271,21 @@ def heldout_predictions(cfg: DictConfig, target: str, seed: int) -> pd.DataFrame
     return pd.concat(frames, ignore_index=True)
 
 
+def fold_run(
+    cfg: DictConfig, target: str, seed: int, out: Path, select: Selection | None
+) -> tuple[DictConfig, dict[str, Any], Path, dict[str, Any] | None] | None:
+    """One fold: (config, results, run folder, choice) of its run in ``out``, or of the candidate ``select``
+    chose (``folds/<target>-s<seed>/<key>=<value>/``); None when it did not complete."""
+    if select is None:
+        ran = run_fold(cfg, target, seed, out)
+        return None if ran is None else (*ran, out, None)
+    selected = run_selected_fold(cfg, target, seed, out, select)
+    if selected is None:
+        return None
+    prepared, results, choice = selected
+    return prepared, results, out / select.folder(choice["value"]), choice
+
+
 def run_folds(
     cfg: DictConfig, out: Path, targets: list[str], seeds: list[int]
 ) -> list[dict[str, Any]] | None:
@@ -283,13 +298,7 @@ def run_folds(
     for i, (target, seed) in enumerate(folds, 1):
         fold_out = out / FOLDS_DIR / fold_name(target, seed)
         started = time.monotonic()
-        choice: dict[str, Any] | None = None
-        if select is None:
-            ran = run_fold(cfg, target, seed, fold_out)
-        else:
-            selected = run_selected_fold(cfg, target, seed, fold_out, select)
-            ran = None if selected is None else selected[:2]
-            choice = None if selected is None else selected[2]
+        ran = fold_run(cfg, target, seed, fold_out, select)
         if ran is None:
             print(
                 f"fedprog simulate: rotation stopped at fold {i}/{len(folds)} ({target} seed {seed}, "
@@ -297,7 +306,7 @@ def run_folds(
                 file=sys.stderr,
             )
             return None
-        prepared, results = ran
+        prepared, results, folder, choice = ran
         predictions = heldout_predictions(prepared, target, seed)
         c_index = cindex(*(predictions[k].to_numpy(float) for k in ("time", "censorship", "risk")))
         seconds = time.monotonic() - started
@@ -310,7 +319,6 @@ def run_folds(
             c_index,
             seconds,
         )
-        folder = fold_out if choice is None else fold_out / select.folder(choice["value"])  # type: ignore[union-attr]
         record: dict[str, Any] = {
             "target": target,
             "seed": seed,
