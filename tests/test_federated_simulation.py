@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from fed_helpers import tiny_config
 
+from fedprog.data import SiteError
 from fedprog.federated import simulation
 
 
@@ -103,3 +104,13 @@ def test_sites_below_their_disclosure_minimums_are_refused_before_start_up(tmp_p
         tmp_path / "synth", tmp_path / "out2", *small, "federation=per_cohort", "heldout=[c1]"
     )
     simulation.check_site_sizes(simulation.prepare(merged))  # one hospital per cohort: 16 cases each side
+    split = tiny_config(  # c0's 40 cases: a 0.8 validation split leaves 8 training cases (< min_cases 10)
+        tmp_path / "synth",
+        tmp_path / "out3",
+        *small,
+        "federation=per_cohort",
+        "heldout=[c1]",
+        "federation.val_fraction=0.8",
+    )
+    with pytest.raises(SiteError, match=r"c0 \(8 cases.*lower federation.val_fraction=0.8"):
+        simulation.check_site_sizes(simulation.prepare(split))
