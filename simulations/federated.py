@@ -257,7 +257,8 @@ def table(frame: pd.DataFrame) -> str:
 
 def paired_table(frame: pd.DataFrame, reference: str, keys: Sequence[str] = ("seed",)) -> str:
     """Markdown: each setting minus ``reference`` (``strategy/modules``) on the same ``keys`` (seeds, or
-    (target, seed) folds): mean difference, 95% t-interval over the pairs, number of pairs."""
+    (target, seed) folds): mean difference, 95% t-interval over the pairs, Wilcoxon signed-rank p, in how many
+    pairs the setting is higher, number of pairs."""
     from scipy import stats
 
     key = frame["strategy"] + "/" + frame["modules"]
@@ -275,6 +276,8 @@ def paired_table(frame: pd.DataFrame, reference: str, keys: Sequence[str] = ("se
                 "minus": reference,
                 "mean difference": f"{diff.mean():+.3f}",
                 f"95% CI (t, over {over})": f"[{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]",
+                "Wilcoxon p": f"{stats.wilcoxon(diff).pvalue:.2g}" if diff.abs().sum() > 0 else "n/a",
+                "higher in": f"{int((diff > 0).sum())} of {len(diff)}",
                 "pairs": len(diff),
             }
         )
@@ -334,6 +337,8 @@ def target_table(frame: pd.DataFrame) -> str:
     ceiling = frame.groupby("target")["transfer_ceiling"].mean()
     wide["transfer ceiling"] = ceiling
     wide.loc["overall"] = wide.mean()
+    in_sample = frame.groupby("setting")["train_c_index"].mean()
+    wide.loc["training sites (in-sample)"] = in_sample.reindex(wide.columns)
     return markdown_table(wide.reset_index(), floatfmt=3)
 
 

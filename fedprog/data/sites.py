@@ -152,7 +152,7 @@ def build_sites(
         )
     split_column = cfg.get("split_column")
     test_value = str(cfg.get("test_value", "test"))
-    _val_fraction(cfg, split_column)  # checked before any split is drawn
+    checked_val_fraction(cfg.get("val_fraction"), split_column)  # before any split is drawn
     sites = []
     for site_name, cohort_name, ids in groups:
         role = "holdout" if site_name in held or cohort_name in held else "train"
@@ -167,7 +167,7 @@ def build_sites(
             test_ids = [c for c, t in zip(ids, is_test, strict=True) if t]
             ids = [c for c, t in zip(ids, is_test, strict=True) if not t]
         site = Site(site_name, cohort_name, role, tuple(ids), tuple(test_ids))
-        sites.append(site if split_column else held_back_validation(site, loaded[cohort_name].labels, cfg))
+        sites.append(held_back_validation(site, loaded[cohort_name].labels, cfg))
     log.info(
         "federation (%s): %d site(s): %s",
         partition,
@@ -177,17 +177,17 @@ def build_sites(
     return sites
 
 
-def _val_fraction(cfg: Mapping[str, Any], split_column: Any) -> float:
-    """``val_fraction`` checked: 0/None (no split) or a share in (0, 1), never beside a ``split_column``."""
-    value = cfg.get("val_fraction")
+def checked_val_fraction(value: Any, split_column: Any, key: str = "federation.val_fraction") -> float:
+    """``value`` as a validation share: 0.0 when unset (no split), else a share in (0, 1) that cannot sit
+    beside a static ``split_column``; :class:`SiteError` (one line naming ``key``) otherwise."""
     if not value:
         return 0.0
     fraction = float(value)
     if not 0.0 < fraction < 1.0:
-        raise SiteError(f"federation.val_fraction={value!r}: choose a share in (0, 1), or null for none")
+        raise SiteError(f"{key}={value!r}: choose a share in (0, 1), or null for none")
     if split_column:
         raise SiteError(
-            f"federation.val_fraction={value!r} with split_column={split_column!r}: the static split is the "
+            f"{key}={value!r} with split_column={split_column!r}: the federation's static split is the "
             "sites' test split already; drop one of the two"
         )
     return fraction
@@ -196,7 +196,7 @@ def _val_fraction(cfg: Mapping[str, Any], split_column: Any) -> float:
 def held_back_validation(site: Site, labels: pd.DataFrame, federation_cfg: Mapping[str, Any]) -> Site:
     """``site`` with ``federation_cfg.val_fraction`` of its cases as its validation split (``test_ids``);
     unchanged for a held-out site, a site with a static test split, or without ``val_fraction``."""
-    fraction = _val_fraction(federation_cfg, federation_cfg.get("split_column"))
+    fraction = checked_val_fraction(federation_cfg.get("val_fraction"), federation_cfg.get("split_column"))
     if not fraction or site.role != "train" or site.test_ids:
         return site
     censored = labels.loc[list(site.case_ids), CENSOR].to_numpy()

@@ -37,6 +37,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedprog.compare import prediction_frame
 from fedprog.config import to_container
+from fedprog.data.errors import SiteError
+from fedprog.data.sites import checked_val_fraction
 from fedprog.federated import simulation
 from fedprog.federated.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
 from fedprog.federated.strategy import BASELINES
@@ -127,16 +129,13 @@ def selection(cfg: DictConfig) -> Selection | None:
     values = tuple(to_container(select.get("values") or []))
     if len(values) < 2:
         raise RotationError(f"rotation.select.values={list(values)}: list two or more candidates for {key}")
-    fraction = float(select.get("val_fraction") or 0.0)
-    if not 0.0 < fraction < 1.0:
-        raise RotationError(
-            f"rotation.select.val_fraction={select.get('val_fraction')!r}: choose a share in (0, 1)"
-        )
-    if cfg.federation.get("split_column"):
-        raise RotationError(
-            f"rotation.select with federation.split_column={cfg.federation.split_column!r}: the sites' "
-            "static test split would be the validation split; choose on the federation's own split instead"
-        )
+    value, split_column = select.get("val_fraction"), cfg.federation.get("split_column")
+    try:
+        fraction = checked_val_fraction(value, split_column, "rotation.select.val_fraction")
+    except SiteError as error:
+        raise RotationError(str(error)) from None
+    if not fraction:
+        raise RotationError(f"rotation.select.val_fraction={value!r}: choose a share in (0, 1)")
     return Selection(key, values, fraction)
 
 
