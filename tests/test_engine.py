@@ -221,7 +221,7 @@ def test_schedule_continues_across_rounds(two_cohorts):
 
 
 @pytest.mark.parametrize("keep", [True, False])
-def test_client_keeps_its_optimizer_state_in_the_node_context(tmp_path, keep):
+def test_client_keeps_its_optimizer_state_in_its_state_folder(tmp_path, keep):
     from fed_helpers import DirectGrid, tiny_config
 
     from fedprog.federated import client_app
@@ -232,6 +232,7 @@ def test_client_keeps_its_optimizer_state_in_the_node_context(tmp_path, keep):
     root = tmp_path / "synth"
     overrides = ["training.optimizer=adam", f"training.keep_optimizer_state={str(keep).lower()}"]
     cfg = prepare(tiny_config(root, tmp_path / "out", *overrides, "training.local_steps=2"))
+    cfg.run_id = "run1"  # as the ServerApp sets it: the site's state folder is <out>/site_state/<site>/run1
     client_app.clear_caches()
     grid = DirectGrid(int(cfg.expected_sites))
     sites, extra = describe_sites(grid, grid.get_node_ids(), cfg)
@@ -245,6 +246,9 @@ def test_client_keeps_its_optimizer_state_in_the_node_context(tmp_path, keep):
             cfg, **{client_app.PREP_KEY: json.dumps(prep.state_dict()), "server-round": server_round}
         )
         client_app.train_arrays(weights, config, context)
-        kept = context.state.array_records.get(client_app.OPTIMIZER_STATE_KEY)
-        steps.append(None if kept is None else float(kept["adam/0/step"].numpy()))
+        store = client_app.site_state_store(cfg, context.node_config, sites[0].site)
+        kept = store.load_before(server_round + 1)
+        steps.append(None if kept is None else float(kept["adam/0/step"]))
     assert steps == ([2.0, 4.0] if keep else [None, None])
+    # the site's state folder holds the moments, not the node context (shipped with every simulated message)
+    assert client_app.OPTIMIZER_STATE_KEY not in context.state.array_records

@@ -49,3 +49,30 @@ def test_where_a_site_keeps_its_state(tmp_path: Path) -> None:
     deployed = site_state_store(cfg, {"data-root": "/h", "state-dir": str(tmp_path / "site")}, "h0")
     assert deployed is not None and deployed.folder == tmp_path / "site" / "abc" and deployed.keep == 3
     assert site_state_store(cfg, {"data-root": "/h"}, "h0") is None  # never the server's out folder
+
+
+def test_a_site_without_a_state_folder_keeps_its_moments_in_the_node_context() -> None:
+    from flwr.app import Context, RecordDict
+
+    from fedprog.federated import client_app
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    state = {"adam/0/step": torch.tensor(2.0), "adam/0/exp_avg": torch.ones(3)}
+    client_app._keep_optimizer_state(context, None, 2, state)
+    assert client_app._kept_optimizer_state(context, None, 2) is None  # a round never reads its own moments
+    kept = client_app._kept_optimizer_state(context, None, 3)
+    assert kept is not None
+    torch.testing.assert_close(kept["adam/0/exp_avg"], torch.ones(3))
+
+
+def test_a_site_with_a_state_folder_keeps_its_moments_there_not_in_the_context(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from fedprog.federated import client_app
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    store = SiteStateStore(tmp_path, "run1")
+    client_app._keep_optimizer_state(context, store, 2, {"adam/0/step": torch.tensor(2.0)})
+    assert not context.state.array_records  # the context travels with every simulated message
+    assert store.rounds() == [2]
+    assert float(client_app._kept_optimizer_state(context, store, 3)["adam/0/step"]) == 2.0

@@ -95,7 +95,9 @@ def config_from_record(record: Mapping[str, Any]) -> DictConfig:
         raise SiteRefusal("message carries no fedprog configuration (fedprog.* keys)")
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
     if digest not in _CONFIGS:
-        _CONFIGS[digest] = from_run_config(flat)
+        cfg = from_run_config(flat)
+        OmegaConf.set_readonly(cfg, True)  # shared by every message with this content: never changed
+        _CONFIGS[digest] = cfg
     return _CONFIGS[digest]
 
 
@@ -168,17 +170,10 @@ def resolve_site(cfg: DictConfig, context: Context) -> SiteHandle:
         When the node config names no usable site.
     """
     node_config = dict(context.node_config)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    fed = OmegaConf.to_container(cfg.federation, resolve=True) if "federation" in cfg else {}
-    heldout = cfg.get("heldout")
-    heldout_list = None if heldout is None else list(heldout)
-    key = (
-        json.dumps(data, sort_keys=True, default=str),
-        json.dumps(fed, sort_keys=True, default=str),
-        json.dumps(heldout_list),
-        json.dumps({k: str(v) for k, v in sorted(node_config.items())}),
-    )
+    key = (*_site_key_parts(cfg), json.dumps({k: str(v) for k, v in sorted(node_config.items())}))
     if key not in _SITES:
+        fed = json.loads(key[1])
+        heldout_list = json.loads(key[2])
         layout = _site_layout(cfg, node_config)
         site, cohort = _resolve(layout, node_config, fed, heldout_list, key)
         device = client_device(str(cfg.training.get("device", "auto")), node_config)
@@ -189,6 +184,28 @@ def resolve_site(cfg: DictConfig, context: Context) -> SiteHandle:
         )
     _NODE_SITES[context.node_id] = _SITES[key]
     return _SITES[key]
+
+
+_KEY_PARTS: dict[int, tuple[DictConfig, tuple[str, str, str]]] = {}  # id(read-only cfg) -> (cfg, parts)
+
+
+def _site_key_parts(cfg: DictConfig) -> tuple[str, str, str]:
+    """The config's part of a site's cache key: data, federation and held-out sites as JSON (computed once per
+    read-only config, i.e. once per run in a client process, not once per message)."""
+    entry = _KEY_PARTS.get(id(cfg))
+    if entry is not None and entry[0] is cfg:
+        return entry[1]
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    fed = OmegaConf.to_container(cfg.federation, resolve=True) if "federation" in cfg else {}
+    heldout = cfg.get("heldout")
+    parts = (
+        json.dumps(data, sort_keys=True, default=str),
+        json.dumps(fed, sort_keys=True, default=str),
+        json.dumps(None if heldout is None else list(heldout)),
+    )
+    if OmegaConf.is_readonly(cfg):  # a config that can change is keyed afresh on every call
+        _KEY_PARTS[id(cfg)] = (cfg, parts)
+    return parts
 
 
 def _resolve(
@@ -514,10 +531,7 @@ def train_site(
         run_position=engine.RunPosition(max(server_round - 1, 0), rounds),
     )
     if history.optimizer_state is not None:
-        context.state[OPTIMIZER_STATE_KEY] = ArrayRecord(history.optimizer_state)
-        context.state[OPTIMIZER_ROUND_KEY] = ConfigRecord({"round": server_round})
-        if store is not None:
-            store.save(server_round, history.optimizer_state)
+        _keep_optimizer_state(context, store, server_round, history.optimizer_state)
     model.to("cpu")
     metrics = MetricRecord(
         {
@@ -533,15 +547,34 @@ def train_site(
     return ArrayRecord(model.state_dict()), metrics, style
 
 
+def _keep_optimizer_state(
+    context: Context, store: SiteStateStore | None, server_round: int, state: dict[str, torch.Tensor]
+) -> None:
+    """Keep this site's optimizer state for its next training round: in its state folder when it has one,
+    else in the node context (a deployed site without ``state-dir``).
+
+    Not both: Flower's simulation ships the node context to the client process and back with every message,
+    and the moments are twice the model's size, so a context that carried them would double what every
+    message moves (and the server would hold every site's moments).
+    """
+    if store is not None:
+        store.save(server_round, state)
+        return
+    context.state[OPTIMIZER_STATE_KEY] = ArrayRecord(state)
+    context.state[OPTIMIZER_ROUND_KEY] = ConfigRecord({"round": server_round})
+
+
 def _kept_optimizer_state(
     context: Context, store: SiteStateStore | None, server_round: int
 ) -> dict[str, torch.Tensor] | None:
-    """This site's optimizer state from its last training round: in memory, else its state folder (resume)."""
-    kept = context.state.array_records.get(OPTIMIZER_STATE_KEY)
-    kept_round = context.state.config_records.get(OPTIMIZER_ROUND_KEY, {}).get("round", -1)
-    if kept is not None and int(kept_round) < server_round:
-        return kept.to_torch_state_dict()
-    state = store.load_before(server_round) if store is not None else None
+    """This site's optimizer state from its last training round before ``server_round`` (where
+    :func:`_keep_optimizer_state` put it); None when it has none (a first round, a lost context)."""
+    if store is not None:
+        state = store.load_before(server_round)
+    else:
+        kept = context.state.array_records.get(OPTIMIZER_STATE_KEY)
+        kept_round = int(context.state.config_records.get(OPTIMIZER_ROUND_KEY, {}).get("round", -1))
+        state = kept.to_torch_state_dict() if kept is not None and kept_round < server_round else None
     if state is None and server_round > 1:
         log.warning("round %d: no optimizer state kept from an earlier round; fresh moments", server_round)
     return state
@@ -619,6 +652,7 @@ app = _build_app()
 def clear_caches() -> None:
     """Forget cached configs, sites and datasets (tests; a new dataset at the same path)."""
     _CONFIGS.clear()
+    _KEY_PARTS.clear()
     _SITES.clear()
     _NODE_SITES.clear()
     _CHECKED.clear()

@@ -1,10 +1,11 @@
 """Optimizer moments a training site keeps between rounds, on its own disk (they never leave the site).
 
 With ``training.keep_optimizer_state`` a site continues its optimizer (Adam moments, RAdam's step count) from
-one round to the next. Within a run the ClientApp's ``context.state`` holds them; a resumed run (a new Flower
-run after a crash or a SuperLink restart) starts with an empty context, so every site also writes them to
-``<state dir>/<run id>/round-NNNN.npz`` and a resumed round reads the newest file before it: the resumed run
-then gives the same weights as the uninterrupted one.
+one round to the next. A site with a state folder writes them to ``<state dir>/<run id>/round-NNNN.npz`` after
+each training round and reads the newest file before the round it trains, within a run and after a resume
+alike (a new Flower run after a crash or a SuperLink restart): the resumed run then gives the same weights as
+the uninterrupted one. A deployed site without a state folder keeps them in its node context only (in memory;
+a resume restarts its moments).
 
 The state folder is the site's own: in deployment the node config's ``state-dir`` (``fedprog site start``
 passes ``<state_dir>/optimizer``); in ``fedprog simulate`` ``<out>/site_state/<site>``. Files are plain
