@@ -16,7 +16,7 @@ from fedprog.config import load_config
 from fedprog.data import DatasetLayout, LayoutError, build_sites, load_cohort
 from fedprog.data.bags import read_case_bags
 from fedprog.data.cohort import SITE
-from fedprog.data.site_norm import channel_stats
+from fedprog.data.site_norm import channel_stats, standardize_bag
 from fedprog.federated import client_app
 from fedprog.federated.messages import config_record
 from fedprog.federated.simulation import prepare
@@ -154,3 +154,47 @@ def test_pooled_baseline_runs_standardized(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(baselines, "make_dataset", spy)
     assert simulation.main(cfg) == 0
     assert seen and all(seen)
+
+
+# ------------------------------------------------------------------------- per bag (data.bag_standardize)
+def test_bag_standardization_removes_any_per_channel_style_and_keeps_the_content(tmp_path: Path) -> None:
+    layout = _layout(tmp_path / "ds", bag_standardize=True)
+    bags = _bags(layout, "c1")
+    cohort = load_cohort(layout, "c1")
+    for case, bag in bags.items():
+        assert bag.mean(0).abs().max() < TOL  # every channel centred and scaled over the bag's own patches
+        assert (bag.std(0, unbiased=False) - 1.0).abs().max() < 1e-3
+        raw = read_case_bags(cohort.bag_paths[case], case_id=case, cohort="c1")
+        generator = torch.Generator().manual_seed(len(case))
+        shift, scale = torch.randn(raw.shape[1], generator=generator), torch.rand(raw.shape[1]) + 0.2
+        torch.testing.assert_close(standardize_bag(raw * scale + shift), bag, atol=1e-4, rtol=1e-4)
+        # the content: each patch's position relative to the bag's others is unchanged
+        torch.testing.assert_close(torch.corrcoef(bag.T), torch.corrcoef(raw.T), atol=1e-4, rtol=1e-4)
+    constant = torch.ones(5, 3)
+    assert torch.equal(standardize_bag(constant), torch.zeros(5, 3))
+
+
+def test_bag_standardization_is_applied_before_patch_sampling(tmp_path: Path) -> None:
+    """Training samples patches of the bag standardized as a whole: the same transform as evaluation."""
+    layout = _layout(tmp_path / "ds", bag_standardize=True)
+    cohorts = {name: load_cohort(layout, name) for name in layout.cohorts}
+    prep = fit_preprocessing(layout, cohorts, {"c0": list(cohorts["c0"].labels.index)}, n_bins=2)
+    ids = list(cohorts["c0"].labels.index)
+    whole = make_dataset(cohorts["c0"], ids, prep).eval()
+    sampled = make_dataset(cohorts["c0"], ids, prep, max_patches=2).train()
+    for i in range(len(ids)):
+        full, part = whole[i].strong, sampled[i].strong
+        assert part.shape[0] == min(2, full.shape[0])
+        assert all(any(torch.allclose(row, other) for other in full) for row in part)
+
+
+def test_bag_standardize_key_is_checked(tmp_path: Path) -> None:
+    layout = _layout(tmp_path / "ds", bag_standardize=True)
+    assert DatasetLayout.from_dict(layout.to_dict()).bag_standardize is True
+    assert load_config("train", ["data=synth"]).data.bag_standardize is False
+    with pytest.raises(LayoutError, match="bag_standardize must be true or false"):
+        DatasetLayout.from_dict({**layout.to_dict(), "bag_standardize": "yes"})
+    with pytest.raises(LayoutError, match="bag_standardize=true standardizes WSI"):
+        DatasetLayout.from_dict({**layout.to_dict(), "strong": "clinical", "bag_standardize": True})
+    with pytest.raises(LayoutError, match="site_standardize and bag_standardize are both true; choose one"):
+        DatasetLayout.from_dict({**layout.to_dict(), "site_standardize": True})

@@ -18,7 +18,7 @@ from fedprog.data.cohort import CENSOR, TIME, Cohort
 from fedprog.data.errors import CohortError, GeneMismatchError, preview
 from fedprog.data.groups import GeneGroups
 from fedprog.data.harmonize import align_expression, max_missing_fraction, missing_genes
-from fedprog.data.site_norm import ChannelStats
+from fedprog.data.site_norm import ChannelStats, standardize_bag
 from fedprog.data.transforms import ExpressionTransform, TabularTransform
 
 log = logging.getLogger(__name__)
@@ -301,12 +301,14 @@ class SurvivalDataset(Dataset[Sample]):
             min_patches=self.cohort.layout.min_patches,
         )
         self._bag_dim = int(bag.shape[1])
+        if self.standardizers is not None:
+            bag = self.standardizers[case].apply(bag)
+        elif self.cohort.layout.bag_standardize:  # over the whole bag: training and evaluation alike
+            bag = standardize_bag(bag)
         if self.training and self.max_patches is not None and bag.shape[0] > self.max_patches:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             keep = np.sort(rng.choice(bag.shape[0], size=self.max_patches, replace=False))
             bag = bag[torch.from_numpy(keep)]
-        if self.standardizers is not None:
-            bag = self.standardizers[case].apply(bag)
         return bag
 
     def __getitem__(self, index: int) -> Sample:

@@ -100,7 +100,9 @@ class DatasetLayout:
     or a mapping cohort -> N) with ``pseudo_site_seed``, ``gene_map`` (``{path, probe_column: probe,
     gene_column: gene}``: a CSV relative to ``root`` renaming probe-level expression columns to gene symbols,
     see :func:`fedprog.data.cohort.map_probes`), ``site_standardize`` (standardize each hospital's WSI patch
-    features with its own label-free channel mean and std, :mod:`fedprog.data.site_norm`; default false).
+    features with its own label-free channel mean and std, :mod:`fedprog.data.site_norm`; default false),
+    ``bag_standardize`` (standardize each case's WSI bag with its own channel mean and std over its patches;
+    default false; not with ``site_standardize``, which it would undo).
     """
 
     name: str
@@ -126,6 +128,7 @@ class DatasetLayout:
     pseudo_site_seed: int = 0
     gene_map: Mapping[str, Any] | None = None
     site_standardize: bool = False
+    bag_standardize: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -212,6 +215,7 @@ class DatasetLayout:
             pseudo_site_seed=int(keys.get("pseudo_site_seed") or 0),
             gene_map=_gene_map(keys.get("gene_map"), where),
             site_standardize=_flag(keys.get("site_standardize"), "site_standardize", where),
+            bag_standardize=_flag(keys.get("bag_standardize"), "bag_standardize", where),
         )
         layout.validate()
         return layout
@@ -239,9 +243,15 @@ class DatasetLayout:
                 f"{where}: strong={self.strong!r} is neither 'wsi' nor a table "
                 f"(tables: {sorted(self.tables)})"
             )
-        if self.site_standardize and self.strong_kind != STRONG_WSI:
+        for key in ("site_standardize", "bag_standardize"):
+            if getattr(self, key) and self.strong_kind != STRONG_WSI:
+                raise LayoutError(
+                    f"{where}: {key}=true standardizes WSI patch features but strong={self.strong!r}"
+                )
+        if self.site_standardize and self.bag_standardize:
             raise LayoutError(
-                f"{where}: site_standardize=true standardizes WSI patch features but strong={self.strong!r}"
+                f"{where}: site_standardize and bag_standardize are both true; choose one (per-bag "
+                "standardization removes any per-channel shift and scale, the site's included)"
             )
         if self.min_patches < 1:
             raise LayoutError(f"{where}: min_patches must be >= 1, got {self.min_patches}")
@@ -341,6 +351,7 @@ class DatasetLayout:
             "pseudo_site_seed": self.pseudo_site_seed,
             "gene_map": _plain_value(self.gene_map),
             "site_standardize": self.site_standardize,
+            "bag_standardize": self.bag_standardize,
         }
 
 

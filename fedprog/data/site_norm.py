@@ -1,4 +1,5 @@
-"""Label-free per-site standardization of WSI patch features (``data.site_standardize``).
+"""Label-free standardization of WSI patch features: per site (``data.site_standardize``) or per bag
+(``data.bag_standardize``).
 
 Each hospital (the labels' ``site`` column) computes the per-channel mean and std of its own patch features,
 over every patch of its cases that the party holding them sees (a federated site: its own cases; centralized
@@ -6,6 +7,11 @@ training: every case of the cohort), and each of its bags becomes ``(bag - mean)
 features are read, never survival times or censoring, so a held-out site standardizes itself at evaluation
 time and the statistics never leave the site. A test-time normalization baseline (issue 10, item 3); it
 composes with CADE, which then perturbs the standardized bags.
+
+Per bag (``data.bag_standardize``), each case's bag is standardized by its own channel mean and std over its
+patches (instance normalization of the bag): a per-channel shift and scale shared by a bag's patches, the
+"style" that differs between cancers, hospitals and scanners, is removed exactly, and what the patches carry
+relative to each other is kept. Nothing is shared and no label is read.
 """
 
 from __future__ import annotations
@@ -94,3 +100,15 @@ def site_standardizers(
         site: channel_stats(cohort, [c for c in pool if sites.loc[c] == site]) for site in sorted(needed)
     }
     return {case: by_site[sites.loc[case]] for case in case_ids}
+
+
+def standardize_bag(bag: Tensor) -> Tensor:
+    """A bag, shape = (N, F), standardized by its own channel mean and (population) std over its N patches.
+
+    Invariant to any per-channel affine map of the bag with positive scale (the bag's style); a channel that
+    is constant over the bag becomes 0.
+    """
+    wide = bag.to(torch.float64)
+    mean = wide.mean(0)
+    std = wide.std(0, correction=0).clamp_min(MIN_STD)
+    return ((wide - mean) / std).to(bag.dtype)

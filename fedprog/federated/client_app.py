@@ -282,6 +282,7 @@ def site_datasets(
         digest,
         str(cfg.training.max_patches),
         str(handle.layout.site_standardize),
+        str(handle.layout.bag_standardize),
     )
     if key not in _DATA:
         prep = Preprocessing.from_state_dict(json.loads(prep_json))
