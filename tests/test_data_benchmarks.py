@@ -129,3 +129,23 @@ def test_tcga_loco_refuses_to_compare_without_the_reference(tmp_path: Path) -> N
     _fake_rotation(tmp_path / "fedavg", "fedavg", 0.5)
     with pytest.raises(RuntimeError, match="nothing to compare"):
         _script("tcga_loco").main(["--report-only", "--root", str(tmp_path), "--settings", "fedavg"])
+
+
+def test_information_ceiling_equals_the_transfer_ceiling_when_the_wsi_sees_z_exactly(tmp_path: Path) -> None:
+    """simulations/information_ceiling.py: with no WSI noise the posterior ranks patients as beta' z does."""
+    small = [
+        f"data.root={tmp_path / 'synth'}",
+        "data.synth.n_patients=[40,40,40,40,40,40]",
+        "data.synth.patches=[8,16]",
+        "data.synth.n_genes=40",
+        "data.synth.n_pathways=5",
+    ]
+    ceilings = _script("information_ceiling").ceilings
+    exact = ceilings([*small, "data.synth.wsi.shared_noise=1e-6"], draws=2)
+    assert list(exact["cancer"]) == ["c0", "c1", "c2", "c3", "c4", "c5", "mean"]
+    pd.testing.assert_series_equal(
+        exact["information, WSI"], exact["transfer ceiling"], check_names=False, atol=1e-9, rtol=0
+    )
+    noisy = ceilings(small, draws=2)  # the default WSI noise: the same patients, a lower information ceiling
+    assert (noisy["information, WSI"] < noisy["transfer ceiling"]).iloc[-1]
+    assert noisy["transfer ceiling"].iloc[-1] == pytest.approx(exact["transfer ceiling"].iloc[-1], abs=0.05)

@@ -56,7 +56,8 @@ n_l ~ U(patches) patches::
 with a_t = marker_strength, a_z = ``wsi.shared_strength``, a_u = ``wsi.specific_strength``, a_v =
 specific_log_scale, sigma_p = patch_noise. Standardizing each channel across a bag's patches removes mu and s
 exactly (style and the cancer-specific factors) and keeps the content: the informative patches (marked by t)
-carry z. Raw features predict well in-domain through u, whose risk is read differently in every cancer.
+carry z (``data.bag_standardize=true`` does exactly that). Raw features predict well in-domain through u,
+whose risk is read differently in every cancer.
 
 Expression. pathways.csv is the 0/1 membership M: every gene has one primary pathway and joins each other
 pathway with probability ``pathway_overlap``::
