@@ -168,6 +168,30 @@ def load_rotation(run_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
     return record, check_predictions(predictions, str(run / PREDICTIONS_FILE))
 
 
+def _only_seeds(predictions: pd.DataFrame, seeds: Sequence[int], run: Path) -> pd.DataFrame:
+    """The rows of ``seeds``; :class:`CompareError` names the run and the seeds it lacks."""
+    wanted = sorted({int(s) for s in seeds})
+    if not wanted:
+        raise CompareError("compare: seeds is empty; give at least one seed or null for all")
+    present = {int(s) for s in predictions["seed"].unique()}
+    missing = [s for s in wanted if s not in present]
+    if missing:
+        raise CompareError(f"{run}: no folds for seed(s) {missing} (it has {sorted(present)})")
+    return predictions[predictions["seed"].astype(int).isin(wanted)].reset_index(drop=True)
+
+
+def _check_same_seeds(frames: Sequence[pd.DataFrame], dirs: Sequence[Path]) -> None:
+    """:class:`CompareError` naming the run whose seeds differ from the first run's, and the common seeds."""
+    seed_sets = [sorted({int(s) for s in frame["seed"].unique()}) for frame in frames]
+    for seeds, run in zip(seed_sets[1:], dirs[1:], strict=True):
+        if seeds != seed_sets[0]:
+            common = sorted(set.intersection(*(set(s) for s in seed_sets)))
+            raise CompareError(
+                f"{run}: seeds {seeds} differ from {dirs[0]}'s {seed_sets[0]}; compare the common ones with "
+                f"seeds=[{','.join(map(str, common))}]"
+            )
+
+
 def _labels(records: Sequence[Mapping[str, Any]], dirs: Sequence[Path]) -> list[str]:
     labels = [str(r["setting"].get("label") or d.name) for r, d in zip(records, dirs, strict=True)]
     if len(set(labels)) < len(labels):  # same label twice: tell them apart by folder
@@ -182,8 +206,13 @@ def compare(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Compare rotation runs on their common folds; write ``comparison.{md,json}`` and ``forest.png``.
+
+    ``seeds`` restricts every run to those rotation seeds (each run must hold all of them), e.g. to pair a
+    two-seed ablation with the first two seeds of a five-seed baseline; ``None`` takes every seed, which must
+    then be the same in all runs.
 
     Returns ``{"settings": per-setting summary, "paired": differences to the first setting}``.
     """
@@ -191,6 +220,9 @@ def compare(
         raise CompareError(f"compare needs two or more run folders, got {len(run_dirs)}")
     dirs = [Path(d) for d in run_dirs]
     loaded = [load_rotation(d) for d in dirs]
+    if seeds is not None:
+        loaded = [(r, _only_seeds(p, seeds, d)) for (r, p), d in zip(loaded, dirs, strict=True)]
+    _check_same_seeds([predictions for _, predictions in loaded], dirs)
     labels = _labels([r for r, _ in loaded], dirs)
     summaries, paired = [], []
     reference_label, reference = labels[0], loaded[0][1]
@@ -296,11 +328,13 @@ def compare_main(cfg: Any) -> int:
     """``fedprog compare RUN1 RUN2 ...`` (``configs/compare.yaml``): print the tables, write the report."""
     runs = [str(run) for run in cfg.runs]
     argv = [*runs, "--n-boot", str(cfg.n_boot), "--level", str(cfg.level), "--seed", str(cfg.seed)]
+    if cfg.get("seeds") is not None:
+        argv += ["--seeds", *(str(int(s)) for s in cfg.seeds)]
     return main([*argv, "--out", str(cfg.out)] if cfg.out else argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``compare DIR1 DIR2 ... [--out DIR] [--n-boot N]``: the paired table and forest plot."""
+    """``compare DIR1 DIR2 ... [--out DIR] [--n-boot N] [--seeds S ...]``: the paired table and forest."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="fedprog compare", description="Compare rotation runs (paired).")
@@ -309,10 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--level", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="only these rotation seeds")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.runs[0]) / "compare"
     try:
-        tables = compare(args.runs, out, n_boot=args.n_boot, level=args.level, seed=args.seed)
+        tables = compare(
+            args.runs, out, n_boot=args.n_boot, level=args.level, seed=args.seed, seeds=args.seeds
+        )
     except CompareError as error:
         print(f"fedprog compare: {error}", file=sys.stderr)
         return 2

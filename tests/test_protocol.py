@@ -207,3 +207,59 @@ def test_train_refuses_the_federated_selection_before_start_up(tmp_path):
     with pytest.raises(ValueError, match=r"rotation.select.key=training.lr is for `fedprog simulate"):
         main(cfg)
     assert not out.exists()
+
+
+def _fake_rotation(out, label, seeds, shift):
+    """A rotation folder of two targets x ``seeds`` with risks = -time + noise (+ ``shift`` noise level)."""
+    import pandas as pd
+
+    from fedprog.compare import write_rotation
+
+    rng = np.random.default_rng(len(label))
+    rows = []
+    for target in ["c0", "c1"]:
+        times = np.linspace(1.0, 40.0, 30)
+        for seed in seeds:
+            noise = rng.normal(scale=10.0 + shift, size=times.size)
+            for i, t in enumerate(times):
+                rows.append((target, seed, f"{target}-A", f"{target}-{i}", t, i % 3 == 0, -t + noise[i]))
+    frame = pd.DataFrame(rows, columns=["target", "seed", "site", "case_id", "time", "censorship", "risk"])
+    frame["censorship"] = frame["censorship"].astype(int)
+    out.mkdir(parents=True)
+    write_rotation(out, {"label": label}, frame, n_boot=50)
+    return frame
+
+
+def test_compare_pairs_only_the_requested_seeds(tmp_path, capsys):
+    from fedprog.cli import main as cli_main
+    from fedprog.compare import CompareError, compare
+    from fedprog.survival.stats import cindex
+
+    five = _fake_rotation(tmp_path / "five", "base", [0, 1, 2, 3, 4], 0.0)
+    two = _fake_rotation(tmp_path / "two", "ablation", [0, 1], 20.0)
+    with pytest.raises(CompareError, match=r"two: seeds \[0, 1\] differ .* seeds=\[0,1\]"):  # must agree
+        compare([tmp_path / "five", tmp_path / "two"], tmp_path / "cmp", n_boot=50)
+    tables = compare([tmp_path / "five", tmp_path / "two"], tmp_path / "cmp", n_boot=50, seeds=[0, 1])
+    paired = tables["paired"].set_index("target")
+    assert paired.loc["overall", "n_pairs"] == 4  # 2 targets x seeds 0-1, not 5 seeds
+    for target in ["c0", "c1"]:
+        per_seed = {
+            name: np.mean(
+                [
+                    cindex(g["time"], g["censorship"], g["risk"])
+                    for seed, g in frame[frame["target"] == target].groupby("seed")
+                    if seed in (0, 1)
+                ]
+            )
+            for name, frame in (("five", five), ("two", two))
+        }
+        assert paired.loc[target, "difference"] == pytest.approx(per_seed["two"] - per_seed["five"])
+    with pytest.raises(CompareError, match=r"two: no folds for seed\(s\) \[4\]"):
+        compare([tmp_path / "five", tmp_path / "two"], tmp_path / "cmp", n_boot=50, seeds=[0, 4])
+    # the console script: `fedprog compare A B seeds=[0,1]`
+    out = tmp_path / "cli"
+    assert (
+        cli_main(["compare", str(tmp_path / "five"), str(tmp_path / "two"), "seeds=[0,1]", f"out={out}"]) == 0
+    )
+    assert (out / "comparison.json").is_file()
+    capsys.readouterr()
