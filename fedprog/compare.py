@@ -180,8 +180,8 @@ def _only_seeds(predictions: pd.DataFrame, seeds: Sequence[int], run: Path) -> p
     return predictions[predictions["seed"].astype(int).isin(wanted)].reset_index(drop=True)
 
 
-def _check_same_seeds(frames: Sequence[pd.DataFrame], dirs: Sequence[Path]) -> None:
-    """:class:`CompareError` naming the run whose seeds differ from the first run's, and the common seeds."""
+def _check_same_seeds(frames: Sequence[pd.DataFrame], dirs: Sequence[Path]) -> list[int]:
+    """The seeds all runs share; :class:`CompareError` names a run whose seeds differ, and the common ones."""
     seed_sets = [sorted({int(s) for s in frame["seed"].unique()}) for frame in frames]
     for seeds, run in zip(seed_sets[1:], dirs[1:], strict=True):
         if seeds != seed_sets[0]:
@@ -190,6 +190,7 @@ def _check_same_seeds(frames: Sequence[pd.DataFrame], dirs: Sequence[Path]) -> N
                 f"{run}: seeds {seeds} differ from {dirs[0]}'s {seed_sets[0]}; compare the common ones with "
                 f"seeds=[{','.join(map(str, common))}]"
             )
+    return seed_sets[0]
 
 
 def _labels(records: Sequence[Mapping[str, Any]], dirs: Sequence[Path]) -> list[str]:
@@ -222,7 +223,7 @@ def compare(
     loaded = [load_rotation(d) for d in dirs]
     if seeds is not None:
         loaded = [(r, _only_seeds(p, seeds, d)) for (r, p), d in zip(loaded, dirs, strict=True)]
-    _check_same_seeds([predictions for _, predictions in loaded], dirs)
+    compared_seeds = _check_same_seeds([predictions for _, predictions in loaded], dirs)
     labels = _labels([r for r, _ in loaded], dirs)
     summaries, paired = [], []
     reference_label, reference = labels[0], loaded[0][1]
@@ -237,17 +238,20 @@ def compare(
     differences = pd.concat(paired, ignore_index=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_tables(out, summary_frame, differences, level)
+    _write_tables(out, summary_frame, differences, level, compared_seeds)
     forest_plot(summary_frame, differences, out / "forest.png")
     return {"settings": summary_frame, "paired": differences}
 
 
-def _write_tables(out: Path, summary_frame: pd.DataFrame, differences: pd.DataFrame, level: float) -> None:
+def _write_tables(
+    out: Path, summary_frame: pd.DataFrame, differences: pd.DataFrame, level: float, seeds: Sequence[int]
+) -> None:
     write_json(
         {
             "settings": summary_frame.to_dict("records"),
             "paired": differences.to_dict("records"),
             "level": level,
+            "seeds": list(seeds),
         },
         out / "comparison.json",
     )
@@ -258,7 +262,8 @@ def _write_tables(out: Path, summary_frame: pd.DataFrame, differences: pd.DataFr
         "# Comparison of rotation runs\n",
         f"C-index: mean over seeds of Harrell's C on each held-out target; {pct} bootstrap CI resampling "
         "patients within sites, then seeds. Chance is 0.5; the transfer ceiling is the C-index of the true "
-        "shared (transferable) risk, the oracle that of the true risk (generated data only).\n",
+        "shared (transferable) risk, the oracle that of the true risk (generated data only). "
+        f"Seeds compared: {', '.join(map(str, seeds))}.\n",
         "## Settings\n",
         markdown_table(summary_frame[columns]),
         f"\n## Paired differences to `{differences['reference'].iloc[0]}`\n",

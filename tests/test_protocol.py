@@ -230,7 +230,7 @@ def _fake_rotation(out, label, seeds, shift):
     return frame
 
 
-def test_compare_pairs_only_the_requested_seeds(tmp_path, capsys):
+def test_compare_pairs_only_the_requested_seeds(tmp_path):
     from fedprog.cli import main as cli_main
     from fedprog.compare import CompareError, compare
     from fedprog.survival.stats import cindex
@@ -242,6 +242,8 @@ def test_compare_pairs_only_the_requested_seeds(tmp_path, capsys):
     tables = compare([tmp_path / "five", tmp_path / "two"], tmp_path / "cmp", n_boot=50, seeds=[0, 1])
     paired = tables["paired"].set_index("target")
     assert paired.loc["overall", "n_pairs"] == 4  # 2 targets x seeds 0-1, not 5 seeds
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["seeds"] == [0, 1]
+    assert "Seeds compared: 0, 1." in (tmp_path / "cmp" / "comparison.md").read_text()
     for target in ["c0", "c1"]:
         per_seed = {
             name: np.mean(
@@ -262,4 +264,3 @@ def test_compare_pairs_only_the_requested_seeds(tmp_path, capsys):
         cli_main(["compare", str(tmp_path / "five"), str(tmp_path / "two"), "seeds=[0,1]", f"out={out}"]) == 0
     )
     assert (out / "comparison.json").is_file()
-    capsys.readouterr()
