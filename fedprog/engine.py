@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomS
 from fedprog.data import Batch, SurvivalBins, SurvivalDataset, collate
 from fedprog.device import autocast, resolve_device
 from fedprog.survival.losses import cox_ph_loss, nll_survival_loss, risk_from_logits, survival_from_logits
-from fedprog.survival.metrics import evaluate_predictions
+from fedprog.survival.metrics import NoComparablePairsError, evaluate_predictions, stratified_harrell_cindex
 
 log = logging.getLogger(__name__)
+
+WITHIN_SOURCES = "c_index_within_sources"  # validation metric of ``stratify_sources`` (epoch selection)
 
 OPTIMIZERS = {
     "radam": lambda params, c: torch.optim.RAdam(
@@ -44,6 +46,13 @@ class TrainConfig:
     data and the Cox loss, whose risk sets live inside one batch. Federated clients call :func:`train` once
     per round: ``keep_optimizer_state`` carries the optimizer moments (and RAdam's step count) from one call
     to the next, and the schedule runs over the whole run (:class:`RunPosition`), never restarting per round.
+
+    ``stratify_sources`` treats the sources of pooled data (source cancers, training sites) as strata, as a
+    stratified Cox model does: each source keeps its own baseline hazard in training (NLL: a fixed per-source
+    offset on the hazard logits, :func:`source_baselines`, dropped after training; Cox: risk sets within one
+    source) and the validation C-index that selects the epoch compares patients within a source only.
+    Without it a pooled model is rewarded for recognizing which source (cancer) a patient comes from, which
+    ranks nobody within an unseen cancer. One source (a federated client's site) makes it a no-op.
     """
 
     epochs: int = 20
@@ -58,6 +67,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     keep_optimizer_state: bool = True
     loss: str = "nll"
+    stratify_sources: bool = False
     alpha_surv: float = 0.5
     balanced_sampling: bool = True
     max_grad_norm: float | None = None
@@ -165,10 +175,8 @@ def _sampler(data: SurvivalDataset, cfg: TrainConfig, generator: torch.Generator
     """Class-balanced sampling over (bin, censorship) strata as MCAT/SurvPath, or a plain shuffle."""
     if not cfg.balanced_sampling:
         return RandomSampler(data, generator=generator)
-    strata = np.asarray(data.strata())
-    _, inverse, counts = np.unique(strata, axis=0, return_inverse=True, return_counts=True)
-    weights = 1.0 / counts[inverse.reshape(-1)]
-    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(data), generator=generator)
+    weights = torch.as_tensor(_sampling_weights(data, cfg), dtype=torch.double)
+    return WeightedRandomSampler(weights, len(data), generator=generator)
 
 
 def _loader(
@@ -189,6 +197,71 @@ def survival_loss(outputs: torch.Tensor, batch: Batch, cfg: TrainConfig) -> torc
     if cfg.loss == "cox":
         return cox_ph_loss(outputs.reshape(-1), batch.time, 1.0 - batch.censorship)
     return nll_survival_loss(outputs, batch.bins, batch.censorship, alpha=cfg.alpha_surv)
+
+
+@dataclass
+class _SourceStrata:
+    """``stratify_sources`` in training: each pooled source keeps its own baseline hazard (class doc)."""
+
+    data: SurvivalDataset
+    offsets: torch.Tensor | None  # NLL: (n_sources, n_bins) fixed logit offsets, never part of the model
+
+    @classmethod
+    def create(cls, data: SurvivalDataset, cfg: TrainConfig) -> _SourceStrata | None:
+        """The strata of ``data``, or None when ``cfg.stratify_sources`` is off or there is one source."""
+        if not cfg.stratify_sources or data.n_sources < 2:
+            return None
+        return cls(data, None if cfg.loss == "cox" else source_baselines(data, cfg))
+
+    def loss(self, outputs: torch.Tensor, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
+        """The survival loss with a baseline per source (NLL) or risk sets within each source (Cox)."""
+        sources = torch.as_tensor(self.data.source_index(batch.case_ids), device=outputs.device)
+        if self.offsets is not None:
+            shifted = outputs + self.offsets.to(outputs.device)[sources]
+            return nll_survival_loss(shifted, batch.bins, batch.censorship, alpha=cfg.alpha_surv)
+        events = 1.0 - batch.censorship
+        terms, weights = [], []
+        for source in torch.unique(sources):
+            inside = sources == source
+            if events[inside].sum() > 0:
+                terms.append(cox_ph_loss(outputs.reshape(-1)[inside], batch.time[inside], events[inside]))
+                weights.append(events[inside].sum())
+        return torch.stack(terms).mul(torch.stack(weights)).sum() / torch.stack(weights).sum()
+
+
+def _sampling_weights(data: SurvivalDataset, cfg: TrainConfig) -> np.ndarray:
+    """Each case's probability weight under the training sampler (class-balanced or uniform)."""
+    if not cfg.balanced_sampling:
+        return np.ones(len(data))
+    _, inverse, counts = np.unique(np.asarray(data.strata()), axis=0, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse.reshape(-1)]
+
+
+def source_baselines(data: SurvivalDataset, cfg: TrainConfig, steps: int = 50) -> torch.Tensor:
+    """Per-source hazard-logit offsets of pooled ``data``: the stratified no-feature model's baselines.
+
+    Fits one logit per (source, bin) with the training loss (NLL, ``alpha_surv``, the sampler's case weights)
+    by L-BFGS, and centres them over the sources (case-weighted), so the model's own bias carries the pooled
+    baseline. Held fixed in training, they leave a model nothing to gain from telling the sources apart: a
+    source-level shift of its output moves away from this optimum. Shape (n_sources, n_bins).
+    """
+    sources = torch.as_tensor(data.source_index(data.case_ids))
+    bins = torch.as_tensor(np.asarray(data.bin_labels), dtype=torch.long)
+    censorship = torch.as_tensor(np.asarray(data.censorship), dtype=torch.float32)
+    weight = torch.as_tensor(_sampling_weights(data, cfg), dtype=torch.float32)
+    logits = torch.zeros(data.n_sources, data.bins.n_bins, requires_grad=True)
+    optimizer = torch.optim.LBFGS([logits], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nll_survival_loss(logits[sources], bins, censorship, alpha=cfg.alpha_surv, weight=weight)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    fitted = logits.detach()
+    share = torch.bincount(sources, weights=weight, minlength=data.n_sources)
+    return fitted - (share[:, None] * fitted).sum(0) / share.sum()
 
 
 def _proximal_term(model: nn.Module, global_params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -305,6 +378,7 @@ def _batch_loss(
     device: torch.device,
     anchors: Sequence[torch.Tensor] | None,
     history: TrainHistory,
+    strata: _SourceStrata | None = None,
 ) -> torch.Tensor:
     """Loss of one batch: survival loss (zero for a Cox batch without event) plus the FedProx term."""
     with _autocast(device, cfg):
@@ -312,6 +386,8 @@ def _batch_loss(
     if cfg.loss == "cox" and bool((batch.censorship > 0).all()):
         loss = outputs.float().sum() * 0.0  # no event, no Cox risk set: counted, not warned
         history.no_event_batches += 1
+    elif strata is not None:
+        loss = strata.loss(outputs.float(), batch, cfg)
     else:
         loss = survival_loss(outputs.float(), batch, cfg)
     if anchors is not None and cfg.proximal_mu > 0:
@@ -331,6 +407,7 @@ class _Loop:
     device: torch.device
     anchors: Sequence[torch.Tensor] | None
     history: TrainHistory
+    strata: _SourceStrata | None = None
 
     def step(self) -> list[float]:
         """One optimizer step over ``cfg.grad_accum`` batches; return their losses, count into ``history``."""
@@ -339,7 +416,7 @@ class _Loop:
         losses = []
         for _ in range(cfg.grad_accum):
             batch = next(self.batches).to(self.device)
-            loss = _batch_loss(self.model, batch, cfg, self.device, self.anchors, history)
+            loss = _batch_loss(self.model, batch, cfg, self.device, self.anchors, history, self.strata)
             (loss / cfg.grad_accum).backward()
             losses.append(loss.item())
             history.n_examples_seen += len(batch.case_ids)
@@ -368,8 +445,11 @@ def _validation_metrics(
     device: torch.device,
     cfg: TrainConfig,
 ) -> dict[str, float]:
-    """Metrics on ``val_data`` with the training data's bins and censoring reference."""
-    return evaluate(
+    """Metrics on ``val_data`` with the training data's bins and censoring reference.
+
+    With ``stratify_sources`` and several validation sources, ``c_index_within_sources`` is added: Harrell's
+    C over pairs of patients of the same source (what epoch selection then uses)."""
+    result = evaluate(
         model,
         val_data,
         bins=train_data.bins,
@@ -377,12 +457,24 @@ def _validation_metrics(
         train_times=train_data.times,
         train_censorship=train_data.censorship,
         loss_cfg=cfg,
-    ).metrics
+    )
+    metrics = dict(result.metrics)
+    if cfg.stratify_sources and val_data.n_sources > 1:
+        strata = val_data.source_index(result.case_ids)
+        try:
+            metrics[WITHIN_SOURCES] = stratified_harrell_cindex(
+                result.time, result.censorship, result.risk, strata
+            )
+        except NoComparablePairsError:
+            metrics[WITHIN_SOURCES] = math.nan
+    return metrics
 
 
 def _selection_score(metrics: Mapping[str, float], cfg: TrainConfig) -> float:
-    """Higher is better: the validation C-index, or minus the validation loss."""
-    return metrics["c_index"] if cfg.select_on == "val_c_index" else -metrics["loss"]
+    """Higher is better: the validation C-index (within sources when stratified), or minus the loss."""
+    if cfg.select_on == "val_c_index":
+        return metrics.get(WITHIN_SOURCES, metrics["c_index"])
+    return -metrics["loss"]
 
 
 def _finish(
@@ -445,12 +537,13 @@ def train(
     anchors = [p.detach().to(device).clone() for p in global_params] if global_params is not None else None
     loader = _loader(train_data, cfg.batch_size, _sampler(train_data, cfg, generator), cfg.num_workers)
     plan = _plan(cfg, len(loader), run_position or RunPosition())
+    strata = _SourceStrata.create(train_data, cfg)
     optimizer = _optimizer(model, cfg, optimizer_state)
     history = TrainHistory()
     best_score, best_state = -math.inf, None
     started = time.perf_counter()
     train_data.train()
-    loop = _Loop(model, _batches(loader, train_data), optimizer, cfg, plan, device, anchors, history)
+    loop = _Loop(model, _batches(loader, train_data), optimizer, cfg, plan, device, anchors, history, strata)
     for epoch in range(plan.n_epochs):
         loop.epoch()
         message = f"{log_prefix}epoch {epoch + 1}/{plan.n_epochs} loss {history.loss:.4f}"
@@ -459,6 +552,8 @@ def train(
             history.val_metrics.append(metrics)
             score = _selection_score(metrics, cfg)
             message += f" val c-index {metrics['c_index']:.3f}"
+            if WITHIN_SOURCES in metrics:
+                message += f" (within sources {metrics[WITHIN_SOURCES]:.3f})"
             if not math.isnan(score) and score > best_score:
                 best_score, history.selected_epoch = score, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

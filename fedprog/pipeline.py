@@ -248,10 +248,30 @@ class PooledDataset(SurvivalDataset):
         self.censorship = np.concatenate([p.censorship for p in parts])
         self.bin_labels = np.concatenate([p.bin_labels for p in parts])
         self._offsets = np.cumsum([0] + [len(p) for p in parts])
+        self._source_of: dict[str, int] | None = None  # case id -> part, built on first use
         self.training = parts[0].training
 
     def __len__(self) -> int:
         return len(self.case_ids)
+
+    @property
+    def n_sources(self) -> int:
+        """One source per part (a source cohort, or a training site)."""
+        return len(self.parts)
+
+    def source_index(self, case_ids: Sequence[str]) -> np.ndarray:
+        """Index of the part each case comes from; ``ValueError`` names an unknown or ambiguous case id."""
+        if self._source_of is None:
+            source_of: dict[str, int] = {}
+            for index, part in enumerate(self.parts):
+                for case in part.case_ids:
+                    if source_of.setdefault(case, index) != index:
+                        raise ValueError(f"case {case!r} is in two pooled sources; sources must be disjoint")
+            self._source_of = source_of
+        unknown = [c for c in case_ids if c not in self._source_of]
+        if unknown:
+            raise ValueError(f"case(s) {unknown[:3]} are not in this pooled dataset")
+        return np.asarray([self._source_of[c] for c in case_ids], dtype=np.int64)
 
     def __getitem__(self, index: int):  # noqa: D105
         part = int(np.searchsorted(self._offsets, index, side="right") - 1)

@@ -3,6 +3,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from data_factory import write_cohort
@@ -252,3 +253,64 @@ def test_client_keeps_its_optimizer_state_in_its_state_folder(tmp_path, keep):
     assert steps == ([2.0, 4.0] if keep else [None, None])
     # the site's state folder holds the moments, not the node context (shipped with every simulated message)
     assert client_app.OPTIMIZER_STATE_KEY not in context.state.array_records
+
+
+def _shift_source(layout, cohort, time_factor, gene_shift):
+    """Give ``cohort`` a shorter survival (its own baseline hazard) and expression shifted as a whole."""
+    folder = layout.root / cohort
+    labels = pd.read_csv(folder / "labels.csv")
+    labels["survival_months"] = (labels["survival_months"] * time_factor).round(2)
+    labels.to_csv(folder / "labels.csv", index=False)
+    rna = pd.read_csv(folder / "rna.csv.gz")
+    genes = [c for c in rna.columns if c != "case_id"]
+    rna[genes] = rna[genes] + gene_shift
+    rna.to_csv(folder / "rna.csv.gz", index=False)
+
+
+@pytest.mark.parametrize("loss", ["nll", "cox"])
+def test_stratified_sources_do_not_learn_which_source_a_patient_comes_from(tmp_path, loss):
+    write_cohort(tmp_path, "c0", n_cases=40, seed=0, with_bags=False)
+    layout = write_cohort(tmp_path, "c1", n_cases=40, seed=1, with_bags=False)
+    _shift_source(layout, "c1", time_factor=0.1, gene_shift=2.0)  # c1: 10x the hazard, recognizable genes
+    layout = type(layout).load({**layout.to_dict(), "strong": "clinical", "features": None})
+    cohorts = load_cohorts(layout)
+    cases = {name: cohorts[name].case_ids for name in ("c0", "c1")}
+    prep = fit_preprocessing(layout, cohorts, cases, n_bins=4)
+    parts = [make_dataset(cohorts[name], ids, prep) for name, ids in cases.items()]
+    pooled = PooledDataset(parts)
+    np.testing.assert_array_equal(pooled.source_index(parts[1].case_ids[:3]), [1, 1, 1])
+
+    def gap(stratify):
+        torch.manual_seed(0)
+        model = build_model(small_model_cfg("late_fusion"), pooled, loss=loss)
+        batch = {"batch_size": 16, "grad_accum": 1, "balanced_sampling": False} if loss == "cox" else {}
+        cfg = tiny_train_cfg(epochs=15, loss=loss, stratify_sources=stratify, **batch)
+        train(model, pooled, cfg, progress=False)
+        risks = [evaluate(model, part, bins=prep.bins, loss_cfg=cfg).risk for part in parts]
+        spread = np.sqrt(np.mean([r.var() for r in risks]))
+        return abs(risks[1].mean() - risks[0].mean()) / spread
+
+    plain, stratified = gap(False), gap(True)
+    assert plain > 1.0  # unstratified: the pooled model ranks c1 (10x hazard) above c0 by its genes
+    assert stratified < 0.5 * plain
+
+
+def test_stratified_cindex_counts_pairs_within_strata_only():
+    from fedprog.survival.metrics import harrell_cindex, stratified_harrell_cindex
+
+    rng = np.random.default_rng(0)
+    n = 60
+    time, censorship = rng.exponential(10.0, n), (rng.random(n) < 0.3).astype(int)
+    strata, risk = rng.integers(0, 3, n), rng.normal(size=n)
+    concordant = comparable = 0.0
+    for i in range(n):  # brute force: i had the event, j outlived i, same stratum
+        for j in range(n):
+            if censorship[i] == 0 and time[j] > time[i] and strata[i] == strata[j]:
+                comparable += 1
+                concordant += 1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0
+    assert stratified_harrell_cindex(time, censorship, risk, strata) == pytest.approx(concordant / comparable)
+    assert stratified_harrell_cindex(time, censorship, risk, np.zeros(n)) == pytest.approx(
+        harrell_cindex(time, censorship, risk)
+    )
+    # a risk that only separates the strata scores 0.5 within them
+    assert stratified_harrell_cindex(time, censorship, strata.astype(float), strata) == pytest.approx(0.5)

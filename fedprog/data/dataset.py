@@ -338,6 +338,15 @@ class SurvivalDataset(Dataset[Sample]):
         return int((self.censorship == 0).sum())
 
     @property
+    def n_sources(self) -> int:
+        """Sources (cohorts or sites) pooled in this dataset: one (see ``PooledDataset``)."""
+        return 1
+
+    def source_index(self, case_ids: Sequence[str]) -> np.ndarray:
+        """Index of each case's source among :attr:`n_sources` (int64, all 0 for one cohort)."""
+        return np.zeros(len(case_ids), dtype=np.int64)
+
+    @property
     def strong_dim(self) -> int:
         """Feature width F of ``strong`` (reads one bag for WSI)."""
         if self.strong_kind == "tabular":

@@ -125,6 +125,7 @@ def nll_survival_loss(
     censorship: Tensor,
     alpha: float = DEFAULT_ALPHA,
     eps: float = DEFAULT_EPS,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Discrete-time negative log-likelihood (Zadeh & Schmid 2020) with MCAT/SurvPath's uncensored weighting.
 
@@ -140,11 +141,13 @@ def nll_survival_loss(
         Extra weight of the uncensored term: ``L = (1 - alpha) (L_unc + L_cen) + alpha L_unc``.
     eps : float, optional, default: 1e-7
         Floor applied to each probability before its logarithm.
+    weight : Tensor, float, shape = (n_samples,), optional
+        Per-sample weights: the loss is then the weighted mean.
 
     Returns
     -------
     Tensor, float, shape = ()
-        Mean loss over the batch.
+        Mean (or weighted mean) loss over the batch.
 
     Notes
     -----
@@ -173,6 +176,8 @@ def nll_survival_loss(
     uncensored = -(1.0 - c) * (torch.log(s_before) + torch.log(h_at))
     censored = -c * torch.log(s_at)
     loss = (1.0 - alpha) * (uncensored + censored) + alpha * uncensored
+    if weight is not None:
+        return (loss * weight).sum() / weight.sum()
     return loss.mean()
 
 
