@@ -16,7 +16,9 @@ has (age and sex everywhere, stage where the cohort has ``survpath_clinical.csv`
   columns (``model.pathway_scores=true``): the federated counterpart of ``coxnet_clinical_pathways``;
 - ``pooled_linear_clinical_pathways``: that model and recipe trained centrally on the eight pooled cohorts
   (``fedprog train``, 20 epochs, batches of 16 cases that mix cancers, epoch chosen on a source validation
-  split);
+  split); ``pooled_linear_clinical_pathways_stratified`` the same with ``training.stratify_sources=true``
+  (Cox risk sets within one cohort, epoch chosen on the within-cohort C-index), which separates "the pooled
+  fit compares patients across cancers" from "it sees every cohort's patients in one model";
 - ``fedavg_linear_clinical_pathways_select``: ``fedavg_linear_clinical_pathways`` with its L2 penalty
   (``training.weight_decay``) chosen per fold among :data:`PENALTIES` on a 20% validation split of every
   training hospital (``rotation.select``), as the Coxnet chooses its penalty on the sources' validation split;
@@ -80,6 +82,16 @@ SELECT_PENALTY = (
     f"rotation.select.values=[{','.join(str(v) for v in PENALTIES)}]",
     "rotation.select.val_fraction=0.2",
 )
+#: The federated linear Cox's model and recipe, trained centrally on the pooled source cohorts.
+POOLED_LINEAR = (
+    *(o for o in LINEAR_COX if not o.startswith("federation=")),
+    "model.pathway_scores=true",
+    "training.epochs=20",
+    "training.optimizer=adam",
+    "training.scheduler=constant",
+    "training.num_threads=2",
+    "km_plots=false",
+)
 #: Federated and pooled settings: (fedprog command, overrides beyond data, cohorts and rotation).
 SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fedavg": ("simulate", ("federation=per_cohort",)),
@@ -88,17 +100,10 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fedavg_cox_sdir_cade": ("simulate", (*COX_LOSS, "modules=sdir_cade")),
     "fedavg_linear_clinical": ("simulate", LINEAR_COX),
     "fedavg_linear_clinical_pathways": ("simulate", (*LINEAR_COX, "model.pathway_scores=true")),
-    "pooled_linear_clinical_pathways": (
+    "pooled_linear_clinical_pathways": ("train", POOLED_LINEAR),
+    "pooled_linear_clinical_pathways_stratified": (
         "train",
-        (
-            *(o for o in LINEAR_COX if not o.startswith("federation=")),
-            "model.pathway_scores=true",
-            "training.epochs=20",
-            "training.optimizer=adam",
-            "training.scheduler=constant",
-            "training.num_threads=2",
-            "km_plots=false",
-        ),
+        (*POOLED_LINEAR, "training.stratify_sources=true"),
     ),
     "fedavg_linear_clinical_pathways_select": (
         "simulate",
@@ -116,6 +121,8 @@ PAIRS = (
     ("fedavg_linear_clinical_pathways", "coxnet_clinical_pathways"),
     ("fedavg_linear_clinical_pathways", "pooled_linear_clinical_pathways"),
     ("pooled_linear_clinical_pathways", "coxnet_clinical_pathways"),
+    ("pooled_linear_clinical_pathways_stratified", "pooled_linear_clinical_pathways"),
+    ("fedavg_linear_clinical_pathways", "pooled_linear_clinical_pathways_stratified"),
     ("fedavg_linear_clinical_pathways_select", "fedavg_linear_clinical_pathways"),
     ("fedavg_linear_clinical_pathways_select", "coxnet_clinical_pathways"),
 )
