@@ -50,7 +50,8 @@ class TrainConfig:
     ``stratify_sources`` treats the sources of pooled data (source cancers, training sites) as strata, as a
     stratified Cox model does: each source keeps its own baseline hazard in training (NLL: a fixed per-source
     offset on the hazard logits, :func:`source_baselines`, dropped after training; Cox: risk sets within one
-    source) and the validation C-index that selects the epoch compares patients within a source only.
+    source) and the validation C-index that selects the epoch compares patients within a source only
+    (``select_on="val_loss"`` keeps the plain, unstratified validation loss).
     Without it a pooled model is rewarded for recognizing which source (cancer) a patient comes from, which
     ranks nobody within an unseen cancer. One source (a federated client's site) makes it a no-op.
     """
@@ -207,26 +208,28 @@ class _SourceStrata:
     offsets: torch.Tensor | None  # NLL: (n_sources, n_bins) fixed logit offsets, never part of the model
 
     @classmethod
-    def create(cls, data: SurvivalDataset, cfg: TrainConfig) -> _SourceStrata | None:
+    def create(cls, data: SurvivalDataset, cfg: TrainConfig, device: torch.device) -> _SourceStrata | None:
         """The strata of ``data``, or None when ``cfg.stratify_sources`` is off or there is one source."""
         if not cfg.stratify_sources or data.n_sources < 2:
             return None
-        return cls(data, None if cfg.loss == "cox" else source_baselines(data, cfg))
+        return cls(data, None if cfg.loss == "cox" else source_baselines(data, cfg).to(device))
 
     def loss(self, outputs: torch.Tensor, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
-        """The survival loss with a baseline per source (NLL) or risk sets within each source (Cox)."""
+        """The survival loss with a baseline per source (NLL) or risk sets within each source (Cox; the
+        event-weighted mean of the sources' partial likelihoods; the caller skips a batch without event)."""
         sources = torch.as_tensor(self.data.source_index(batch.case_ids), device=outputs.device)
         if self.offsets is not None:
-            shifted = outputs + self.offsets.to(outputs.device)[sources]
+            shifted = outputs + self.offsets[sources]
             return nll_survival_loss(shifted, batch.bins, batch.censorship, alpha=cfg.alpha_surv)
-        events = 1.0 - batch.censorship
-        terms, weights = [], []
+        events, risk = 1.0 - batch.censorship, outputs.reshape(-1)
+        terms, n_events = [], []
         for source in torch.unique(sources):
             inside = sources == source
             if events[inside].sum() > 0:
-                terms.append(cox_ph_loss(outputs.reshape(-1)[inside], batch.time[inside], events[inside]))
-                weights.append(events[inside].sum())
-        return torch.stack(terms).mul(torch.stack(weights)).sum() / torch.stack(weights).sum()
+                terms.append(cox_ph_loss(risk[inside], batch.time[inside], events[inside]))
+                n_events.append(events[inside].sum())
+        weights = torch.stack(n_events)
+        return (torch.stack(terms) * weights).sum() / weights.sum()
 
 
 def _sampling_weights(data: SurvivalDataset, cfg: TrainConfig) -> np.ndarray:
@@ -537,7 +540,7 @@ def train(
     anchors = [p.detach().to(device).clone() for p in global_params] if global_params is not None else None
     loader = _loader(train_data, cfg.batch_size, _sampler(train_data, cfg, generator), cfg.num_workers)
     plan = _plan(cfg, len(loader), run_position or RunPosition())
-    strata = _SourceStrata.create(train_data, cfg)
+    strata = _SourceStrata.create(train_data, cfg, device)
     optimizer = _optimizer(model, cfg, optimizer_state)
     history = TrainHistory()
     best_score, best_state = -math.inf, None
