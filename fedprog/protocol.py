@@ -102,7 +102,8 @@ def run_source(
         return make_dataset(cohorts[name], ids, prep, max_patches=cfg.training.max_patches, seed=seed)
 
     train_data = PooledDataset([dataset(n, s[0]) for n, s in splits.items()])
-    val_data = PooledDataset([dataset(n, s[1]) for n, s in splits.items() if s[1]])
+    val_parts = [dataset(n, s[1]) for n, s in splits.items() if s[1]]
+    val_data = PooledDataset(val_parts) if val_parts else None  # val_fraction=0: every source case trains
     device = resolve_device(cfg.training.device)
     seed_everything(seed)  # the initial weights depend on the seed only, not on what ran before
     model = build_model(cfg.model, train_data, loss=train_cfg.loss)
@@ -118,7 +119,7 @@ def run_source(
         "train_seconds": round(history.seconds, 2),
     }
     reference = {"train_times": train_data.times, "train_censorship": train_data.censorship}
-    evaluations = [("+".join(source), "in-domain (val)", val_data, None)]
+    evaluations = [("+".join(source), "in-domain (val)", val_data, None)] if val_data is not None else []
     if targets is None:
         targets = cfg.targets if cfg.targets is not None else [c for c in cohorts if c not in source]
     for target in targets:
@@ -249,10 +250,9 @@ def write_outputs(
     report.section(
         "Protocol",
         f"Data `{cfg.data.get('name') or cfg.data.root}`, backbone `{cfg.model.name}`, "
-        f"modules `{modules_label(cfg.model)}`, seeds {effective_seeds(cfg)}. Each source is split "
-        f"{1 - cfg.val_fraction:.0%}/{cfg.val_fraction:.0%} into train/validation (model selection on the "
-        "source validation split only); targets are evaluated on all their cases with the source's "
-        "preprocessing and bins. C-index: Harrell's; mean over seeds.",
+        f"modules `{modules_label(cfg.model)}`, seeds {effective_seeds(cfg)}. {_split_sentence(cfg)} Targets "
+        "are evaluated on all their cases with the source's preprocessing and bins. C-index: Harrell's; "
+        "mean over seeds.",
     )
     if rotation is not None:
         columns = ["target", "c_index", "ci_low", "ci_high", "transfer_c_index", "oracle_c_index", "chance"]
@@ -265,10 +265,39 @@ def write_outputs(
     if rotation is None:
         pivot = targets.pivot_table(index="source", columns="target", values="c_index")
         report.table("C-index matrix (rows: source, columns: target)", pivot.reset_index())
-    report.table("In-domain validation", summary[summary["split"] != "target"].drop(columns=["split"]))
+    in_domain = summary[summary["split"] != "target"]
+    if len(in_domain):
+        report.table("In-domain validation", in_domain.drop(columns=["split"]))
     for png in sorted(out_dir.glob("km_*.png")):
         report.figure(png.stem.replace("_", " "), png)
     report.write()
+
+
+def _split_sentence(cfg: DictConfig) -> str:
+    """How the report describes the source split and the model selection."""
+    if not cfg.val_fraction:
+        return (
+            f"Every source case trains (val_fraction=0); the model of the last of {cfg.training.epochs} "
+            "epochs is kept (training.select_on=last)."
+        )
+    return (
+        f"Each source is split {1 - cfg.val_fraction:.0%}/{cfg.val_fraction:.0%} into train/validation "
+        f"(model selection, training.select_on={cfg.training.select_on}, on the source validation split "
+        "only)."
+    )
+
+
+def check_split(cfg: DictConfig) -> None:
+    """``val_fraction`` in [0, 1), and 0 only with ``training.select_on=last`` (one-line ValueError)."""
+    fraction = cfg.val_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"val_fraction={fraction!r}: choose a share of each source's cases in [0, 1)")
+    if fraction == 0 and cfg.training.select_on != "last":
+        raise ValueError(
+            "val_fraction=0 leaves no source validation split for "
+            f"training.select_on={cfg.training.select_on}; set training.select_on=last (keep the last epoch) "
+            "or a val_fraction in (0, 1)"
+        )
 
 
 def setting_label(cfg: DictConfig) -> str:
@@ -326,6 +355,7 @@ def main(cfg: DictConfig) -> int:
             f"rotation.select.key={select.key} is for `fedprog simulate rotation=loco`; `fedprog train` "
             "chooses its epoch on the sources' validation split (val_fraction, training.select_on)"
         )
+    check_split(cfg)
     out_dir = start_run("train", cfg)  # out=null: a new runs/train/<time stamp>/ folder
     log.info("fedprog train -> %s", out_dir)
     if cfg.rotation.mode not in {"none", "loco"}:

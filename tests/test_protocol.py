@@ -71,6 +71,31 @@ def test_train_command_writes_results_and_report(dataset, tmp_path):
     assert (run / "config.yaml").is_file()
 
 
+def test_val_fraction_zero_trains_on_every_source_case_and_keeps_the_last_epoch(dataset, tmp_path):
+    cfg = protocol_cfg(dataset, tmp_path / "runs", "val_fraction=0", "training.select_on=last", "seeds=[0]")
+    assert main(cfg) == 0
+    records = json.loads((tmp_path / "runs" / "results.json").read_text())["records"]
+    assert {r["split"] for r in records} == {"target"}  # no in-domain validation split to score
+    assert {r["selected_epoch"] for r in records} == {2}  # the last of training.epochs=2
+    assert "Every source case trains (val_fraction=0)" in (tmp_path / "runs" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["val_fraction=0"],
+            "val_fraction=0 leaves no source validation split for training.select_on=val_c_index",
+        ),
+        (["val_fraction=1.0", "training.select_on=last"], "val_fraction=1.0: choose a share"),
+    ],
+)
+def test_train_refuses_a_split_it_cannot_select_on(dataset, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        main(protocol_cfg(dataset, tmp_path / "runs", *extra))
+    assert not (tmp_path / "runs").exists()  # refused before the run folder is made
+
+
 def test_summary_averages_over_seeds():
     records = [
         {
