@@ -73,6 +73,7 @@ class TrainConfig:
     balanced_sampling: bool = True
     max_grad_norm: float | None = None
     proximal_mu: float = 0.0
+    l1: float = 0.0  # L1 penalty on the weight matrices (with weight_decay's L2: an elastic net)
     amp: bool = False
     amp_dtype: str = "bfloat16"
     select_on: str = "val_c_index"
@@ -111,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"training.select_on={self.select_on!r}; choose last, val_c_index or val_loss")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("training.batch_size and training.grad_accum must be >= 1")
+        if not self.l1 >= 0:
+            raise ValueError(f"training.l1={self.l1!r}; choose a penalty >= 0 (0: none)")
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,13 @@ def _proximal_term(model: nn.Module, global_params: Sequence[torch.Tensor]) -> t
     return 0.5 * torch.stack(terms).sum()
 
 
+def l1_term(model: nn.Module) -> torch.Tensor:
+    """Sum of absolute values of the trainable weight matrices (parameters of 2+ dimensions; biases and
+    norm scales are not penalized), the L1 part of ``training.l1``."""
+    terms = [p.abs().sum() for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
 def _lr_lambda(cfg: TrainConfig, total_steps: int, steps_per_epoch: int):
     """LR factor of global step ``step`` in a run of ``total_steps`` (linear warm-up, then cosine)."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if cfg.scheduler == "cosine" else 0
@@ -383,7 +393,11 @@ def _batch_loss(
     history: TrainHistory,
     strata: _SourceStrata | None = None,
 ) -> torch.Tensor:
-    """Loss of one batch: survival loss (zero for a Cox batch without event) plus the FedProx term."""
+    """Loss of one batch: survival loss (zero for a Cox batch without event), FedProx term, L1 penalty.
+
+    The L1 penalty enters as a subgradient, so coefficients it sets to zero stay within about one step of
+    the learning rate of zero rather than exactly at it (``training.l1``).
+    """
     with _autocast(device, cfg):
         outputs = model(batch)
     if cfg.loss == "cox" and bool((batch.censorship > 0).all()):
@@ -395,6 +409,8 @@ def _batch_loss(
         loss = survival_loss(outputs.float(), batch, cfg)
     if anchors is not None and cfg.proximal_mu > 0:
         loss = loss + cfg.proximal_mu * _proximal_term(model, anchors)
+    if cfg.l1 > 0:
+        loss = loss + cfg.l1 * l1_term(model).to(loss.device)
     return loss
 
 

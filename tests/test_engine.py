@@ -10,7 +10,7 @@ from data_factory import write_cohort
 
 from fedprog.config import load_config
 from fedprog.data import load_cohorts
-from fedprog.engine import TrainConfig, eval_batch_size, evaluate, train
+from fedprog.engine import TrainConfig, eval_batch_size, evaluate, l1_term, train
 from fedprog.pipeline import PooledDataset, Preprocessing, build_model, fit_preprocessing, make_dataset
 
 
@@ -94,6 +94,33 @@ def test_proximal_term_keeps_weights_near_the_global_model(two_cohorts):
         )
 
     assert drift(5.0) < 0.5 * drift(0.0)
+
+
+def test_l1_term_sums_weight_matrices_only():
+    layer = torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0, 0.5]]))
+        layer.bias.fill_(7.0)  # not penalized
+    assert l1_term(layer).item() == pytest.approx(3.5)
+    with pytest.raises(ValueError, match="training.l1=-0.1"):
+        TrainConfig.from_cfg({"l1": -0.1})
+
+
+def test_l1_penalty_shrinks_the_weights(two_cohorts):
+    _, cohorts, prep = two_cohorts
+    data = make_dataset(cohorts["c0"], cohorts["c0"].case_ids, prep, max_patches=16)
+    torch.manual_seed(0)
+    start = build_model(small_model_cfg("snn"), data, loss="nll")
+
+    def near_zero(l1):  # share of the weight-matrix entries within two steps (lr 0.01) of zero
+        model = build_model(small_model_cfg("snn"), data, loss="nll")
+        model.load_state_dict(start.state_dict())
+        train(model, data, tiny_train_cfg(l1=l1, epochs=20), progress=False)
+        weights = torch.cat([p.detach().abs().flatten() for p in model.parameters() if p.dim() >= 2])
+        return (weights < 0.02).float().mean().item()
+
+    plain, penalized = near_zero(0.0), near_zero(1.0)
+    assert plain < 0.2 < 0.4 < penalized
 
 
 def test_evaluate_reports_metrics_for_every_case(two_cohorts):
