@@ -28,6 +28,10 @@ has (age and sex everywhere, stage where the cohort has ``survpath_clinical.csv`
 - ``fedavg_linear_clinical_pathways_l1``: the same model with an elastic net, as the Coxnet fits: an L1
   penalty (``training.l1``) beside the fixed weight decay, its strength chosen per fold among :data:`L1` on
   those validation splits;
+- ``fedavg_linear_clinical_pathways_events``: the same model with each hospital's update weighted by its
+  events instead of its cases (``weighting=events``): the Cox loss is a mean over events, so a pooled fit
+  weighs a cohort by its events, while FedAvg's default weighs BRCA (about a quarter of the cases, 14%
+  events) by its cases;
 - ``pooled``: ``fedprog train rotation=loco``, one model on the eight pooled source cohorts with the same
   epoch budget (20 epochs), chosen on a validation split of the sources;
 - ``coxnet_<features>``: the multi-source elastic-net Cox of ``simulations/coxnet_reference.py --loco`` on the
@@ -135,6 +139,10 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
         "simulate",
         (*LINEAR_COX, "model.pathway_scores=true", *SELECT_ROUNDS),
     ),
+    "fedavg_linear_clinical_pathways_events": (
+        "simulate",
+        (*LINEAR_COX, "model.pathway_scores=true", "weighting=events"),
+    ),
     "fedavg_linear_clinical_pathways_l1": (
         "simulate",
         (*LINEAR_COX, "model.pathway_scores=true", *SELECT_L1),
@@ -158,6 +166,7 @@ PAIRS = (
     ("fedavg_linear_clinical_pathways_rounds", "fedavg_linear_clinical_pathways"),
     ("fedavg_linear_clinical_pathways_rounds", "pooled_linear_clinical_pathways_stratified"),
     ("fedavg_linear_clinical_pathways_l1", "fedavg_linear_clinical_pathways"),
+    ("fedavg_linear_clinical_pathways_events", "fedavg_linear_clinical_pathways"),
     ("fedavg_linear_clinical_pathways_l1", "coxnet_clinical_pathways"),
 )
 
@@ -258,6 +267,7 @@ def paired_table(paired: pd.DataFrame) -> str:
 
 #: The federated settings of the final line.
 FEDERATED_HEADLINE = (
+    "fedavg_linear_clinical_pathways_events",
     "fedavg_linear_clinical_pathways_l1",
     "fedavg_linear_clinical_pathways_rounds",
     "fedavg_linear_clinical_pathways_select",
