@@ -219,3 +219,97 @@ def test_select_refusals_are_one_line_before_start_up(data_root, tmp_path, capsy
     assert simulation.main(rotation_config(data_root, out, *SELECT, override)) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert expected in line and not out.exists()
+
+
+BEST_ROUND = (
+    "federation=per_cohort",  # one hospital per cancer: each keeps 10+ cases and 3+ events in both splits
+    "rotation.targets=[c1]",
+    "rounds=3",
+    "rotation.keep_round=best",
+    "rotation.round_val_fraction=0.4",
+)
+
+
+def _role_c_index(rows: pd.DataFrame, role: str) -> float:
+    """Event-weighted mean C-index of one role's rows (the federation's aggregation), computed here."""
+    part = rows[rows["role"] == role]
+    return float(np.average(part["c_index"], weights=part["n_events"]))
+
+
+def test_best_round_keeps_the_global_model_of_the_best_source_validation_round(
+    data_root, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(simulation, "execute", in_process)
+    out = tmp_path / "fed"
+    assert simulation.main(rotation_config(data_root, out, *BEST_ROUND)) == 0
+    record = json.loads((out / compare.ROTATION_FILE).read_text())
+    assert "best source validation C-index on 40% validation splits" in record["setting"]["keep_round"]
+    (fold,) = record["federation_folds"]
+    rounds = pd.read_csv(out / "folds" / "c1-s0" / "rounds.csv")
+    scores = {r: _role_c_index(rows, "train") for r, rows in rounds.groupby("round")}
+    assert sorted(scores) == [1, 2, 3]
+    kept = fold["kept_round"]
+    assert kept["round"] == max(scores, key=scores.get)  # chosen on the training sites' validation splits
+    assert kept["source_val_c_index"] == pytest.approx(scores[kept["round"]])
+    saved = OmegaConf.load(out / "folds" / "c1-s0" / "config.yaml")
+    assert saved.federation.val_fraction == 0.4 and saved.federation.val_seed == 0
+    # the predictions come from the kept round's global model: the C-index the held-out site reported then
+    predictions = pd.read_csv(out / compare.PREDICTIONS_FILE, dtype={"case_id": str})
+    chosen = rounds[(rounds["round"] == kept["round"]) & (rounds["role"] == "holdout")]
+    assert len(predictions) == int(chosen["n"].sum()) == 30
+    recomputed = cindex(*(predictions[k].to_numpy(float) for k in ("time", "censorship", "risk")))
+    assert recomputed == pytest.approx(float(chosen["c_index"].iloc[0]), abs=1e-12)
+    assert fold["federation_heldout_c_index"] == pytest.approx(float(chosen["c_index"].iloc[0]))
+    # any round's checkpoint gives the held-out C-index reported in that round
+    first = rotation.heldout_predictions(saved, "c1", 0, server_round=1)
+    round_1 = rounds[(rounds["round"] == 1) & (rounds["role"] == "holdout")]["c_index"].iloc[0]
+    assert cindex(*(first[k].to_numpy(float) for k in ("time", "censorship", "risk"))) == pytest.approx(
+        round_1
+    )
+    assert "best source validation C-index" in (out / "report.md").read_text()
+    # last_round/: the same federations' final models, paired with the kept rounds by fedprog compare
+    last = pd.read_csv(out / "last_round" / compare.PREDICTIONS_FILE, dtype={"case_id": str})
+    final = rounds[(rounds["round"] == 3) & (rounds["role"] == "holdout")]["c_index"].iloc[0]
+    assert cindex(*(last[k].to_numpy(float) for k in ("time", "censorship", "risk"))) == pytest.approx(final)
+    paired = compare.compare([out / "last_round", out], tmp_path / "cmp", n_boot=50)["paired"]
+    overall = paired[paired["target"] == "overall"].iloc[0]
+    assert overall["difference"] == pytest.approx(recomputed - final, abs=1e-9)
+
+
+def test_best_round_picks_the_earliest_of_equal_scores_and_skips_unscored_rounds():
+    rows = [
+        (1, "a", "train", float("nan"), 5),
+        (1, "t", "holdout", 0.50, 9),
+        (2, "a", "train", 0.70, 5),
+        (2, "b", "train", 0.60, 5),
+        (2, "t", "holdout", 0.61, 9),
+        (3, "a", "train", 0.60, 5),
+        (3, "b", "train", 0.70, 5),
+        (3, "t", "holdout", 0.62, 9),
+    ]
+    rounds = pd.DataFrame(rows, columns=["round", "site", "role", "c_index", "n_events"])
+    rounds = rounds.assign(n=10, loss=1.0, c_index_ipcw=rounds["c_index"])
+    kept = rotation.best_round(rounds)
+    assert kept == {
+        "round": 2,
+        "source_val_c_index": pytest.approx(0.65),
+        "heldout_c_index": pytest.approx(0.61),
+    }
+    assert rotation.best_round(rounds[rounds["round"] == 1]) is None
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("rotation.keep_round=first", "rotation.keep_round='first': choose last or best"),
+        ("rotation.round_val_fraction=0", "rotation.round_val_fraction=0: choose a share in (0, 1)"),
+        ("checkpoint.keep=1", "rotation.keep_round=best needs every round's checkpoint: checkpoint.keep=1"),
+        ("rotation.select.key=training.lr", "rotation.keep_round=best with rotation.select: choose one"),
+    ],
+)
+def test_best_round_refusals_are_one_line_before_start_up(data_root, tmp_path, capsys, override, expected):
+    out = tmp_path / "out"
+    extra = ["rotation.select.values=[0.1,0.2]"] if override.startswith("rotation.select") else []
+    assert simulation.main(rotation_config(data_root, out, *BEST_ROUND, override, *extra)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert expected in line and not out.exists()

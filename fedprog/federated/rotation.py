@@ -15,6 +15,13 @@ cases as a validation split (``federation.val_fraction``, drawn with the fold's 
 best event-weighted source-validation C-index in its last round is the fold's model, as the Coxnet reference
 chooses its penalty on the sources' validation split. No target case takes part in the choice.
 
+With ``rotation.keep_round=best`` every training site holds back ``rotation.round_val_fraction`` of its cases
+the same way, and the fold's model is the global model of the round with the best event-weighted
+source-validation C-index (its checkpoint), as ``fedprog train`` chooses its epoch; ``last`` (the default)
+keeps the final round's model. A ``best`` rotation also writes ``<out>/last_round/``: the same folds' final
+models as a rotation of their own, so ``fedprog compare <out>/last_round <out>`` pairs the two choices on the
+same federations.
+
 SIMULATION ONLY: the patient-level held-out predictions are computed on the researcher's machine, which owns
 all simulated data, by evaluating each fold's final global model with the clients' own code
 (:func:`heldout_predictions`). In a deployment no patient-level value ever leaves a site.
@@ -40,12 +47,13 @@ from fedprog.config import to_container
 from fedprog.data.errors import SiteError
 from fedprog.data.sites import checked_val_fraction
 from fedprog.federated import simulation
-from fedprog.federated.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
+from fedprog.federated.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint, round_dir
 from fedprog.federated.strategy import BASELINES
 
 log = logging.getLogger(__name__)
 
 FOLDS_DIR = "folds"  # <out>/folds/<target>-s<seed>/: one simulate run folder per fold
+LAST_ROUND_DIR = "last_round"  # keep_round=best: the same folds' final-round models as a rotation
 FINAL_WEIGHTS = "final_weights.npz"
 COMPLETED = "completed"
 _ABSENT = object()
@@ -85,6 +93,7 @@ def check_settings(cfg: DictConfig) -> None:
             "drop heldout= and choose the cancers with rotation.targets"
         )
     selection(cfg)
+    round_val_fraction(cfg)
     if str(cfg.strategy.name) in BASELINES:
         raise RotationError(
             f"strategy={cfg.strategy.name} with rotation=loco: the baselines keep no global model to predict "
@@ -106,16 +115,70 @@ class Selection:
 
     def candidate(self, cfg: DictConfig, value: Any, seed: int) -> DictConfig:
         """The fold config with ``key=value`` and every training site holding back its validation split."""
-        candidate = OmegaConf.create(to_container(cfg))
+        candidate = with_validation(cfg, self.val_fraction, seed)
         OmegaConf.update(candidate, self.key, value, merge=False)
-        with open_dict(candidate.federation):
-            candidate.federation.val_fraction = self.val_fraction
-            candidate.federation.val_seed = seed
         return candidate
 
     def describe(self) -> str:
         """One line for reports and rotation.json."""
         return f"{self.key} in {list(self.values)} on {self.val_fraction:.0%} source validation splits"
+
+
+def with_validation(cfg: DictConfig, fraction: float, seed: int) -> DictConfig:
+    """A copy of ``cfg`` whose training sites hold back ``fraction`` of their cases (drawn with ``seed``)."""
+    fold = OmegaConf.create(to_container(cfg))
+    with open_dict(fold.federation):
+        fold.federation.val_fraction = fraction
+        fold.federation.val_seed = seed
+    return fold
+
+
+def _checked_fraction(cfg: DictConfig, value: Any, key: str) -> float:
+    """A validation share in (0, 1) for ``key`` (one-line :class:`RotationError` otherwise)."""
+    try:
+        fraction = checked_val_fraction(value, cfg.federation.get("split_column"), key)
+    except SiteError as error:
+        raise RotationError(str(error)) from None
+    if not fraction:
+        raise RotationError(f"{key}={value!r}: choose a share in (0, 1)")
+    return fraction
+
+
+def round_val_fraction(cfg: DictConfig) -> float | None:
+    """``rotation.keep_round``: None for ``last``; for ``best`` the validation share (checked, one line)."""
+    keep = str(cfg.rotation.get("keep_round", "last"))
+    if keep not in {"last", "best"}:
+        raise RotationError(f"rotation.keep_round={keep!r}: choose last or best")
+    if keep == "last":
+        return None
+    if (cfg.rotation.get("select") or {}).get("key") is not None:
+        raise RotationError(
+            "rotation.keep_round=best with rotation.select: choose one per rotation (select compares the "
+            "candidates' last rounds)"
+        )
+    if int((cfg.get("checkpoint") or {}).get("keep", 0)) != 0:
+        raise RotationError(
+            f"rotation.keep_round=best needs every round's checkpoint: checkpoint.keep={cfg.checkpoint.keep} "
+            "prunes them (set checkpoint.keep=0)"
+        )
+    return _checked_fraction(cfg, cfg.rotation.get("round_val_fraction"), "rotation.round_val_fraction")
+
+
+def best_round(rounds: pd.DataFrame) -> dict[str, Any] | None:
+    """The round of ``rounds.csv`` whose training sites' event-weighted (validation) C-index is the highest
+    (the earliest on a tie), with that score and the held-out sites' C-index of the round; None when no
+    round has a finite source score."""
+    from fedprog.federated.outputs import role_summary
+
+    best: dict[str, Any] | None = None
+    for server_round, rows in rounds.groupby("round", sort=True):
+        records = rows.to_dict("records")
+        score = role_summary(records, "train")["c_index"]
+        if np.isfinite(score) and (best is None or score > best["source_val_c_index"]):
+            heldout = role_summary(records, "holdout")["c_index"]
+            best = {"round": int(server_round), "source_val_c_index": float(score)}
+            best["heldout_c_index"] = heldout
+    return best
 
 
 def selection(cfg: DictConfig) -> Selection | None:
@@ -129,13 +192,7 @@ def selection(cfg: DictConfig) -> Selection | None:
     values = tuple(to_container(select.get("values") or []))
     if len(values) < 2:
         raise RotationError(f"rotation.select.values={list(values)}: list two or more candidates for {key}")
-    value, split_column = select.get("val_fraction"), cfg.federation.get("split_column")
-    try:
-        fraction = checked_val_fraction(value, split_column, "rotation.select.val_fraction")
-    except SiteError as error:
-        raise RotationError(str(error)) from None
-    if not fraction:
-        raise RotationError(f"rotation.select.val_fraction={value!r}: choose a share in (0, 1)")
+    fraction = _checked_fraction(cfg, select.get("val_fraction"), "rotation.select.val_fraction")
     return Selection(key, values, fraction)
 
 
@@ -234,10 +291,13 @@ def run_selected_fold(
     return prepared, results, choice
 
 
-def heldout_predictions(cfg: DictConfig, target: str, seed: int) -> pd.DataFrame:
+def heldout_predictions(
+    cfg: DictConfig, target: str, seed: int, server_round: int | None = None
+) -> pd.DataFrame:
     """SIMULATION ONLY: per-patient risks of a finished fold's held-out sites, computed on this machine.
 
-    The fold's final global model (``final_weights.npz``) and the preprocessing the federation fitted (in its
+    The fold's final global model (``final_weights.npz``; with ``server_round``, that round's checkpointed
+    global model) and the preprocessing the federation fitted (in its
     checkpoint) are evaluated with the clients' own code (:func:`client_app.site_dataset`, standardized by
     each site's own cases, and :func:`client_app.evaluate_model`) on exactly each held-out site's evaluation
     cases: the same numbers the sites computed, whose aggregates they reported in rounds.csv. Only possible in
@@ -250,10 +310,14 @@ def heldout_predictions(cfg: DictConfig, target: str, seed: int) -> pd.DataFrame
     from fedprog.pipeline import Preprocessing
 
     out = Path(str(cfg.out))
-    checkpoint = load_checkpoint(list_checkpoints(out / CHECKPOINT_DIR)[-1])
+    if server_round is None:
+        checkpoint = load_checkpoint(list_checkpoints(out / CHECKPOINT_DIR)[-1])
+        with np.load(out / FINAL_WEIGHTS) as weights:
+            arrays = numpy_to_arrays({key: weights[key] for key in weights.files})
+    else:
+        checkpoint = load_checkpoint(round_dir(out / CHECKPOINT_DIR, server_round))
+        arrays = numpy_to_arrays(checkpoint.arrays)
     prep = Preprocessing.from_state_dict(checkpoint.federation["prep"])
-    with np.load(out / FINAL_WEIGHTS) as weights:
-        arrays = numpy_to_arrays({key: weights[key] for key in weights.files})
     layout = DatasetLayout.load(to_container(cfg.data))
     sites = build_sites(layout, cfg.federation, list(cfg.heldout))
     cohort = load_cohort(layout, target)
@@ -292,21 +356,24 @@ def run_folds(
     from fedprog.survival.stats import cindex
 
     folds = [(target, seed) for target in targets for seed in seeds]
-    select = selection(cfg)
+    select, fraction = selection(cfg), round_val_fraction(cfg)
     done: list[dict[str, Any]] = []
     for i, (target, seed) in enumerate(folds, 1):
         fold_out = out / FOLDS_DIR / fold_name(target, seed)
         started = time.monotonic()
-        ran = fold_run(cfg, target, seed, fold_out, select)
-        if ran is None:
+        fold_cfg = cfg if fraction is None else with_validation(cfg, fraction, seed)
+        ran = fold_run(fold_cfg, target, seed, fold_out, select)
+        kept = None if ran is None or fraction is None else best_round(pd.read_csv(ran[2] / "rounds.csv"))
+        if ran is None or (fraction is not None and kept is None):
+            reason = "" if ran is None else ": no round has a source validation C-index"
             print(
                 f"fedprog simulate: rotation stopped at fold {i}/{len(folds)} ({target} seed {seed}, "
-                f"{fold_out}); give out={out} again to continue",
+                f"{fold_out}){reason}; give out={out} again to continue",
                 file=sys.stderr,
             )
             return None
         prepared, results, folder, choice = ran
-        predictions = heldout_predictions(prepared, target, seed)
+        predictions = heldout_predictions(prepared, target, seed, None if kept is None else kept["round"])
         c_index = cindex(*(predictions[k].to_numpy(float) for k in ("time", "censorship", "risk")))
         seconds = time.monotonic() - started
         log.info(
@@ -326,8 +393,15 @@ def run_folds(
         }
         if choice is not None:
             record["selected"] = choice
-        record["federation_heldout_c_index"] = results.get("headline", {}).get("heldout_c_index")
-        done.append({"record": record, "predictions": predictions, "cfg": prepared})
+        if kept is not None:
+            record["kept_round"] = kept
+        record["federation_heldout_c_index"] = (
+            results.get("headline", {}).get("heldout_c_index") if kept is None else kept["heldout_c_index"]
+        )
+        item = {"record": record, "predictions": predictions, "cfg": prepared}
+        if kept is not None:  # the same federation's final model, for the paired last-vs-best comparison
+            item["last_round_predictions"] = heldout_predictions(prepared, target, seed)
+        done.append(item)
     return done
 
 
@@ -348,7 +422,13 @@ def setting(cfg: DictConfig, targets: list[str]) -> dict[str, Any]:
         "federation": str(cfg.federation.get("name") or ""),
         "privacy": str(cfg.privacy.get("mode", "none")) if cfg.get("privacy") else "none",
         **({"select": select.describe()} if (select := selection(cfg)) else {}),
+        **({"keep_round": _kept_round_text(fraction)} if (fraction := round_val_fraction(cfg)) else {}),
     }
+
+
+def _kept_round_text(fraction: float) -> str:
+    """``rotation.keep_round=best`` in words, for rotation.json and the report."""
+    return f"the round with the best source validation C-index on {fraction:.0%} validation splits"
 
 
 def write_outputs(
@@ -363,23 +443,43 @@ def write_outputs(
     first = folds[0]["cfg"]
     predictions = pd.concat([f["predictions"] for f in folds], ignore_index=True)
     records = [f["record"] for f in folds]
+    truth = layout_truth(DatasetLayout.load(to_container(first.data)))
     summary = write_rotation(
         out,
         setting(cfg, targets),
         predictions,
-        truth=layout_truth(DatasetLayout.load(to_container(first.data))),
+        truth=truth,
         n_boot=int(cfg.rotation.n_boot),
         level=float(cfg.rotation.level),
         extra={"federation_folds": records},
     )
+    if "last_round_predictions" in folds[0]:
+        last = setting(cfg, targets)
+        last.pop("keep_round")
+        last["label"] = f"{last['label']} (last round)"
+        (out / LAST_ROUND_DIR).mkdir(exist_ok=True)
+        write_rotation(
+            out / LAST_ROUND_DIR,
+            last,
+            pd.concat([f["last_round_predictions"] for f in folds], ignore_index=True),
+            truth=truth,
+            n_boot=int(cfg.rotation.n_boot),
+            level=float(cfg.rotation.level),
+        )
     report = ReportBuilder(out, "fedprog federated leave-one-cancer-out rotation")
     report.section(
         "Rotation",
         f"One federation per held-out cancer and seed ({cfg.strategy.name}, {cfg.rounds} rounds), each in "
         f"`{FOLDS_DIR}/<target>-s<seed>/`"
         + (f"; per fold {select.describe()}" if (select := selection(cfg)) else "")
-        + ". Held-out predictions recomputed from each fold's final global "
-        "model on the researcher's machine (simulation only). C-index: Harrell's, mean over seeds, "
+        + ". Held-out predictions recomputed from each fold's "
+        + (
+            f"global model of {_kept_round_text(fraction)} (the final models of the same federations: "
+            f"`{LAST_ROUND_DIR}/`, paired by `fedprog compare {LAST_ROUND_DIR} .`)"
+            if (fraction := round_val_fraction(cfg))
+            else "final global model"
+        )
+        + " on the researcher's machine (simulation only). C-index: Harrell's, mean over seeds, "
         f"{float(cfg.rotation.level):.0%} bootstrap CI (patients within sites, then seeds).",
     )
     columns = ["target", "c_index", "ci_low", "ci_high", "transfer_c_index", "oracle_c_index", "chance"]
@@ -391,7 +491,10 @@ def write_outputs(
 
 def _fold_row(record: dict[str, Any]) -> dict[str, Any]:
     """A fold record as a flat table row: the chosen value and every candidate's validation C-index."""
-    row = {k: v for k, v in record.items() if k != "selected"}
+    row = {k: v for k, v in record.items() if k not in {"selected", "kept_round"}}
+    kept = record.get("kept_round")
+    if kept:
+        row["round"], row["source val C"] = kept["round"], kept["source_val_c_index"]
     choice = record.get("selected")
     if choice:
         row[choice["key"]] = choice["value"]
