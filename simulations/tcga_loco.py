@@ -8,6 +8,9 @@ has (age and sex everywhere, stage where the cohort has ``survpath_clinical.csv`
 
 - ``fedavg``: ``fedprog simulate rotation=loco`` with ``federation=per_cohort`` and the defaults of
   configs/simulate.yaml (10 rounds x 2 local epochs, kept Adam, last round's model);
+- ``fedavg_best_round``: the same with each fold's round chosen on a 20% validation split of every training
+  hospital (``rotation.keep_round=best``), as pooled training chooses its epoch; its ``last_round/`` holds the
+  same federations' final models, ``fedavg_best_round_last`` in the comparisons;
 - ``fedavg_cox``: the same with the Cox loss over batches of 16 cases of one hospital (``training.loss=cox
   training.batch_size=16 training.grad_accum=1``), and ``fedavg_cox_sdir_cade`` with ``modules=sdir_cade``;
 - ``fedavg_linear_clinical``: FedAvg of a linear Cox model on the clinical covariates (``model=linear_cox``,
@@ -122,6 +125,7 @@ POOLED_LINEAR = (
 SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fedavg": ("simulate", ("federation=per_cohort",)),
     "pooled": ("train", ("training.epochs=20", "training.num_threads=2", "km_plots=false")),
+    "fedavg_best_round": ("simulate", ("federation=per_cohort", "rotation.keep_round=best")),
     "fedavg_cox": ("simulate", COX_LOSS),
     "fedavg_cox_sdir_cade": ("simulate", (*COX_LOSS, "modules=sdir_cade")),
     "fedavg_linear_clinical": ("simulate", LINEAR_COX),
@@ -153,6 +157,8 @@ REFERENCE = "coxnet_clinical"  # the bar of issue #9: the federation >= this + 0
 #: Pairs compared besides "every setting minus the reference": (setting, minus).
 PAIRS = (
     ("fedavg", "pooled"),
+    ("fedavg_best_round", "fedavg_best_round_last"),
+    ("fedavg_best_round", "pooled"),
     ("fedavg_cox", "fedavg"),
     ("fedavg_cox_sdir_cade", "fedavg_cox"),
     ("fedavg_linear_clinical_pathways", "fedavg_linear_clinical"),
@@ -221,8 +227,13 @@ def run_coxnet(modality: str, root: Path, targets: Sequence[str], seeds: Sequenc
 
 
 def folder_of(label: str, root: Path) -> Path:
-    """Rotation folder of a setting (the Coxnet's is named by coxnet_reference.py)."""
-    return root / (f"{label}_loco" if label.startswith("coxnet_") else label)
+    """Rotation folder of a setting (the Coxnet's is named by coxnet_reference.py; ``<setting>_last`` is the
+    ``last_round/`` of a ``rotation.keep_round=best`` setting)."""
+    if label.startswith("coxnet_"):
+        return root / f"{label}_loco"
+    if label.endswith("_last") and label.removesuffix("_last") in SETTINGS:
+        return root / label.removesuffix("_last") / "last_round"
+    return root / label
 
 
 def comparisons(root: Path, labels: Sequence[str], n_boot: int) -> dict[str, pd.DataFrame]:
@@ -321,7 +332,8 @@ def main(argv: Sequence[str]) -> int:
         for label in args.settings:
             if not covers(args.root / label, args.targets, args.seeds):
                 run_setting(label, args.root, args.targets, args.seeds)
-    labels = [*(f"coxnet_{m}" for m in coxnet), *args.settings]
+    best_round = [f"{x}_last" for x in args.settings if "rotation.keep_round=best" in SETTINGS[x][1]]
+    labels = [*(f"coxnet_{m}" for m in coxnet), *args.settings, *best_round]
     tables = comparisons(args.root, labels, args.n_boot)
     print("\n## Held-out C-index, mean over seeds [bootstrap 95% CI]\n")
     print(settings_table(tables["settings"]))
