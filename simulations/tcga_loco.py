@@ -284,6 +284,7 @@ FEDERATED_HEADLINE = (
     "fedavg_linear_clinical_pathways_select",
     "fedavg_linear_clinical_pathways",
     "fedavg_cox",
+    "fedavg_best_round",
     "fedavg",
 )
 
