@@ -313,3 +313,14 @@ def test_best_round_refusals_are_one_line_before_start_up(data_root, tmp_path, c
     assert simulation.main(rotation_config(data_root, out, *BEST_ROUND, override, *extra)) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert expected in line and not out.exists()
+
+
+def test_a_rotation_refuses_folds_run_with_another_validation_split(data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(simulation, "execute", in_process)
+    out = tmp_path / "fed"
+    last = [o for o in BEST_ROUND if not o.startswith("rotation.")] + ["rotation.targets=[c1]"]
+    assert simulation.main(rotation_config(data_root, out, *last)) == 0  # keep_round=last: no split
+    capsys.readouterr()
+    assert simulation.main(rotation_config(data_root, out, *BEST_ROUND)) == 1  # same out=, asks for a split
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "that fold ran with federation.val_fraction=0" in line and "needs 0.4; give a new out=" in line

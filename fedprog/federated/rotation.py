@@ -363,15 +363,19 @@ def run_folds(
         started = time.monotonic()
         fold_cfg = cfg if fraction is None else with_validation(cfg, fraction, seed)
         ran = fold_run(fold_cfg, target, seed, fold_out, select)
-        kept = None if ran is None or fraction is None else best_round(pd.read_csv(ran[2] / "rounds.csv"))
-        if ran is None or (fraction is not None and kept is None):
-            reason = "" if ran is None else ": no round has a source validation C-index"
+        reason = "" if ran is None else (None if select else _split_mismatch(fold_cfg, ran[0]))
+        kept = None
+        if ran is not None and reason is None and fraction is not None:
+            kept = best_round(pd.read_csv(ran[2] / "rounds.csv"))
+            reason = None if kept is not None else ": no round has a source validation C-index"
+        if reason is not None:
             print(
                 f"fedprog simulate: rotation stopped at fold {i}/{len(folds)} ({target} seed {seed}, "
-                f"{fold_out}){reason}; give out={out} again to continue",
+                f"{fold_out}){reason or f'; give out={out} again to continue'}",
                 file=sys.stderr,
             )
             return None
+        assert ran is not None
         prepared, results, folder, choice = ran
         predictions = heldout_predictions(prepared, target, seed, None if kept is None else kept["round"])
         c_index = cindex(*(predictions[k].to_numpy(float) for k in ("time", "censorship", "risk")))
@@ -403,6 +407,19 @@ def run_folds(
             item["last_round_predictions"] = heldout_predictions(prepared, target, seed)
         done.append(item)
     return done
+
+
+def _split_mismatch(asked: DictConfig, ran: DictConfig) -> str | None:
+    """Why a fold folder run before (the same ``out=``) cannot serve this rotation: it held back another
+    validation split than this rotation's ``rotation.keep_round`` asks; None when they agree."""
+    want = float(asked.federation.get("val_fraction") or 0)
+    got = float(ran.federation.get("val_fraction") or 0)
+    if want == got:
+        return None
+    return (
+        f": that fold ran with federation.val_fraction={got:g} and this rotation "
+        f"(rotation.keep_round={asked.rotation.get('keep_round', 'last')}) needs {want:g}; give a new out="
+    )
 
 
 def setting(cfg: DictConfig, targets: list[str]) -> dict[str, Any]:
