@@ -289,10 +289,9 @@ def _split_sentence(cfg: DictConfig) -> str:
 
 def check_split(cfg: DictConfig) -> None:
     """``val_fraction`` in [0, 1), and 0 only with ``training.select_on=last`` (one-line ValueError)."""
-    fraction = cfg.val_fraction
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-        raise ValueError(f"val_fraction={fraction!r}: choose a share of each source's cases in [0, 1)")
-    if fraction == 0 and cfg.training.select_on != "last":
+    from fedprog.data.sites import checked_val_fraction
+
+    if not checked_val_fraction(cfg.val_fraction, None, "val_fraction") and cfg.training.select_on != "last":
         raise ValueError(
             "val_fraction=0 leaves no source validation split for "
             f"training.select_on={cfg.training.select_on}; set training.select_on=last (keep the last epoch) "

@@ -108,6 +108,13 @@ def test_rotation_in_process_writes_rotation_compare_and_resumes(
     pd.testing.assert_frame_equal(pd.read_csv(out / compare.PREDICTIONS_FILE), before)
 
 
+def assert_refused_before_start_up(cfg, capsys, expected: str) -> None:
+    """``fedprog simulate`` exits 2 with one stderr line holding ``expected`` and makes no run folder."""
+    assert simulation.main(cfg) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert expected in line and not Path(str(cfg.out)).exists()
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -118,10 +125,7 @@ def test_rotation_in_process_writes_rotation_compare_and_resumes(
     ],
 )
 def test_rotation_refusals_are_one_line_before_start_up(data_root, tmp_path, capsys, override, expected):
-    out = tmp_path / "out"
-    assert simulation.main(rotation_config(data_root, out, override)) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert expected in line and not out.exists()
+    assert_refused_before_start_up(rotation_config(data_root, tmp_path / "out", override), capsys, expected)
 
 
 @pytest.mark.slow
@@ -215,10 +219,8 @@ def test_select_chooses_per_fold_on_source_validation_splits_only(data_root, tmp
     ],
 )
 def test_select_refusals_are_one_line_before_start_up(data_root, tmp_path, capsys, override, expected):
-    out = tmp_path / "out"
-    assert simulation.main(rotation_config(data_root, out, *SELECT, override)) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert expected in line and not out.exists()
+    cfg = rotation_config(data_root, tmp_path / "out", *SELECT, override)
+    assert_refused_before_start_up(cfg, capsys, expected)
 
 
 BEST_ROUND = (
@@ -308,11 +310,9 @@ def test_best_round_picks_the_earliest_of_equal_scores_and_skips_unscored_rounds
     ],
 )
 def test_best_round_refusals_are_one_line_before_start_up(data_root, tmp_path, capsys, override, expected):
-    out = tmp_path / "out"
     extra = ["rotation.select.values=[0.1,0.2]"] if override.startswith("rotation.select") else []
-    assert simulation.main(rotation_config(data_root, out, *BEST_ROUND, override, *extra)) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert expected in line and not out.exists()
+    cfg = rotation_config(data_root, tmp_path / "out", *BEST_ROUND, override, *extra)
+    assert_refused_before_start_up(cfg, capsys, expected)
 
 
 def test_a_rotation_refuses_folds_run_with_another_validation_split(data_root, tmp_path, monkeypatch, capsys):

@@ -34,6 +34,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,11 +298,22 @@ def heldout_predictions(
     """SIMULATION ONLY: per-patient risks of a finished fold's held-out sites, computed on this machine.
 
     The fold's final global model (``final_weights.npz``; with ``server_round``, that round's checkpointed
-    global model) and the preprocessing the federation fitted (in its
-    checkpoint) are evaluated with the clients' own code (:func:`client_app.site_dataset`, standardized by
-    each site's own cases, and :func:`client_app.evaluate_model`) on exactly each held-out site's evaluation
-    cases: the same numbers the sites computed, whose aggregates they reported in rounds.csv. Only possible in
-    simulation, where the researcher owns all the simulated data; no site ever sends these values.
+    global model); :func:`heldout_predictions_of_rounds` for one round.
+    """
+    return heldout_predictions_of_rounds(cfg, target, seed, [server_round])[0]
+
+
+def heldout_predictions_of_rounds(
+    cfg: DictConfig, target: str, seed: int, server_rounds: Sequence[int | None]
+) -> list[pd.DataFrame]:
+    """SIMULATION ONLY: per-patient held-out risks of several global models of one finished fold.
+
+    For each of ``server_rounds`` (None: the final model, ``final_weights.npz``; a round: its checkpointed
+    global model), the model and the preprocessing the federation fitted (in its checkpoint) are evaluated
+    with the clients' own code (:func:`client_app.site_dataset`, standardized by each site's own cases, and
+    :func:`client_app.evaluate_model`) on exactly each held-out site's evaluation cases: the same numbers the
+    sites computed, whose aggregates they reported in rounds.csv. The sites' datasets are built once. Only
+    possible in simulation, where the researcher owns all the simulated data; no site ever sends these values.
     """
     from fedprog.data import DatasetLayout, build_sites, load_cohort
     from fedprog.engine import resolve_device
@@ -310,28 +322,30 @@ def heldout_predictions(
     from fedprog.pipeline import Preprocessing
 
     out = Path(str(cfg.out))
-    if server_round is None:
-        checkpoint = load_checkpoint(list_checkpoints(out / CHECKPOINT_DIR)[-1])
-        with np.load(out / FINAL_WEIGHTS) as weights:
-            arrays = numpy_to_arrays({key: weights[key] for key in weights.files})
-    else:
-        checkpoint = load_checkpoint(round_dir(out / CHECKPOINT_DIR, server_round))
-        arrays = numpy_to_arrays(checkpoint.arrays)
-    prep = Preprocessing.from_state_dict(checkpoint.federation["prep"])
+    last = load_checkpoint(list_checkpoints(out / CHECKPOINT_DIR)[-1])
+    prep = Preprocessing.from_state_dict(last.federation["prep"])  # fitted once, before round 1
     layout = DatasetLayout.load(to_container(cfg.data))
-    sites = build_sites(layout, cfg.federation, list(cfg.heldout))
     cohort = load_cohort(layout, target)
+    sites = [s for s in build_sites(layout, cfg.federation, list(cfg.heldout)) if s.role == "holdout"]
+    datasets = {site.name: site_dataset(cfg, cohort, site, eval_ids(site), prep) for site in sites}
     device = str(resolve_device(str(cfg.training.device)))
-    frames = []
-    for site in (s for s in sites if s.role == "holdout"):
-        data = site_dataset(cfg, cohort, site, eval_ids(site), prep)
-        result = evaluate_model(cfg, data, arrays, device)
-        frames.append(
-            prediction_frame(
-                target, seed, site.name, result.case_ids, result.time, result.censorship, result.risk
+    predictions = []
+    for server_round in server_rounds:
+        if server_round is None:
+            with np.load(out / FINAL_WEIGHTS) as weights:
+                arrays = numpy_to_arrays({key: weights[key] for key in weights.files})
+        else:
+            arrays = numpy_to_arrays(load_checkpoint(round_dir(out / CHECKPOINT_DIR, server_round)).arrays)
+        frames = []
+        for name, data in datasets.items():
+            result = evaluate_model(cfg, data, arrays, device)
+            frames.append(
+                prediction_frame(
+                    target, seed, name, result.case_ids, result.time, result.censorship, result.risk
+                )
             )
-        )
-    return pd.concat(frames, ignore_index=True)
+        predictions.append(pd.concat(frames, ignore_index=True))
+    return predictions
 
 
 def fold_run(
@@ -363,21 +377,19 @@ def run_folds(
         started = time.monotonic()
         fold_cfg = cfg if fraction is None else with_validation(cfg, fraction, seed)
         ran = fold_run(fold_cfg, target, seed, fold_out, select)
-        reason = "" if ran is None else (None if select else _split_mismatch(fold_cfg, ran[0]))
-        kept = None
-        if ran is not None and reason is None and fraction is not None:
-            kept = best_round(pd.read_csv(ran[2] / "rounds.csv"))
-            reason = None if kept is not None else ": no round has a source validation C-index"
-        if reason is not None:
+        problem, kept = ("", None) if ran is None else _round_to_keep(fold_cfg, ran, select, fraction)
+        if problem is not None:
             print(
                 f"fedprog simulate: rotation stopped at fold {i}/{len(folds)} ({target} seed {seed}, "
-                f"{fold_out}){reason or f'; give out={out} again to continue'}",
+                f"{fold_out}){problem or f'; give out={out} again to continue'}",
                 file=sys.stderr,
             )
             return None
-        assert ran is not None
         prepared, results, folder, choice = ran
-        predictions = heldout_predictions(prepared, target, seed, None if kept is None else kept["round"])
+        rounds = (
+            [None] if kept is None else [kept["round"], None]
+        )  # best: also the final model, for last_round/
+        predictions, *last_round = heldout_predictions_of_rounds(prepared, target, seed, rounds)
         c_index = cindex(*(predictions[k].to_numpy(float) for k in ("time", "censorship", "risk")))
         seconds = time.monotonic() - started
         log.info(
@@ -403,10 +415,25 @@ def run_folds(
             results.get("headline", {}).get("heldout_c_index") if kept is None else kept["heldout_c_index"]
         )
         item = {"record": record, "predictions": predictions, "cfg": prepared}
-        if kept is not None:  # the same federation's final model, for the paired last-vs-best comparison
-            item["last_round_predictions"] = heldout_predictions(prepared, target, seed)
+        if last_round:  # the same federation's final model, for the paired last-vs-best comparison
+            item["last_round_predictions"] = last_round[0]
         done.append(item)
     return done
+
+
+def _round_to_keep(
+    fold_cfg: DictConfig,
+    ran: tuple[DictConfig, Any, Path, Any],
+    select: Selection | None,
+    fraction: float | None,
+) -> tuple[str | None, dict[str, Any] | None]:
+    """(why the fold cannot be used or None, the kept round of ``rotation.keep_round=best`` or None)."""
+    prepared, _, folder, _ = ran
+    mismatch = None if select else _split_mismatch(fold_cfg, prepared)
+    if mismatch or fraction is None:
+        return mismatch, None
+    kept = best_round(pd.read_csv(folder / "rounds.csv"))
+    return (None, kept) if kept is not None else (": no round has a source validation C-index", None)
 
 
 def _split_mismatch(asked: DictConfig, ran: DictConfig) -> str | None:
