@@ -598,6 +598,11 @@ def eval_batch_size(cfg: TrainConfig, data: SurvivalDataset) -> int:
     )
 
 
+def ordered_loader(data: SurvivalDataset, batch_size: int) -> DataLoader:
+    """Every case of ``data`` once, in its order (evaluation, and a site's Newton terms)."""
+    return _loader(data, batch_size, sampler=None)
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module, data: SurvivalDataset, *, device: str | torch.device = "cpu", batch_size: int = 1
@@ -609,7 +614,7 @@ def predict(
     data.eval()
     case_ids, outputs = [], []
     try:
-        for batch in _loader(data, batch_size, sampler=None):
+        for batch in ordered_loader(data, batch_size):
             batch = batch.to(device)
             outputs.append(model(batch).float().cpu())
             case_ids.extend(batch.case_ids)

@@ -188,6 +188,9 @@ def test_server_run_config_composes_fedprog_config(tmp_path: Path) -> None:
     settings.run_config = {"bad": [1, 2]}
     with pytest.raises(server.ServerConfigError, match=r"run_config\['bad'\]"):
         server.run_config(settings)
+    settings.run_config, settings.run.overrides = None, ["strategy=newton"]  # SurvPath: no Newton steps
+    with pytest.raises(server.ServerConfigError, match="strategy=newton: model.name='survpath'"):
+        server.run_config(settings)
 
 
 def test_server_missing_keys_and_files(tmp_path: Path) -> None:

@@ -122,6 +122,7 @@ def assert_refused_before_start_up(cfg, capsys, expected: str) -> None:
         ("heldout=[c0]", 'heldout=["c0"] with rotation=loco'),
         ("strategy=local", "strategy=local with rotation=loco"),
         ("rotation.targets=[c1,c22]", "'c22' is not a cohort of the dataset (nearest: 'c2'"),
+        ("strategy=newton", "strategy=newton: model.name='survpath': needs model=linear_cox"),
     ],
 )
 def test_rotation_refusals_are_one_line_before_start_up(data_root, tmp_path, capsys, override, expected):

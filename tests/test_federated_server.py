@@ -221,6 +221,40 @@ def test_tabular_federation_fits_from_aggregates_and_evaluates_on_test_splits(tm
     assert sum(v.size for v in weights.values()) == len(central.feature_names) + 1  # linear Cox: w, b
 
 
+def test_newton_federation_reaches_the_pooled_stratified_ridge_cox_of_its_training_sites(tmp_path: Path):
+    from test_newton import pooled_stratified_ridge
+
+    from fedprog.data import DatasetLayout, TabularTransform, build_sites, load_cohort
+    from fedprog.federated.checkpoint import load_checkpoint
+
+    root, _ = _tabular_dataset(tmp_path / "tab")
+    client_app.clear_caches()
+    newton = ("model=linear_cox", "training.loss=cox", "strategy=newton", "training.weight_decay=0.05")
+    newton = (*newton, "rounds=6")
+    cfg = prepare(load_config_for_tabular(root, tmp_path / "out", *newton))
+    results = run_federation(_tiny_sites_grid(int(cfg.expected_sites)), cfg)
+    assert results["status"] == "completed"
+    norms = [r["server_step"]["gradient_norm"] for r in results["rounds"]]
+    assert norms[-1] < 1e-4 * norms[0]  # float32 weights: converged to their precision
+
+    layout = DatasetLayout.load(cfg.data)
+    prep = load_checkpoint(tmp_path / "out").federation["prep"]
+    transform = TabularTransform.from_state_dict(prep["strong"])
+    cohorts = {c: load_cohort(layout, c) for c in ("c0", "c1")}
+    strata = []
+    for site in build_sites(layout, cfg.federation, ["c1-C3"]):
+        if site.role == "train":  # each training site its own stratum, its training cases only
+            labels = cohorts[site.cohort].labels.loc[list(site.case_ids)]
+            rows = cohorts[site.cohort].tables["clinical"].loc[list(site.case_ids)]
+            event = 1.0 - labels["censorship"].to_numpy(float)
+            features = transform.transform(rows).astype(float)
+            strata.append((features, labels["survival_months"].to_numpy(), event))
+    reference = pooled_stratified_ridge(strata, 0.05)
+    weights = _weights(tmp_path / "out")
+    fitted = np.append(weights["linear.weight"].ravel(), weights["linear.bias"])
+    np.testing.assert_allclose(fitted, reference, atol=2e-4)
+
+
 def test_strong_only_model_on_tabular_data(tmp_path: Path):
     root, _ = _tabular_dataset(tmp_path / "tab")
     client_app.clear_caches()

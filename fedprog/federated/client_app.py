@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -43,6 +44,7 @@ from fedprog.data.layout import MANIFEST
 from fedprog.data.sites import held_back_validation
 from fedprog.data.transforms import expression_transform_for, tabular_transform_for
 from fedprog.device import client_device
+from fedprog.federated import newton
 from fedprog.federated.disclosure import DisclosurePolicy
 from fedprog.federated.federation import (
     SiteResolutionError,
@@ -504,6 +506,8 @@ def train_site(
     if train_ds is None:
         raise SiteRefusal(f"site {handle.site.name} has no training cases")
     handle.policy.check_counts(f"site {handle.site.name}: training", len(train_ds))
+    if str(cfg.strategy.name) == newton.NAME:
+        return (*newton_reply(cfg, handle, train_ds, arrays), None)  # no local training, no styles
     server_round = int(config.get("server-round", 0))
     seed = derived_seed(int(cfg.seed), server_round, handle.site.name)
     mu = float(config.get("proximal-mu", cfg.training.get("proximal_mu", 0.0)))
@@ -546,6 +550,25 @@ def train_site(
     last = server_round >= rounds  # no round follows: nothing would use the styles, so none are sent
     style = None if last else site_style_record(cfg, model, len(train_ds), handle.policy, handle.site.name)
     return ArrayRecord(model.state_dict()), metrics, style
+
+
+def newton_reply(
+    cfg: DictConfig, handle: SiteHandle, train_ds: SurvivalDataset, arrays: ArrayRecord
+) -> tuple[ArrayRecord, MetricRecord]:
+    """``strategy=newton``: this site's Cox terms at the global weights (no local training)."""
+    started = time.perf_counter()
+    model = _model(cfg, train_ds, arrays)
+    batch_size = int(cfg.training.tabular_eval_batch_size)  # linear_cox: a table, no padding
+    terms = newton.site_terms(model, train_ds, device=handle.device, batch_size=batch_size)
+    metrics = {
+        "num-examples": len(train_ds),
+        "n-events": terms.n_events,
+        "train-loss": terms.value / max(terms.n_events, 1),
+        "cox-value": terms.value,
+        "n-steps": 0,
+        "seconds": time.perf_counter() - started,
+    }
+    return ArrayRecord(newton.numpy_arrays(terms.arrays())), MetricRecord(metrics)
 
 
 def _keep_optimizer_state(

@@ -47,7 +47,7 @@ from fedprog.compare import prediction_frame
 from fedprog.config import to_container
 from fedprog.data.errors import SiteError
 from fedprog.data.sites import checked_val_fraction
-from fedprog.federated import simulation
+from fedprog.federated import newton, simulation
 from fedprog.federated.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint, round_dir
 from fedprog.federated.strategy import BASELINES
 
@@ -95,6 +95,10 @@ def check_settings(cfg: DictConfig) -> None:
         )
     selection(cfg)
     round_val_fraction(cfg)
+    try:
+        newton.check_settings(cfg)
+    except newton.NewtonSettingsError as error:
+        raise RotationError(str(error)) from None
     if str(cfg.strategy.name) in BASELINES:
         raise RotationError(
             f"strategy={cfg.strategy.name} with rotation=loco: the baselines keep no global model to predict "

@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog.config import to_container
+from fedprog.federated import newton
 from fedprog.federated.checkpoint import CHECKPOINT_DIR, Checkpoint, capture_rng, save_checkpoint
 from fedprog.federated.fitting import Described, SiteFailure
 from fedprog.federated.messages import KM_GRID_KEY, PREP_KEY, config_record
@@ -258,6 +259,8 @@ class FederationRounds(Strategy):
             summary["train_loss"] = event_weighted_summary(report.train_metrics.values()).get(
                 "train-loss", math.nan
             )  # example-weighted
+        if getattr(self.heldout, "last_info", None):
+            summary["server_step"] = dict(self.heldout.last_info)  # FedNewton: objective, step norm
         if self.mode in DP_MODES:
             from fedprog.federated.privacy import privacy_spent
 
@@ -363,11 +366,16 @@ class FederationRounds(Strategy):
 def build_rounds(run: RunRecord, described: Described, checkpoint: Checkpoint | None) -> FederationRounds:
     """The rounds of ``run``: the held-out-aware strategy (DP-wrapped when asked), restored on a resume."""
     cfg = run.cfg
+    try:
+        newton.check_settings(cfg)  # checked before start-up too; a run config made elsewhere is checked here
+    except newton.NewtonSettingsError as error:
+        raise RunFailed(str(error)) from None
     heldout = build_strategy(
         OmegaConf.to_container(cfg.strategy, resolve=True),
         weighting=str(cfg.weighting),
         min_train_sites=int(cfg.min_train_sites),
         max_update_norm=cfg.max_update_norm,
+        weight_decay=float(cfg.training.weight_decay),
     )
     train = {s.node_id: s.site for s in run.train_sites}
     heldout.set_sites(train, {s.node_id: s.site for s in run.sites}, described.declared)

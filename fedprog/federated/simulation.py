@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedprog.config import to_container
 from fedprog.device import client_resources, simulation_device
+from fedprog.federated import newton
 from fedprog.federated.checkpoint import CheckpointError, check_fresh_out, resume_config
+from fedprog.federated.newton import NewtonSettingsError
 from fedprog.federated.outputs import fmt_value
 from fedprog.federated.strategy import BASELINES, FederationError
 from fedprog.report import save_run_config
@@ -48,6 +50,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
     from fedprog.data import DatasetLayout, build_sites
 
     ray_init_args(cfg.simulation)  # a wrong ray_address fails here, before data generation and Ray
+    newton.check_settings(cfg)
     if cfg.get("resume"):
         resumed, _ = resume_config(cfg, load_config("simulate"))
         return _with_audit_path(resumed)
@@ -237,7 +240,7 @@ def start(cfg: DictConfig) -> DictConfig | None:
     try:
         prepared = prepare(cfg)
         check_site_sizes(prepared)
-    except (CheckpointError, CohortError, RayAddressError, OSError) as error:  # one line, no traceback
+    except (CheckpointError, CohortError, RayAddressError, NewtonSettingsError, OSError) as error:  # one line
         print(f"fedprog simulate: error: {' | '.join(str(error).splitlines())}", file=sys.stderr)
         return None
     return prepared

@@ -14,7 +14,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
 
 from fedprog.federated import messages
+from fedprog.federated.errors import FederationError, RunFailed, TooFewSitesError  # noqa: F401 - re-exported
 from fedprog.federated.messages import DescribeReply, ReplyError
+from fedprog.federated.newton import FedNewton
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
+    "newton": FedNewton,
 }
 BASELINES = ("local", "pooled")
 
@@ -38,19 +41,8 @@ _STRATEGY_ARGS = {
     "fedadam": ("fraction_train", "eta", "eta_l", "beta_1", "beta_2", "tau"),
     "fedyogi": ("fraction_train", "eta", "eta_l", "beta_1", "beta_2", "tau"),
     "fedadagrad": ("fraction_train", "eta", "eta_l", "tau"),
+    "newton": ("fraction_train", "max_step", "damping"),
 }
-
-
-class FederationError(RuntimeError):
-    """The federation cannot go on (too few sites, inconsistent replies); the message names the sites."""
-
-
-class TooFewSitesError(FederationError):
-    """Fewer than ``min_train_sites`` training sites sent a usable update in a round."""
-
-
-class RunFailed(FederationError):
-    """The run cannot give the results it promises (a site failed; see ``allow_partial``)."""
 
 
 @dataclass(frozen=True)
@@ -259,11 +251,20 @@ class HeldoutAwareMixin:
             update = arrays_to_numpy(next(iter(msg.content.array_records.values())))
         except (ReplyError, TypeError, ValueError) as error:
             return messages.sanitize(str(error))
-        reason, norm = check_update(update, self._global, max_update_norm=self.max_update_norm)
+        reason, norm = self.check_reply_arrays(update)
         report.update_norms[site] = norm
         report.update_bytes[site] = int(sum(v.nbytes for v in update.values()))
         report.train_metrics[site] = metrics
         return reason
+
+    def check_reply_arrays(self, update: Mapping[str, np.ndarray]) -> tuple[str | None, float]:
+        """Why a reply's arrays are unusable (None when usable) and their norm: weights are checked against
+        the global model (:func:`check_update`); a strategy whose replies are not weights
+        (:class:`~fedprog.federated.newton.FedNewton`) defines its own check, which this defers to."""
+        own = getattr(super(), "check_reply_arrays", None)
+        if own is not None:
+            return own(update)
+        return check_update(update, self._global, max_update_norm=self.max_update_norm)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -395,6 +396,7 @@ def build_strategy(
     min_train_sites: int = 1,
     max_update_norm: float | None = None,
     train_metrics_aggr_fn: Callable | None = None,
+    weight_decay: float = 0.0,
 ) -> HeldoutAwareMixin:
     """Build the held-out-aware Flower strategy that ``strategy=<name>`` selects.
 
@@ -408,6 +410,9 @@ def build_strategy(
         A round needs at least this many usable training updates.
     max_update_norm : float or None
         Updates farther than this (L2) from the global model are rejected.
+    weight_decay : float
+        ``training.weight_decay``: the ridge term of ``newton``'s objective (the other strategies ignore it;
+        their clients apply it).
 
     Returns
     -------
@@ -433,6 +438,7 @@ def build_strategy(
         raise FederationError(
             f"strategy {name!r}: unknown key(s) {unknown}; known: {list(_STRATEGY_ARGS[name])}"
         )
+    ridge = {"l2": float(weight_decay)} if name == "newton" else {}  # newton's objective, not a config key
     strategy = STRATEGY_CLASSES[name](
         min_train_nodes=min_train_sites,
         min_available_nodes=min_train_sites,
@@ -440,6 +446,7 @@ def build_strategy(
         weighted_by_key=WEIGHT_KEYS[weighting],
         train_metrics_aggr_fn=train_metrics_aggr_fn,
         **cfg,
+        **ridge,
     )
     strategy.min_train_sites = min_train_sites
     strategy.max_update_norm = None if max_update_norm is None else float(max_update_norm)
