@@ -255,6 +255,25 @@ def test_newton_federation_reaches_the_pooled_stratified_ridge_cox_of_its_traini
     np.testing.assert_allclose(fitted, reference, atol=2e-4)
 
 
+def test_a_site_with_no_more_cases_than_weights_refuses_newton_terms(tmp_path: Path, monkeypatch):
+    import torch
+
+    root, _ = _tabular_dataset(tmp_path / "tab")
+    client_app.clear_caches()
+    cfg = prepare(
+        load_config_for_tabular(
+            root, tmp_path / "out", "model=linear_cox", "training.loss=cox", "strategy=newton"
+        )
+    )
+    run_federation(_tiny_sites_grid(int(cfg.expected_sites)), cfg)  # 6-9 cases per site, 5 weights: served
+    client_app.clear_caches()
+    wide = torch.nn.Linear(9, 1)  # 10 weights: more than any site's cases
+    monkeypatch.setattr(client_app, "_model", lambda *args: wide)
+    cfg.out = str(tmp_path / "wide")
+    with pytest.raises(TooFewSitesError, match="a Newton reply needs more cases than weights"):
+        run_federation(_tiny_sites_grid(int(cfg.expected_sites)), cfg)
+
+
 def test_strong_only_model_on_tabular_data(tmp_path: Path):
     root, _ = _tabular_dataset(tmp_path / "tab")
     client_app.clear_caches()

@@ -555,9 +555,19 @@ def train_site(
 def newton_reply(
     cfg: DictConfig, handle: SiteHandle, train_ds: SurvivalDataset, arrays: ArrayRecord
 ) -> tuple[ArrayRecord, MetricRecord]:
-    """``strategy=newton``: this site's Cox terms at the global weights (no local training)."""
+    """``strategy=newton``: this site's Cox terms at the global weights (no local training).
+
+    Refused by a site with no more training cases than the model has weights: its Hessian (rank at most its
+    number of cases) would then be no aggregate but close to a description of its cases' features.
+    """
     started = time.perf_counter()
     model = _model(cfg, train_ds, arrays)
+    n_weights = sum(p.numel() for p in model.parameters())
+    if len(train_ds) <= n_weights:
+        raise SiteRefusal(
+            f"site {handle.site.name}: {len(train_ds)} training cases for a model of {n_weights} weights; "
+            "a Newton reply needs more cases than weights"
+        )
     batch_size = int(cfg.training.tabular_eval_batch_size)  # linear_cox: a table, no padding
     terms = newton.site_terms(model, train_ds, device=handle.device, batch_size=batch_size)
     metrics = {
