@@ -47,6 +47,8 @@ has (age and sex everywhere, stage where the cohort has ``survpath_clinical.csv`
   stratified ridge Cox of the pooled cases, which FedAvg's local Adam steps do not reach;
   ``newton_linear_clinical_pathways_select`` the same with the ridge chosen per fold among
   :data:`PENALTIES` on the training hospitals' 20% validation splits, as the Coxnet chooses its penalty;
+  ``newton_linear_clinical`` the clinical covariates alone (the federated counterpart of ``coxnet_clinical``:
+  do the pathway scores add to the clinical table in a federation, as they do pooled?);
 - ``pooled``: ``fedprog train rotation=loco``, one model on the eight pooled source cohorts with the same
   epoch budget (20 epochs), chosen on a validation split of the sources;
 - ``coxnet_<features>``: the multi-source elastic-net Cox of ``simulations/coxnet_reference.py --loco`` on the
@@ -171,6 +173,7 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
         "simulate",
         (*LINEAR_COX, "model.pathway_scores=true", f"training.local_steps={LOCAL_STEPS}"),
     ),
+    "newton_linear_clinical": ("simulate", (*LINEAR_COX, "strategy=newton")),
     "newton_linear_clinical_pathways": ("simulate", NEWTON),
     "newton_linear_clinical_pathways_select": ("simulate", (*NEWTON, *SELECT_PENALTY)),
     "fedavg_linear_clinical_pathways_l1": (
@@ -204,6 +207,8 @@ PAIRS = (
     ("newton_linear_clinical_pathways", "pooled_linear_clinical_pathways_stratified"),
     ("newton_linear_clinical_pathways", "coxnet_clinical_pathways"),
     ("newton_linear_clinical_pathways_select", "newton_linear_clinical_pathways"),
+    ("newton_linear_clinical_pathways", "newton_linear_clinical"),
+    ("newton_linear_clinical", "coxnet_clinical"),
     ("fedavg_linear_clinical_pathways_steps", "pooled_linear_clinical_pathways_stratified"),
     ("fedavg_linear_clinical_pathways_l1", "coxnet_clinical_pathways"),
 )

@@ -267,7 +267,8 @@ class FedNewton(FedAvg):
         for msg in replies:
             arrays = {k: v.numpy() for k, v in next(iter(msg.content.array_records.values())).items()}
             metrics = next(iter(msg.content.metric_records.values()))
-            terms.append((arrays, float(metrics["cox-value"]), int(metrics["n-events"])))
+            value = metrics.get("cox-value", math.nan)  # reported only: the step needs no value
+            terms.append((arrays, float(value), int(metrics["n-events"])))
         try:
             step = newton_step(
                 terms,
