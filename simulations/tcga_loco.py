@@ -208,7 +208,6 @@ PAIRS = (
     ("newton_linear_clinical_pathways", "coxnet_clinical_pathways"),
     ("newton_linear_clinical_pathways_select", "newton_linear_clinical_pathways"),
     ("newton_linear_clinical_pathways", "newton_linear_clinical"),
-    ("newton_linear_clinical", "coxnet_clinical"),
     ("fedavg_linear_clinical_pathways_steps", "pooled_linear_clinical_pathways_stratified"),
     ("fedavg_linear_clinical_pathways_l1", "coxnet_clinical_pathways"),
 )
@@ -282,8 +281,8 @@ def comparisons(root: Path, labels: Sequence[str], n_boot: int) -> dict[str, pd.
     ordered = [REFERENCE, *(label for label in present if label != REFERENCE)]
     tables = compare([folder_of(x, root) for x in ordered], root / "compare", n_boot=n_boot)
     paired = [tables["paired"]]
-    for first, second in PAIRS:
-        if first in present and second in present:
+    for first, second in PAIRS:  # (x, REFERENCE) is already in the first table
+        if first in present and second in present and second != REFERENCE:
             out = root / f"compare_{first}" / f"minus_{second}"
             pair = compare([folder_of(second, root), folder_of(first, root)], out, n_boot=n_boot)
             paired.append(pair["paired"])
