@@ -26,6 +26,7 @@ Raw outputs: ``runs/benchmarks/flamby/<run>/`` (git-ignored); completed runs are
     python simulations/flamby.py                    # ridge reference + 3 strategies x 5 seeds
     python simulations/flamby.py --extras           # + the labelled extra rows
     python simulations/flamby.py --reference-only   # only the ridge reference (no Flower)
+    python simulations/flamby.py --strategies newton  # federated Newton beside the reference
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ PROTOCOL = [
     "weighting=examples",
     "max_update_norm=null",
 ]
+#: Federated Newton (``strategy=newton``, not FLamby's protocol: no local SGD steps): each center sends its
+#: Cox likelihood's gradient and Hessian, the server steps on their sum. Features standardized from
+#: training-site aggregates, and the reference's ridge (sksurv's ``alpha`` penalizes the summed
+#: log-likelihood, Newton's ``weight_decay`` the mean over events: alpha / training events). Each center is
+#: its own stratum.
+TRAIN_EVENTS = 119
+NEWTON = [
+    "strategy=newton",
+    "data.tabular.standardize=true",
+    f"training.weight_decay={RIDGE_ALPHA / TRAIN_EVENTS:.6g}",
+]
 STRATEGY_OVERRIDES = {
     "fedavg": ["strategy=fedavg", "training.lr=0.1"],
     "fedprox": ["strategy=fedprox", "strategy.proximal_mu=0.1", "training.lr=0.1"],
@@ -93,11 +105,14 @@ STRATEGY_OVERRIDES = {
         "strategy.beta_2=0.999",
         "strategy.tau=1e-8",
     ],
+    "newton": NEWTON,
 }
+#: The strategies of FLamby's table (the default of ``--strategies``); ``newton`` is an extra strategy.
+FLAMBY_STRATEGIES = ("fedavg", "fedprox", "fedadam")
 #: FLamby's batch Cox loss is the mean over the batch of event-masked terms; ours (fedprog.survival.losses)
 #: is the mean over the batch's events. Ours is larger by batch / events-in-batch: scaling the client lr by
-#: the training event rate (119 / 866) puts the two on the same expected step.
-EVENT_RATE = 119 / 866
+#: the training event rate (TRAIN_EVENTS / 866) puts the two on the same expected step.
+EVENT_RATE = TRAIN_EVENTS / 866
 #: Labelled extra rows (not FLamby's protocol): name -> (strategies it applies to, extra overrides).
 EXTRAS: dict[str, tuple[tuple[str, ...], list[str]]] = {
     # Flower's FedAdam bias-corrects the server step (eta * sqrt(1 - b2^(t+1)) / (1 - b1^(t+1)), ~0.2-0.25 eta
@@ -354,7 +369,7 @@ def main(argv: list[str]) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--strategies", nargs="+", default=list(STRATEGY_OVERRIDES), choices=STRATEGY_OVERRIDES
+        "--strategies", nargs="+", default=list(FLAMBY_STRATEGIES), choices=STRATEGY_OVERRIDES
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument(

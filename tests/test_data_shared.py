@@ -136,6 +136,20 @@ def test_flamby_split_sizes() -> None:
     assert float(batch.strong[:, 0, 0].max()) <= 90  # raw age (FLamby feeds raw features)
 
 
+def test_flamby_federation_clears_the_pre_start_disclosure_check(tmp_path: Path) -> None:
+    """Canada's test split holds 1 event: as a training site it only evaluates (no KM curves), so the
+    benchmark starts; held out, it would be asked for KM curves and is refused before start-up."""
+    if not (SHARED / "data" / "fed_tcga_brca").is_dir():
+        pytest.skip("shared FLamby data absent")
+    from fedprog.data import SiteError
+    from fedprog.federated import simulation
+
+    flamby = ["data=fed_tcga_brca", "federation=fed_tcga_brca", "model=linear_cox", "training.loss=cox"]
+    simulation.check_site_sizes(load_config("simulate", [*flamby, "heldout=null"]))
+    with pytest.raises(SiteError, match=r"Canada \(11 cases, 1 events\)"):
+        simulation.check_site_sizes(load_config("simulate", [*flamby, "heldout=[Canada]"]))
+
+
 def test_shared_root_comes_from_config(tcga: DatasetLayout) -> None:
     assert tcga.root == (SHARED / "data" / "tcga").resolve()
     assert Path(tcga.root / "README.md").is_file()

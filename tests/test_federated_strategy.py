@@ -58,6 +58,18 @@ def test_training_messages_never_reach_heldout_nodes():
     assert sorted(m.metadata.dst_node_id for m in evaluate) == [1, 9]
 
 
+def test_only_heldout_sites_are_asked_for_kaplan_meier_curves():
+    from fedprog.federated.messages import KM_GRID_KEY
+
+    strategy = build_strategy({"name": "fedavg"})
+    strategy.set_sites({1: "a"}, {1: "a", 9: "held"})
+    config = ConfigRecord({KM_GRID_KEY: [0.0, 12.0], "other": 1})
+    evaluate = strategy.configure_evaluate(3, numpy_to_arrays(GLOBAL), config, FakeGrid([1, 9]))
+    sent = {m.metadata.dst_node_id: m.content["config"] for m in evaluate}
+    assert KM_GRID_KEY in sent[9] and KM_GRID_KEY not in sent[1]
+    assert sent[1]["other"] == sent[9]["other"] == 1 and sent[1]["server-round"] == 3
+
+
 @pytest.mark.parametrize("weighting,key", [("examples", "num-examples"), ("events", "n-events")])
 def test_aggregate_is_weighted_mean_of_updates(weighting, key):
     strategy, messages = _setup(weighting=weighting)

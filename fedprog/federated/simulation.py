@@ -80,7 +80,8 @@ def check_site_sizes(cfg: DictConfig) -> None:
 
     The sites of ``fedprog simulate`` read their limits from configs/disclosure.yaml and their federation
     file; each would refuse its aggregates later (``min_cases`` cases for fitting, training and evaluation,
-    ``min_events`` events for the fit's histogram and the KM curves) and the run would fail in round 0.
+    ``min_events`` events for a training site's fit histogram and a held-out site's KM curves) and the run
+    would fail in round 0.
     """
     from fedprog.data import DatasetLayout, SiteError, build_sites, load_cohorts
     from fedprog.data.cohort import CENSOR
@@ -94,9 +95,12 @@ def check_site_sizes(cfg: DictConfig) -> None:
     small = []
     for site in sites:
         censored = cohorts[site.cohort].labels[CENSOR]
-        for ids in [site.test_ids or site.all_ids] + ([site.case_ids] if site.role == "train" else []):
+        evaluated = site.test_ids or site.all_ids  # events matter there for a held-out site's KM curves
+        for ids, with_events in [(evaluated, site.role != "train")] + (
+            [(site.case_ids, True)] if site.role == "train" else []
+        ):
             events = int((censored.loc[list(ids)] == 0).sum())
-            if len(ids) < policy.min_cases or events < policy.min_events:
+            if len(ids) < policy.min_cases or (with_events and events < policy.min_events):
                 small.append(f"{site.name} ({len(ids)} cases, {events} events)")
                 break
     if small:

@@ -293,10 +293,16 @@ class HeldoutAwareMixin:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the global model to every known site (training and held-out)."""
+        """Send the global model to every known site (training and held-out); only held-out sites are asked
+        for Kaplan-Meier curves (the report draws theirs, so a training site never discloses them)."""
         config["server-round"] = server_round
+        without_km = ConfigRecord({k: v for k, v in config.items() if k != messages.KM_GRID_KEY})
         return [
-            Message(content=_record(self, arrays, config), message_type="evaluate", dst_node_id=node)
+            Message(
+                content=_record(self, arrays, without_km if node in self.train_nodes else config),
+                message_type="evaluate",
+                dst_node_id=node,
+            )
             for node in _NodeView(grid, self.eval_nodes).get_node_ids()
         ]
 
