@@ -44,11 +44,9 @@ def _dataset(
 
 
 def _train_config(cfg: DictConfig, seed: int) -> engine.TrainConfig:
-    training = OmegaConf.to_container(cfg.training, resolve=True)
-    assert isinstance(training, dict)
-    known = set(engine.TrainConfig.__dataclass_fields__)
-    epochs = cfg.baseline.get("epochs") or int(cfg.rounds) * int(training.get("epochs", 1))
-    values = {k: v for k, v in training.items() if k in known}
+    values = OmegaConf.to_container(cfg.training, resolve=True)
+    assert isinstance(values, dict)
+    epochs = cfg.baseline.get("epochs") or int(cfg.rounds) * int(values.get("epochs", 1))
     values.update(epochs=int(epochs), seed=seed)
     if values.get("local_steps"):
         values["local_steps"] = int(values["local_steps"]) * int(cfg.rounds)

@@ -126,6 +126,7 @@ def test_replies_that_are_not_newton_terms_are_rejected():
     assert check_reply(arrays, reference) > 0
     cases = {
         "no 'hessian'": {k: v for k, v in arrays.items() if k != HESSIAN},
+        "do not match the model's": dict(reversed(list(arrays.items())[:2])) | {HESSIAN: arrays[HESSIAN]},
         "do not match the model": {**arrays, GRAD_PREFIX + "other": np.zeros(1)},
         "has shape": {**arrays, HESSIAN: np.eye(2)},
         "not symmetric": {**arrays, HESSIAN: arrays[HESSIAN] + np.triu(np.ones((3, 3)), 1)},
@@ -162,4 +163,50 @@ def test_fedprog_simulate_refuses_newton_settings_in_one_line_before_start_up(tm
     assert simulation.main(cfg) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "strategy=newton: model.name='survpath': needs model=linear_cox" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_newton_round_without_every_training_site_fails_naming_the_missing_one():
+    import fed_helpers  # noqa: F401 - sets Flower's TaskIdentity so Messages can be built
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedprog.federated.errors import RunFailed
+    from fedprog.federated.strategy import build_strategy, numpy_to_arrays
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    x, t, e = _stratum(6, 30, 2, 0.0)
+    arrays, value, n_events = _site_reply(x, t, e, np.zeros(2), 0.0)
+    current = {"linear.weight": np.zeros((1, 2), np.float32), "linear.bias": np.zeros(1, np.float32)}
+    strategy = build_strategy({"name": "newton", "fraction_train": 1.0}, weight_decay=0.01)
+    strategy.set_sites({1: "a", 2: "b"}, {1: "a", 2: "b"})
+    sent = {
+        m.metadata.dst_node_id: m
+        for m in strategy.configure_train(1, numpy_to_arrays(current), ConfigRecord(), Grid())
+    }
+    metrics = MetricRecord({"num-examples": 30, "n-events": n_events, "cox-value": value})
+
+    def reply(node: int) -> Message:
+        return Message(
+            RecordDict({"arrays": numpy_to_arrays(arrays), "metrics": metrics}), reply_to=sent[node]
+        )
+
+    with pytest.raises(RunFailed, match=r"needs every training site; missing \{'b': 'no reply'\}"):
+        strategy.aggregate_train(1, [reply(1)])
+    both = [reply(1), reply(2)]
+    stepped, _ = strategy.aggregate_train(1, both)
+    assert stepped is not None and strategy.last_info["gradient_norm"] > 0
+
+
+def test_a_training_config_every_site_would_refuse_is_refused_before_start_up(tmp_path, capsys):
+    from fedprog.federated import simulation
+
+    cox_per_case = ["model=linear_cox", "training.loss=cox", "training.batch_size=1"]
+    cox_per_case.append(f"out={tmp_path / 'out'}")
+    for strategy in ("fedavg", "newton"):  # every site validates it before training and evaluating
+        assert simulation.main(load_config("simulate", [*cox_per_case, f"strategy={strategy}"])) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "training.loss='cox' needs training.batch_size >= 2" in line
     assert not (tmp_path / "out").exists()

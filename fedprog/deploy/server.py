@@ -429,17 +429,18 @@ def run_config(settings: DictConfig) -> dict[str, bool | int | float | str]:
     resume = str(Path(str(resume)).resolve()) if resume else None
     if settings.run.get("config_name"):
         from fedprog.config import load_config, to_container
-        from fedprog.federated import newton
+        from fedprog.federated.errors import SettingsError
+        from fedprog.federated.settings import check_run_settings
 
         overrides = [str(item) for item in settings.run.get("overrides") or []]
         overrides.append(f"out={out}")
         if resume:
             overrides.append(f"resume={resume}")
         composed = OmegaConf.create(to_container(load_config(str(settings.run.config_name), overrides)))
-        if "strategy" in composed:
+        if "strategy" in composed:  # a federation's config (simulate-like): checked before the run starts
             try:
-                newton.check_settings(composed)
-            except newton.NewtonSettingsError as error:
+                check_run_settings(composed)
+            except SettingsError as error:
                 raise ServerConfigError(str(error)) from None
         user_choice = any(item.lstrip("+~").startswith("audit.enabled") for item in overrides)
         if settings.run_audit and "audit" in composed and not user_choice:

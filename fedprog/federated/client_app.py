@@ -329,13 +329,8 @@ def _model(cfg: DictConfig, data: SurvivalDataset, arrays: ArrayRecord) -> nn.Mo
 
 
 def _train_config(cfg: DictConfig, **overrides: Any) -> engine.TrainConfig:
-    training = OmegaConf.to_container(cfg.training, resolve=True)
-    assert isinstance(training, dict)
-    known = {f for f in engine.TrainConfig.__dataclass_fields__}
-    dropped = sorted(set(training) - known)
-    if dropped:
-        log.debug("training keys not used by the engine's TrainConfig: %s", dropped)
-    return engine.TrainConfig.from_cfg({k: v for k, v in training.items() if k in known}, **overrides)
+    """The engine's settings: ``cfg.training`` (every key is the engine's; an unknown one is refused)."""
+    return engine.TrainConfig.from_cfg(OmegaConf.to_container(cfg.training, resolve=True), **overrides)
 
 
 def _strong_dim(handle: SiteHandle) -> int | None:

@@ -13,3 +13,7 @@ class TooFewSitesError(FederationError):
 
 class RunFailed(FederationError):
     """The run cannot give the results it promises (a site failed; see ``allow_partial``)."""
+
+
+class SettingsError(ValueError):
+    """A run config the sites or the server would refuse once running; one line naming the key."""

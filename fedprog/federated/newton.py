@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
-from torch import nn
+from torch import Tensor, nn
 
 from fedprog import engine
 from fedprog.data import SurvivalDataset
-from fedprog.federated.errors import RunFailed
+from fedprog.federated.errors import RunFailed, SettingsError
 from fedprog.federated.messages import ReplyError
 from fedprog.survival.cox_terms import cox_terms
 
@@ -43,7 +43,7 @@ HESSIAN = "hessian"
 MAX_PARAMETERS = 2000
 
 
-class NewtonSettingsError(ValueError):
+class NewtonSettingsError(SettingsError):
     """``strategy=newton`` with settings it cannot honour; the message names the key."""
 
 
@@ -127,11 +127,12 @@ def site_terms(
         for batch in engine.ordered_loader(data, batch_size):
             batch = batch.to(device)
 
-            def risk_of(weights: dict[str, torch.Tensor], batch: Any = batch) -> torch.Tensor:
-                return torch.func.functional_call(model, weights, (batch,)).reshape(-1)
+            def risk_of(weights: dict[str, torch.Tensor], batch: Any = batch) -> tuple[Tensor, Tensor]:
+                risk = torch.func.functional_call(model, weights, (batch,)).reshape(-1)
+                return risk, risk.detach()
 
-            risks.append(risk_of(params).detach().double())
-            jac = torch.func.jacrev(risk_of)(params)
+            jac, risk = torch.func.jacrev(risk_of, has_aux=True)(params)  # one forward pass per batch
+            risks.append(risk.double())
             jacobians.append(torch.cat([jac[k].reshape(len(batch.time), -1) for k in params], 1).double())
             times.append(batch.time.double())
             events.append(1.0 - batch.censorship.double())
@@ -155,16 +156,22 @@ def numpy_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, Array]:
 
 
 # ---------------------------------------------------------------------------------------------- server side
+def weight_names(reference: Mapping[str, np.ndarray]) -> list[str]:
+    """The weights a Newton step moves, in the global model's order (its floating-point arrays); the
+    Hessian's rows follow this order."""
+    return [k for k, v in reference.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+
+
 def check_reply(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    """Raise ReplyError unless ``arrays`` is a Newton reply for the global weights ``reference``; returns the
-    gradient's L2 norm (the round report's update norm)."""
+    """Raise ReplyError unless ``arrays`` is a Newton reply for the global weights ``reference``: a gradient
+    for each weight in :func:`weight_names` order, then the Hessian; returns the gradient's L2 norm (the
+    round report's update norm)."""
     if HESSIAN not in arrays:
         raise ReplyError(f"Newton reply has no {HESSIAN!r} array")
-    grads = {k[len(GRAD_PREFIX) :]: v for k, v in arrays.items() if k.startswith(GRAD_PREFIX)}
-    unknown = sorted(set(arrays) - {HESSIAN} - {GRAD_PREFIX + k for k in grads})
-    missing = sorted(k for k in grads if k not in reference)
-    if not grads or unknown or missing:
-        raise ReplyError(f"Newton reply arrays do not match the model (unexpected {(unknown + missing)[:3]})")
+    expected = [GRAD_PREFIX + k for k in weight_names(reference)] + [HESSIAN]
+    if list(arrays) != expected:
+        raise ReplyError(f"Newton reply arrays {list(arrays)[:4]} do not match the model's {expected[:4]}")
+    grads = {k[len(GRAD_PREFIX) :]: v for k, v in arrays.items() if k != HESSIAN}
     size = 0
     for name, grad in grads.items():
         if grad.shape != reference[name].shape:
@@ -200,10 +207,10 @@ def newton_step(
     damping: float,
     max_step: float,
 ) -> NewtonStep:
-    """Sum the sites' ``(arrays, value, n_events)``, add the ridge term and take one (trust-region clipped)
-    Newton step from ``current``; weights not in the replies are kept."""
+    """Sum the sites' ``(arrays, value, n_events)`` (screened by :func:`check_reply`), add the ridge term
+    and take one (trust-region clipped) Newton step from ``current``; non-float arrays are kept."""
     replies = list(replies)
-    names = [k[len(GRAD_PREFIX) :] for k in replies[0][0] if k.startswith(GRAD_PREFIX)]
+    names = weight_names(current)
     order = [GRAD_PREFIX + n for n in names]
     total_events = sum(n for _, _, n in replies)
     if total_events <= 0:
@@ -212,8 +219,6 @@ def newton_step(
     hessian = np.zeros((grad.size, grad.size))
     value = 0.0
     for arrays, site_value, _ in replies:
-        if [k for k in arrays if k.startswith(GRAD_PREFIX)] != order:
-            raise ReplyError("sites sent their gradients in different orders")
         grad += np.concatenate([np.asarray(arrays[k], dtype=np.float64).ravel() for k in order])
         hessian += np.asarray(arrays[HESSIAN], dtype=np.float64)
         value += float(site_value)
@@ -262,7 +267,16 @@ class FedNewton(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """One Newton step from the round's global weights over the (screened) replies."""
+        """One Newton step from the round's global weights over the screened replies of every training site
+        (a step over some of them would fit another likelihood: the run fails, naming the missing sites)."""
+        report = self.last_round  # type: ignore[attr-defined]  # the mixin's screening of this round
+        reasons = {r.site: r.reason for r in report.rejected}
+        trained = set(self.train_nodes.values())  # type: ignore[attr-defined]
+        missing = {site: reasons.get(site, "no reply") for site in sorted(trained - set(report.accepted))}
+        if missing:
+            raise RunFailed(
+                f"round {server_round}: a Newton step needs every training site; missing {missing}"
+            )
         terms = []
         for msg in replies:
             arrays = {k: v.numpy() for k, v in next(iter(msg.content.array_records.values())).items()}

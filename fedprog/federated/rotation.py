@@ -47,8 +47,10 @@ from fedprog.compare import prediction_frame
 from fedprog.config import to_container
 from fedprog.data.errors import SiteError
 from fedprog.data.sites import checked_val_fraction
-from fedprog.federated import newton, simulation
+from fedprog.federated import simulation
 from fedprog.federated.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint, round_dir
+from fedprog.federated.errors import SettingsError
+from fedprog.federated.settings import check_run_settings
 from fedprog.federated.strategy import BASELINES
 
 log = logging.getLogger(__name__)
@@ -96,8 +98,8 @@ def check_settings(cfg: DictConfig) -> None:
     selection(cfg)
     round_val_fraction(cfg)
     try:
-        newton.check_settings(cfg)
-    except newton.NewtonSettingsError as error:
+        check_run_settings(cfg)
+    except SettingsError as error:
         raise RotationError(str(error)) from None
     if str(cfg.strategy.name) in BASELINES:
         raise RotationError(

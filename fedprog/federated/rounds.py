@@ -37,12 +37,13 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf
 
 from fedprog.config import to_container
-from fedprog.federated import newton
 from fedprog.federated.checkpoint import CHECKPOINT_DIR, Checkpoint, capture_rng, save_checkpoint
+from fedprog.federated.errors import SettingsError
 from fedprog.federated.fitting import Described, SiteFailure
 from fedprog.federated.messages import KM_GRID_KEY, PREP_KEY, config_record
 from fedprog.federated.outputs import role_summary
 from fedprog.federated.run_record import RunRecord, model_sha
+from fedprog.federated.settings import check_run_settings
 from fedprog.federated.strategy import (
     FederationError,
     HeldoutAwareMixin,
@@ -367,8 +368,8 @@ def build_rounds(run: RunRecord, described: Described, checkpoint: Checkpoint | 
     """The rounds of ``run``: the held-out-aware strategy (DP-wrapped when asked), restored on a resume."""
     cfg = run.cfg
     try:
-        newton.check_settings(cfg)  # checked before start-up too; a run config made elsewhere is checked here
-    except newton.NewtonSettingsError as error:
+        check_run_settings(cfg)  # checked before start-up too; a run config made elsewhere is checked here
+    except SettingsError as error:
         raise RunFailed(str(error)) from None
     heldout = build_strategy(
         OmegaConf.to_container(cfg.strategy, resolve=True),

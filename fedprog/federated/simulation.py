@@ -20,10 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedprog.config import to_container
 from fedprog.device import client_resources, simulation_device
-from fedprog.federated import newton
 from fedprog.federated.checkpoint import CheckpointError, check_fresh_out, resume_config
-from fedprog.federated.newton import NewtonSettingsError
+from fedprog.federated.errors import SettingsError
 from fedprog.federated.outputs import fmt_value
+from fedprog.federated.settings import check_run_settings
 from fedprog.federated.strategy import BASELINES, FederationError
 from fedprog.report import save_run_config
 from fedprog.results import run_folder, save_versions
@@ -50,7 +50,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
     from fedprog.data import DatasetLayout, build_sites
 
     ray_init_args(cfg.simulation)  # a wrong ray_address fails here, before data generation and Ray
-    newton.check_settings(cfg)
+    check_run_settings(cfg)
     if cfg.get("resume"):
         resumed, _ = resume_config(cfg, load_config("simulate"))
         return _with_audit_path(resumed)
@@ -95,10 +95,11 @@ def check_site_sizes(cfg: DictConfig) -> None:
     small = []
     for site in sites:
         censored = cohorts[site.cohort].labels[CENSOR]
-        evaluated = site.test_ids or site.all_ids  # events matter there for a held-out site's KM curves
-        for ids, with_events in [(evaluated, site.role != "train")] + (
-            [(site.case_ids, True)] if site.role == "train" else []
-        ):
+        # (cases, whether their events count): evaluation (events: a held-out site's KM curves), training
+        checked = [(site.test_ids or site.all_ids, site.role != "train")]
+        if site.role == "train":
+            checked.append((site.case_ids, True))  # the fit's event-time histogram
+        for ids, with_events in checked:
             events = int((censored.loc[list(ids)] == 0).sum())
             if len(ids) < policy.min_cases or (with_events and events < policy.min_events):
                 small.append(f"{site.name} ({len(ids)} cases, {events} events)")
@@ -244,7 +245,7 @@ def start(cfg: DictConfig) -> DictConfig | None:
     try:
         prepared = prepare(cfg)
         check_site_sizes(prepared)
-    except (CheckpointError, CohortError, RayAddressError, NewtonSettingsError, OSError) as error:  # one line
+    except (CheckpointError, CohortError, RayAddressError, SettingsError, OSError) as error:  # one line
         print(f"fedprog simulate: error: {' | '.join(str(error).splitlines())}", file=sys.stderr)
         return None
     return prepared
