@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
 from fedprog.data import Batch, SurvivalBins, SurvivalDataset, collate
@@ -54,6 +55,11 @@ class TrainConfig:
     (``select_on="val_loss"`` keeps the plain, unstratified validation loss).
     Without it a pooled model is rewarded for recognizing which source (cancer) a patient comes from, which
     ranks nobody within an unseen cancer. One source (a federated client's site) makes it a no-op.
+
+    ``weight_average="ema"`` keeps an exponential moving average of the weights over the optimizer steps
+    (decay ``ema_decay`` per step, torch's ``AveragedModel``): validation, epoch selection and the returned
+    model use the averaged weights, as weight-averaging methods for domain generalization do (SWAD). The
+    average starts from the weights each call receives, so a federated client averages within its round.
     """
 
     epochs: int = 20
@@ -77,6 +83,8 @@ class TrainConfig:
     amp: bool = False
     amp_dtype: str = "bfloat16"
     select_on: str = "val_c_index"
+    weight_average: str = "none"
+    ema_decay: float = 0.995
     eval_every: int = 1
     eval_batch_size: int = 1
     tabular_eval_batch_size: int = 256  # cases of equal token count (tables, expression only): no padding
@@ -114,6 +122,10 @@ class TrainConfig:
             raise ValueError("training.batch_size and training.grad_accum must be >= 1")
         if not self.l1 >= 0:
             raise ValueError(f"training.l1={self.l1!r}; choose a penalty >= 0 (0: none)")
+        if self.weight_average not in {"none", "ema"}:
+            raise ValueError(f"training.weight_average={self.weight_average!r}; choose 'none' or 'ema'")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"training.ema_decay={self.ema_decay!r}; choose a decay in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -427,6 +439,12 @@ class _Loop:
     anchors: Sequence[torch.Tensor] | None
     history: TrainHistory
     strata: _SourceStrata | None = None
+    average: AveragedModel | None = None
+
+    @property
+    def selected_model(self) -> nn.Module:
+        """The weights that validation scores and :func:`train` returns: the average when one is kept."""
+        return self.average.module if self.average is not None else self.model
 
     def step(self) -> list[float]:
         """One optimizer step over ``cfg.grad_accum`` batches; return their losses, count into ``history``."""
@@ -445,6 +463,8 @@ class _Loop:
         for group in self.optimizer.param_groups:
             group["lr"] = history.lr_last
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update_parameters(self.model)
         history.n_steps += 1
         return losses
 
@@ -496,21 +516,30 @@ def _selection_score(metrics: Mapping[str, float], cfg: TrainConfig) -> float:
     return -metrics["loss"]
 
 
+def _weight_average(model: nn.Module, cfg: TrainConfig) -> AveragedModel | None:
+    """An EMA of ``model``'s weights (``weight_average="ema"``), started from its current weights."""
+    if cfg.weight_average == "none":
+        return None
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=False)
+    average.update_parameters(model)  # the first update copies: the average starts at the received weights
+    return average
+
+
 def _finish(
-    model: nn.Module,
+    loop: _Loop,
     best_state: Mapping[str, torch.Tensor] | None,
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    plan: _Plan,
-    history: TrainHistory,
 ) -> None:
-    """Restore the selected epoch's weights (else the last epoch is selected) and keep the optimizer state."""
+    """Restore the selected epoch's weights (else the last epoch's, averaged when an average is kept) and
+    keep the optimizer state; the optimizer state always belongs to the trained, not the averaged, weights."""
+    model, cfg, history = loop.model, loop.cfg, loop.history
     if best_state is not None:
         model.load_state_dict(best_state)
     else:
-        history.selected_epoch = plan.n_epochs
+        history.selected_epoch = loop.plan.n_epochs
+        if loop.average is not None:
+            model.load_state_dict(loop.average.module.state_dict())
     if cfg.keep_optimizer_state:
-        history.optimizer_state = optimizer_state_dict(optimizer, cfg.optimizer)
+        history.optimizer_state = optimizer_state_dict(loop.optimizer, cfg.optimizer)
 
 
 def train(
@@ -563,11 +592,12 @@ def train(
     started = time.perf_counter()
     train_data.train()
     loop = _Loop(model, _batches(loader, train_data), optimizer, cfg, plan, device, anchors, history, strata)
+    loop.average = _weight_average(model, cfg)
     for epoch in range(plan.n_epochs):
         loop.epoch()
         message = f"{log_prefix}epoch {epoch + 1}/{plan.n_epochs} loss {history.loss:.4f}"
         if val_data is not None and cfg.select_on != "last" and (epoch + 1) % cfg.eval_every == 0:
-            metrics = _validation_metrics(model, val_data, train_data, device, cfg)
+            metrics = _validation_metrics(loop.selected_model, val_data, train_data, device, cfg)
             history.val_metrics.append(metrics)
             score = _selection_score(metrics, cfg)
             message += f" val c-index {metrics['c_index']:.3f}"
@@ -575,10 +605,10 @@ def train(
                 message += f" (within sources {metrics[WITHIN_SOURCES]:.3f})"
             if not math.isnan(score) and score > best_score:
                 best_score, history.selected_epoch = score, epoch + 1
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in loop.selected_model.state_dict().items()}
         if progress:
             log.info(message)
-    _finish(model, best_state, optimizer, cfg, plan, history)
+    _finish(loop, best_state)
     history.seconds = time.perf_counter() - started
     if history.no_event_batches:
         log.info("%s%d training batch(es) had no event: zero Cox loss", log_prefix, history.no_event_batches)

@@ -207,6 +207,43 @@ def test_optimizer_state_is_kept_across_calls_or_reset_per_option(two_cohorts):
         train(_fresh_model(data), data, tiny_train_cfg(local_steps=1), optimizer_state=first.optimizer_state)
 
 
+def test_weight_average_returns_the_ema_of_the_step_trajectory(two_cohorts):
+    """``weight_average=ema``: the returned weights are the EMA (from the received weights) of the weights
+    after each step; the steps themselves, and the kept optimizer state, are those of plain training."""
+    _, cohorts, prep = two_cohorts
+    data = make_dataset(cohorts["c0"], cohorts["c0"].case_ids, prep, max_patches=8)
+    plain = {"optimizer": "adam", "scheduler": "constant", "grad_accum": 2}
+    trajectory = [_fresh_model(data).state_dict()]
+    for steps in range(1, 6):
+        model = _fresh_model(data)
+        last = train(model, data, tiny_train_cfg(local_steps=steps, **plain), progress=False)
+        trajectory.append(model.state_dict())
+    decay = 0.6
+    expected = {k: v.clone() for k, v in trajectory[0].items()}
+    for weights in trajectory[1:]:
+        for k in expected:
+            expected[k] = decay * expected[k] + (1 - decay) * weights[k]
+    averaged = _fresh_model(data)
+    ema_cfg = tiny_train_cfg(local_steps=5, weight_average="ema", ema_decay=decay, **plain)
+    history = train(averaged, data, ema_cfg, progress=False)
+    moved = 0.0
+    for k, v in averaged.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6)
+        moved = max(moved, float((v - trajectory[-1][k]).abs().max()))
+    assert moved > 1e-3  # the average is not the last step's weights
+    for k, v in history.optimizer_state.items():
+        assert torch.equal(v, last.optimizer_state[k])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("weight_average", "swa", "weight_average='swa'"), ("ema_decay", 1.0, "ema_decay=1.0")],
+)
+def test_weight_average_settings_are_checked(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_cfg({key: value})
+
+
 def test_kept_radam_state_leaves_the_warm_up_behind(two_cohorts):
     _, cohorts, prep = two_cohorts
     data = make_dataset(cohorts["c0"], cohorts["c0"].case_ids, prep, max_patches=8)
