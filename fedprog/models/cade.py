@@ -67,6 +67,7 @@ __all__ = [
 MODES = ("mix", "dsu", "mix_dsu")
 PATHS = ("linear", "geometric")
 MODALITIES = ("both", "strong", "weak")
+POSITIONS = ("encoded", "input")
 SLOTS = ("strong", "weak")
 
 
@@ -195,6 +196,10 @@ class CADE(nn.Module):
         :meth:`style_summary` returns None below this many bag styles.
     eps : float, default: 1e-6
         Variance floor of the statistics.
+    position : {"encoded", "input"}, default: "encoded"
+        Where the strong modality (WSI bag) is re-styled: its encoder outputs, or its input patch features
+        (:meth:`restyle_inputs`, before the encoder), the axis on which stain, scanner and cancer style act
+        on the features themselves. Expression tokens are re-styled on the encoder outputs either way.
     generator : torch.Generator, optional
     """
 
@@ -210,6 +215,7 @@ class CADE(nn.Module):
         dsu_scale: float = 1.0,
         summary_min_count: int = 10,
         eps: float = 1e-6,
+        position: str = "encoded",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -217,6 +223,7 @@ class CADE(nn.Module):
             ("mode", mode, MODES),
             ("path", path, PATHS),
             ("modalities", modalities, MODALITIES),
+            ("position", position, POSITIONS),
         ):
             if value not in allowed:
                 raise ModelConfigError(f"model.cade.{key}={value!r}; choose one of {allowed}")
@@ -236,7 +243,9 @@ class CADE(nn.Module):
         self.slots = SLOTS if modalities == "both" else (modalities,)
         self.bank_size, self.external_prob, self.dsu_scale = bank_size, external_prob, dsu_scale
         self.summary_min_count, self.eps, self.generator = summary_min_count, eps, generator
+        self.position = position
         self.last_mix: dict[str, StyleMix] = {}
+        self._step_fire: bool | None = None  # position=input: the firing draw of the current step
         self._fill = dict.fromkeys(SLOTS, 0)  # entries in each local bank
         self._next = dict.fromkeys(SLOTS, 0)  # ring-buffer write position
         self._seen = dict.fromkeys(SLOTS, 0)  # bag styles in the summary accumulators
@@ -247,7 +256,8 @@ class CADE(nn.Module):
     def extra_repr(self) -> str:
         """Hyperparameters shown by ``print(model)``."""
         return (
-            f"variant=style, p_aug={self.p_aug}, alpha={self.alpha}, mode={self.mode}, path={self.path}, "
+            f"variant=style, position={self.position}, p_aug={self.p_aug}, alpha={self.alpha}, "
+            f"mode={self.mode}, path={self.path}, "
             f"modalities={'+'.join(self.slots)}, bank_size={self.bank_size}, "
             f"external_prob={self.external_prob}"
         )
@@ -416,34 +426,61 @@ class CADE(nn.Module):
             source = torch.where(source < 0, 2, source)
         return StyleMix(mu, sigma, mu_hat, sigma_hat, lam, source)
 
+    def _draw_fire(self, like: Tensor) -> bool:
+        """Whether CADE fires on this training step (probability ``p_aug``)."""
+        return self.p_aug > 0.0 and float(uniform_like((1,), like, self.generator)) < self.p_aug
+
+    def restyle_inputs(self, strong: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``position="input"``: re-style the strong modality's input features ``[B, N, F]`` before its
+        encoder, and keep this step's firing draw for :meth:`forward` (the expression tokens). The identity
+        in eval mode, with ``position="encoded"`` or when ``modalities`` leaves out the strong modality."""
+        self._step_fire = None
+        if self.position != "input" or not self.training:
+            return strong
+        self.last_mix = {}
+        self._step_fire = self._draw_fire(strong)
+        if "strong" not in self.slots:
+            return strong
+        return self._restyle("strong", strong, mask, self._step_fire)
+
     def forward(
         self, strong: Tensor, weak: Tensor, strong_mask: Tensor | None = None, weak_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Re-style ``strong`` [B, Ns, D] and ``weak`` [B, Nw, D] bags (identity in eval mode)."""
-        self.last_mix = {}
+        """Re-style ``strong`` [B, Ns, D] and ``weak`` [B, Nw, D] bags (identity in eval mode); with
+        ``position="input"`` the strong bag was re-styled by :meth:`restyle_inputs` and only ``weak`` is."""
         if not self.training:
+            self.last_mix = {}
             return strong, weak
-        fire = self.p_aug > 0.0 and float(uniform_like((1,), strong, self.generator)) < self.p_aug
+        slots = self.slots
+        if self.position == "input":
+            fire = self._step_fire if self._step_fire is not None else self._draw_fire(strong)
+            self._step_fire = None
+            slots = tuple(slot for slot in slots if slot == "weak")
+        else:
+            self.last_mix = {}
+            fire = self._draw_fire(strong)
         out = {"strong": strong, "weak": weak}
         masks = {"strong": strong_mask, "weak": weak_mask}
-        for slot in self.slots:
-            tokens, mask = out[slot], masks[slot]
-            if tokens.dim() != 3 or tokens.shape[1] == 0:
-                raise ModelInputError(
-                    f"CADE needs {slot} tokens of shape [B, N >= 1, D], got {tuple(tokens.shape)}"
-                )
-            mu, sigma, present = channel_statistics(tokens, mask, self.eps)
-            if fire:
-                mix = self._target(slot, mu, sigma, present)
-                self.last_mix[slot] = mix
-                restyled = (tokens - mu[:, None]) / sigma[:, None] * mix.sigma_hat[:, None] + mix.mu_hat[
-                    :, None
-                ]
-                moved = present & (mix.source >= 0)  # a sample without partner (nor DSU) stays bit-exact
-                change = moved[:, None] if mask is None else moved[:, None] & mask
-                out[slot] = torch.where(change[..., None], restyled, tokens).to(tokens.dtype)
-            self._remember(slot, mu[present], sigma[present])
+        for slot in slots:
+            out[slot] = self._restyle(slot, out[slot], masks[slot], fire)
         return out["strong"], out["weak"]
+
+    def _restyle(self, slot: str, tokens: Tensor, mask: Tensor | None, fire: bool) -> Tensor:
+        """One modality's bags re-styled when ``fire`` (else unchanged); their styles enter the banks."""
+        if tokens.dim() != 3 or tokens.shape[1] == 0:
+            shape = tuple(tokens.shape)
+            raise ModelInputError(f"CADE needs {slot} tokens of shape [B, N >= 1, D], got {shape}")
+        mu, sigma, present = channel_statistics(tokens, mask, self.eps)
+        out = tokens
+        if fire:
+            mix = self._target(slot, mu, sigma, present)
+            self.last_mix[slot] = mix
+            restyled = (tokens - mu[:, None]) / sigma[:, None] * mix.sigma_hat[:, None] + mix.mu_hat[:, None]
+            moved = present & (mix.source >= 0)  # a sample without partner (nor DSU) stays bit-exact
+            change = moved[:, None] if mask is None else moved[:, None] & mask
+            out = torch.where(change[..., None], restyled, tokens).to(tokens.dtype)
+        self._remember(slot, mu[present], sigma[present])
+        return out
 
 
 def _check_slot(modality: str) -> None:
@@ -467,6 +504,7 @@ STYLE_KEYS = (
     "dsu_scale",
     "summary_min_count",
     "eps",
+    "position",
 )
 
 

@@ -137,6 +137,8 @@ class MultimodalSurvivalModel(nn.Module):
     def tokens(self, batch: BatchLike) -> ModalityTokens:
         """Encoded tokens after SDIR and CADE: (strong [B, Ns, D], weak [B, G, D], strong_mask, weak_mask)."""
         expression, strong, mask = check_batch(batch)
+        if isinstance(self.cade, CADE):
+            strong = self.cade.restyle_inputs(strong, mask)  # position=input: the WSI patch features
         tokens = ModalityTokens(self.strong_encoder(strong), self.weak_encoder(expression), mask)
         if self.sdir is not None:
             tokens = self.sdir(*tokens)
@@ -165,6 +167,7 @@ def build_multimodal(
 ) -> MultimodalSurvivalModel:
     """Assemble a :class:`MultimodalSurvivalModel` around ``fusion`` (encoders, modules, head: ``cfg``)."""
     require_inputs(cfg, group_index=group_index, strong_kind=strong_kind)
+    check_cade_position(cfg, strong_kind)
     return MultimodalSurvivalModel(
         strong_encoder=strong_encoder(cfg, strong_kind, strong_dim),
         weak_encoder=GroupTokenizer(group_index, cfg.dim, cfg.snn_dropout),
@@ -173,6 +176,19 @@ def build_multimodal(
         sdir=SDIR(**cfg.sdir.kwargs()) if cfg.sdir.enabled else None,
         cade=build_cade(cfg.cade) if cfg.cade.enabled else None,
     )
+
+
+def check_cade_position(cfg: ModelConfig, strong_kind: str) -> None:
+    """``model.cade.position=input`` re-styles WSI patch features: refuse it on a table (one token per case,
+    no style across patches) unless ``modalities`` leaves the strong modality out."""
+    cade = cfg.cade
+    if not (cade.enabled and cade.variant == "style" and cade.position == "input"):
+        return
+    if strong_kind != "wsi" and cade.modalities in ("both", "strong"):
+        raise ModelConfigError(
+            f"model.cade.position=input re-styles WSI patch features, but the strong modality is "
+            f"{strong_kind!r}; use model.cade.position=encoded or model.cade.modalities=weak"
+        )
 
 
 def require_inputs(

@@ -89,6 +89,7 @@ class CADEConfig:
     external_prob: float = 0.5
     dsu_scale: float = 1.0
     summary_min_count: int = 10
+    position: str = "encoded"
     partner: str = "kernel"
     bandwidth: float | str = "median"
 
