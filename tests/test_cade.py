@@ -509,3 +509,53 @@ def test_style_cade_changes_the_output_of_every_backbone(name, kind):
         assert cade.last_mix  # it fired
         torch.testing.assert_close(model.eval()(batch), off)  # identity in evaluation (MCAT: fast path)
     assert ((on - off).norm() / off.norm()).item() > 0.05
+
+
+def test_style_at_input_restyles_the_patch_features_the_encoder_reads():
+    """``position=input``: the strong encoder receives bags whose per-channel statistics are the blend of
+    their own and a partner's (the WSI features' own axis), with each patch's content kept; the expression
+    tokens are re-styled after their encoder with the same step's draw; evaluation is the identity."""
+    torch.manual_seed(41)
+    cade_cfg = {"enabled": True, "p_aug": 1.0, "position": "input", "bank_size": 0}
+    model = create_model(
+        {"name": "survpath", **TINY, "cade": cade_cfg},
+        group_index=GROUPS,
+        strong_kind="wsi",
+        strong_dim=6,
+        n_outputs=4,
+    ).train()
+    model.cade.generator = _gen(42)
+    seen = []
+    model.strong_encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    batch = _styled_batch()
+    model(batch)
+    restyled, mix = seen[-1], model.cade.last_mix
+    assert set(mix) == {"strong", "weak"} and mix["strong"].mu.shape == (4, 6)  # F = 6 input channels
+    mu, sigma = _channel_stats(batch.strong.double())
+    lam = mix["strong"].lam[:, None].double()
+    mu_out, sigma_out = _channel_stats(restyled.double())
+    partner_mu = (mix["strong"].mu_hat.double() - lam * mu) / (1 - lam).clamp_min(1e-12)
+    torch.testing.assert_close(mu_out, mix["strong"].mu_hat.double(), rtol=1e-4, atol=1e-4)
+    assert (lam < 0.99).any() and not torch.allclose(mu_out, mu)
+    moved = (lam[:, 0] < 0.99).nonzero()[:, 0]
+    assert any(torch.allclose(partner_mu[i], mu[j], atol=1e-3) for i in moved for j in range(4) if j != i)
+    z_in = (batch.strong.double() - mu[:, None]) / sigma[:, None]
+    z_out = (restyled.double() - mu_out[:, None]) / sigma_out[:, None]
+    torch.testing.assert_close(z_out, z_in, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        model.eval()
+        evaluated = model(batch)
+        cade, model.cade = model.cade, None
+        torch.testing.assert_close(evaluated, model(batch))
+        model.cade = cade
+    assert torch.equal(seen[-1], batch.strong)  # evaluation: the encoder reads the bag as it is
+
+
+def test_style_at_input_is_refused_on_a_table():
+    config = {"name": "survpath", **TINY, "cade": {"enabled": True, "position": "input"}}
+    with pytest.raises(ModelConfigError, match="position=input re-styles WSI patch features"):
+        create_model(config, group_index=GROUPS, strong_kind="tabular", strong_dim=6, n_outputs=4)
+    config["cade"]["modalities"] = "weak"  # the expression only: allowed on a table
+    create_model(config, group_index=GROUPS, strong_kind="tabular", strong_dim=6, n_outputs=4)
+    with pytest.raises(ModelConfigError, match="model.cade.position='latent'"):
+        CADE(position="latent")

@@ -29,6 +29,7 @@ from fedprog.federated.style_sharing import record_to_summaries, site_style_reco
 from fedprog.models.cade import CADE, pool_style_summaries
 
 DIM = 16  # model.dim of tiny_config
+WIDTHS = {"strong": DIM, "weak": DIM}
 HELDOUT_PARTITION = 2  # c1-B1
 
 
@@ -123,10 +124,11 @@ def test_server_pools_leave_one_out_and_next_round_carries_the_bank(shared_run):
     _, grid, out, _ = shared_run
     assert all(STYLE_BANK_KEY not in m.content.config_records for _, m, _ in grid.trains(1))
     sent = {
-        site: record_to_summaries(r.content.config_records[STYLE_KEY], DIM) for site, _, r in grid.trains(1)
+        site: record_to_summaries(reply.content.config_records[STYLE_KEY], WIDTHS)
+        for site, _, reply in grid.trains(1)
     }
     for site, msg, _ in grid.trains(2):
-        bank = record_to_summaries(msg.content.config_records[STYLE_BANK_KEY], DIM)
+        bank = record_to_summaries(msg.content.config_records[STYLE_BANK_KEY], WIDTHS)
         for modality in STYLE_MODALITIES:
             expected = pool_style_summaries([s[modality] for name, s in sorted(sent.items()) if name != site])
             assert bank[modality].count == expected.count
@@ -169,7 +171,8 @@ def test_malformed_style_reply_rejects_the_update_with_one_line_reason(data_root
     results, _ = _run(data_root, tmp_path / "bad", "min_train_sites=1", faults={0: _shrink_style})
     assert results["status"] == "completed"
     reasons = {(r["site"], r["round"]): r["reason"] for r in results["rejections"]}
-    assert reasons == {("c0-A1", 1): "style summary 'strong.mu_mean' has 3 values, expected 16 (model.dim)"}
+    reason = "style summary 'strong.mu_mean' has 3 values, expected 16 (its channels)"
+    assert reasons == {("c0-A1", 1): reason}
     assert results["rounds"][0]["accepted"] == ["c0-A2", "c1-B2"]
     pooled = _audit(tmp_path / "bad", "style_bank_pooled")[0]
     assert pooled["sites"] == ["c0-A2", "c1-B2"]  # a rejected site's styles are not pooled
@@ -194,7 +197,7 @@ def _record(**changes) -> dict:
 )
 def test_check_style_record_rejects_with_one_line_reason(changes, reason):
     with pytest.raises(ReplyError) as error:
-        check_style_record(_record(**changes), DIM)
+        check_style_record(_record(**changes), WIDTHS)
     assert reason in str(error.value) and "\n" not in str(error.value)
 
 
@@ -254,3 +257,26 @@ def test_resume_after_round_1_sends_the_checkpointed_bank(shared_run, data_root:
     with np.load(full_out / "final_weights.npz") as a, np.load(killed / "final_weights.npz") as b:
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_styles_at_the_input_are_shared_at_the_wsi_feature_width(data_root: Path, tmp_path: Path):
+    """``model.cade.position=input``: the WSI styles are the patch features' (one number per feature
+    channel), the expression styles the encoded tokens'; the server checks each at its width and the sites
+    draw from it."""
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    original = CADE.set_external_bank
+
+    def spy(self, mu, sigma, modality="strong"):
+        calls.append((modality, tuple(mu.shape)))
+        return original(self, mu, sigma, modality)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CADE, "set_external_bank", spy)
+        results, grid = _run(data_root, tmp_path / "input", "rounds=3", "model.cade.position=input")
+    assert results["status"] == "completed" and not results["rejections"]
+    features = int(tiny_config(data_root, tmp_path).data.synth.feature_dim)
+    assert features != DIM
+    for _, _, reply in grid.trains(1):
+        record = reply.content.config_records[STYLE_KEY]
+        assert len(record["strong.mu_mean"]) == features and len(record["weak.mu_mean"]) == DIM
+    assert sorted(calls) == sorted([("strong", (64, features)), ("weak", (64, DIM))] * 6)

@@ -321,12 +321,13 @@ def _check_km(metrics: Mapping[str, Any], n: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ styles
-def check_style_record(record: Mapping[str, Any], dim: int) -> dict[str, dict[str, Any]]:
-    """A checked style-summary record: ``{modality: {"count": int, "mu_mean": float64 [dim], ...}}``.
+def check_style_record(record: Mapping[str, Any], widths: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+    """A checked style-summary record: ``{modality: {"count": int, "mu_mean": float64 [width], ...}}``.
 
     Every key is ``<modality>.<field>`` (:data:`STYLE_MODALITIES` x :data:`STYLE_FIELDS`), a modality sent
-    has all its fields, ``count`` is an integer >= 1, each vector holds ``dim`` (the model's channels) finite
-    numbers and the variances are >= 0; otherwise ReplyError with a one-line reason.
+    has all its fields, ``count`` is an integer >= 1, each vector holds ``widths[modality]`` (the channels
+    CADE re-styles: ``model.dim``, or the WSI features with ``model.cade.position=input``) finite numbers and
+    the variances are >= 0; otherwise ReplyError with a one-line reason.
     """
     allowed = {f"{m}.{f}" for m in STYLE_MODALITIES for f in STYLE_FIELDS}
     unknown = sorted(str(k) for k in record if k not in allowed)
@@ -344,7 +345,7 @@ def check_style_record(record: Mapping[str, Any], dim: int) -> dict[str, dict[st
         if values["count"] < 1:
             raise ReplyError(f"style summary {modality}.count is 0")
         for name in STYLE_VECTORS:
-            values[name] = _style_vector(record[f"{modality}.{name}"], f"{modality}.{name}", dim)
+            values[name] = _style_vector(record[f"{modality}.{name}"], f"{modality}.{name}", widths[modality])
         out[modality] = values
     if not out:
         raise ReplyError("style summary record is empty")
@@ -357,7 +358,7 @@ def _style_vector(value: Any, key: str, dim: int) -> np.ndarray:
     if not numbers or any(isinstance(v, bool) for v in value):
         raise ReplyError(f"style summary {key!r} is not a list of numbers")
     if len(value) != dim:
-        raise ReplyError(f"style summary {key!r} has {len(value)} values, expected {dim} (model.dim)")
+        raise ReplyError(f"style summary {key!r} has {len(value)} values, expected {dim} (its channels)")
     array = np.asarray(value, dtype=np.float64)
     if not np.all(np.isfinite(array)):
         raise ReplyError(f"style summary {key!r} holds NaN/Inf")

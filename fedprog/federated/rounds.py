@@ -380,7 +380,7 @@ def build_rounds(run: RunRecord, described: Described, checkpoint: Checkpoint | 
     )
     train = {s.node_id: s.site for s in run.train_sites}
     heldout.set_sites(train, {s.node_id: s.site for s in run.sites}, described.declared)
-    styles = StyleExchange(cfg)  # federated style sharing (style_sharing.py)
+    styles = StyleExchange(cfg, described.declared[run.train_sites[0].site].strong_dim)  # style_sharing.py
     saved = checkpoint.federation if checkpoint is not None else {}
     if checkpoint is not None:
         heldout.load_state_dict(checkpoint.strategy_state)

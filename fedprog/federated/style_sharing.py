@@ -6,7 +6,8 @@ Protocol (only when :func:`sharing_enabled`: ``style_sharing: true``, style CADE
    reply a ``fedprog-style`` ConfigRecord with, per modality CADE re-styles,
    :meth:`fedprog.models.cade.CADE.style_summary` of the bags it saw this round: the count of bag styles
    (bags seen over the round's local epochs) and the per-channel mean and variance of the bags' mu and log
-   sigma (``model.dim`` floats each; never a patient's statistics). It sends a modality's summary only when
+   sigma (one float per channel CADE re-styles: ``model.dim``, or the WSI feature width with
+   ``model.cade.position=input``; never a patient's statistics). It sends a modality's summary only when
    its training cases reach its own disclosure ``min_cases`` and the summary covers at least
    ``model.cade.summary_min_count`` bag styles (:func:`site_style_record`).
 2. The server checks each record (:func:`fedprog.federated.messages.check_style_record`: shapes = the model's
@@ -73,9 +74,20 @@ def summaries_to_record(summaries: Mapping[str, StyleSummary]) -> ConfigRecord:
     return ConfigRecord(values)
 
 
-def record_to_summaries(record: Mapping[str, Any], dim: int) -> Summaries:
+def style_widths(cfg: DictConfig, strong_dim: int | None) -> dict[str, int]:
+    """Channels of each modality's style: ``model.dim``; with ``model.cade.position=input`` the strong
+    modality's are its input features (``strong_dim``, the WSI feature width)."""
+    dim = int(cfg.model.dim)
+    if str(cfg.model.cade.get("position", "encoded")) != "input":
+        return {"strong": dim, "weak": dim}
+    if strong_dim is None:
+        raise ValueError("model.cade.position=input needs the WSI feature width (strong-dim) of the sites")
+    return {"strong": int(strong_dim), "weak": dim}
+
+
+def record_to_summaries(record: Mapping[str, Any], widths: Mapping[str, int]) -> Summaries:
     """The checked summaries of a style record (ReplyError with a one-line reason when malformed)."""
-    return {m: StyleSummary.from_arrays(v) for m, v in check_style_record(record, dim).items()}
+    return {m: StyleSummary.from_arrays(v) for m, v in check_style_record(record, widths).items()}
 
 
 # ---------------------------------------------------------------------------------------------- client side
@@ -99,13 +111,14 @@ def site_style_record(
 
 
 def install_style_bank(
-    cfg: DictConfig, model: nn.Module, record: Mapping[str, Any] | None, seed: int
+    cfg: DictConfig, model: nn.Module, record: Mapping[str, Any] | None, seed: int, strong_dim: int | None
 ) -> list[str]:
-    """Sample and install the external CADE bank from the server's pooled summaries; the modalities set."""
+    """Sample and install the external CADE bank from the server's pooled summaries; the modalities set.
+    ``strong_dim``: the site's WSI feature width (the strong style's channels with ``position=input``)."""
     cade = getattr(model, "cade", None)
     if record is None or not sharing_enabled(cfg) or not isinstance(cade, CADE):
         return []
-    summaries = record_to_summaries(record, int(cfg.model.dim))
+    summaries = record_to_summaries(record, style_widths(cfg, strong_dim))
     generator = torch.Generator().manual_seed(int(seed))
     k = max(int(cfg.model.cade.bank_size), 1)
     installed = []
@@ -122,9 +135,9 @@ class StyleExchange:
     """The server's side: screen style records in train replies, keep accepted sites' summaries, attach the
     leave-one-out pools to the next round's train messages, audit each round, checkpoint its state."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, strong_dim: int | None = None) -> None:
         self.enabled = sharing_enabled(cfg)
-        self.dim = int(cfg.model.dim)
+        self.widths = style_widths(cfg, strong_dim) if self.enabled else {}
         self.pending: dict[str, Summaries] = {}  # this round's checked summaries, by site
         self.banks: dict[str, Summaries] = {}  # last round's summaries of accepted sites, by site
 
@@ -173,7 +186,7 @@ class StyleExchange:
             try:
                 if not self.enabled:
                     raise ReplyError("style summary sent although style sharing is off")
-                self.pending[site] = record_to_summaries(msg.content.config_records[STYLE_KEY], self.dim)
+                self.pending[site] = record_to_summaries(msg.content.config_records[STYLE_KEY], self.widths)
             except ReplyError as error:
                 log.warning("update of site %s rejected: %s", site, error)
                 if inner.last_round is not None:
@@ -197,4 +210,4 @@ class StyleExchange:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (a resumed run sends the same banks as an uninterrupted one)."""
-        self.banks = {site: record_to_summaries(record, self.dim) for site, record in state.items()}
+        self.banks = {site: record_to_summaries(record, self.widths) for site, record in state.items()}
