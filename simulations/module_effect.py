@@ -11,8 +11,10 @@ as such.
 
 The batch mimics the generated default: ``N_CANCERS`` cancers, each with its own per-channel shift and scale
 of the patch features (the style), patients with a signal on a share of their patches, group-structured
-expression. ``cade_style_bs1`` is style CADE at batch size 1, its partners drawn from a running bank filled
-by the previous patients of the batch (the client's setting with batch size 1).
+expression. ``cade_style_input`` re-styles the WSI patch features before the encoder
+(``model.cade.position=input``) instead of the encoder outputs. ``cade_style_bs1`` is style CADE at batch
+size 1, its partners drawn from a running bank filled by the previous patients of the batch (the client's
+setting with batch size 1).
 
     python simulations/module_effect.py
 
@@ -44,6 +46,7 @@ MODEL = {"dim": 64, "attn_dim": 32, "head_hidden": 16, "pool_hidden": 32, "trans
 SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "cade_style": ({}, {"enabled": True, "variant": "style", "p_aug": 1.0}),
     "cade_style_dsu": ({}, {"enabled": True, "variant": "style", "mode": "dsu", "p_aug": 1.0}),
+    "cade_style_input": ({}, {"enabled": True, "position": "input", "p_aug": 1.0}),
     "cade_token": ({}, {"enabled": True, "variant": "token", "p_aug": 1.0}),
     "sdir_modality": ({"enabled": True, "variant": "modality", "p": 1.0}, {}),
     "sdir_token": ({"enabled": True, "variant": "token", "p": 0.5}, {}),
@@ -144,7 +147,7 @@ def main() -> None:
     batch = make_batch()
     columns = [*SETTINGS, "cade_style_bs1"]
     print("relative change of the fused representation (module fires vs removed; same weights and inputs)")
-    print(f"{'backbone':<12}" + "".join(f"{c:>16}" for c in columns))
+    print(f"{'backbone':<12}" + "".join(f"{c:>18}" for c in columns))
     style = {}
     for name in list_models():
         row = [measure(name, s, batch) for s in SETTINGS] + [measure(name, "cade_style", batch, bs1=True)]
@@ -152,7 +155,7 @@ def main() -> None:
             print(f"{name:<12}" + f"{'n/a (unimodal: modules refused)':>32}")
             continue
         style[name] = row[0]
-        print(f"{name:<12}" + "".join(f"{v:>16.4f}" for v in row))
+        print(f"{name:<12}" + "".join(f"{v:>18.4f}" for v in row))
     worst = min(style, key=style.get)
     print(f"module_effect: min over backbones {style[worst]:.4f} ({worst}, CADE style, fused representation)")
 
