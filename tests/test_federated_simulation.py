@@ -114,3 +114,38 @@ def test_sites_below_their_disclosure_minimums_are_refused_before_start_up(tmp_p
     )
     with pytest.raises(SiteError, match=r"c0 \(8 cases.*lower federation.val_fraction=0.8"):
         simulation.check_site_sizes(simulation.prepare(split))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("modules=cade", "model.cade.mode=foo"), "model.cade.mode='foo'; choose one of"),
+        (("model.name=nosuch",), "unknown model.name='nosuch'"),
+        (("model=snn", "modules=cade"), "use modules=none with this model"),  # known once the data is
+        (("model=linear_cox",), "linear_cox"),  # a table model on WSI bags
+    ],
+)
+def test_model_settings_a_server_or_site_would_refuse_are_refused_before_start_up(
+    data_root: Path, tmp_path: Path, capsys, overrides: tuple[str, ...], message: str
+) -> None:
+    from fed_helpers import TINY_DATA
+
+    from fedprog.config import load_config
+
+    data = [f"data.root={data_root}", *TINY_DATA, "heldout=[c1-B1]"]
+    assert simulation.main(load_config("simulate", [*data, f"out={tmp_path / 'out'}", *overrides])) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()  # one line, before Ray starts
+    assert message in line
+    assert not list((tmp_path / "out").glob("*"))  # nothing written (at most the checked, empty folder)
+
+
+def test_cade_at_the_input_is_checked_against_the_data_strong_modality() -> None:
+    from fedprog.config import load_config
+    from fedprog.federated.errors import SettingsError
+    from fedprog.federated.settings import check_run_settings
+
+    cfg = load_config("simulate", ["modules=cade", "model.cade.position=input"])
+    check_run_settings(cfg)  # the data's strong modality not known yet: the keys are valid
+    check_run_settings(cfg, "wsi")
+    with pytest.raises(SettingsError, match="position=input re-styles WSI patch features.*'tabular'"):
+        check_run_settings(cfg, "tabular")

@@ -65,6 +65,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
     if cfg.get("audit") and cfg.audit.get("path"):
         cfg.audit.path = str(Path(str(cfg.audit.path)).resolve())
     layout = DatasetLayout.load(cfg.data)
+    check_run_settings(cfg, layout.strong_kind or "none")  # the model against the data's strong modality
     heldout = cfg.get("heldout")
     sites = build_sites(layout, cfg.federation, None if heldout is None else list(heldout))
     cfg.expected_sites = len(sites)
