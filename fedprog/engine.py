@@ -7,13 +7,13 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
 from fedprog.data import Batch, SurvivalBins, SurvivalDataset, collate
@@ -57,9 +57,10 @@ class TrainConfig:
     ranks nobody within an unseen cancer. One source (a federated client's site) makes it a no-op.
 
     ``weight_average="ema"`` keeps an exponential moving average of the weights over the optimizer steps
-    (decay ``ema_decay`` per step, torch's ``AveragedModel``): validation, epoch selection and the returned
-    model use the averaged weights, as weight-averaging methods for domain generalization do (SWAD). The
-    average starts from the weights each call receives, so a federated client averages within its round.
+    (decay ``ema_decay`` per step; parameters only, buffers such as CADE's style banks are the model's):
+    validation, epoch selection and the returned model use the averaged weights, as weight-averaging methods
+    for domain generalization do (SWAD). The average starts from the weights each call receives, so a
+    federated client averages within its round.
     """
 
     epochs: int = 20
@@ -439,12 +440,17 @@ class _Loop:
     anchors: Sequence[torch.Tensor] | None
     history: TrainHistory
     strata: _SourceStrata | None = None
-    average: AveragedModel | None = None
+    average: _WeightAverage | None = None
 
-    @property
-    def selected_model(self) -> nn.Module:
-        """The weights that validation scores and :func:`train` returns: the average when one is kept."""
-        return self.average.module if self.average is not None else self.model
+    @contextmanager
+    def selected_weights(self) -> Iterator[nn.Module]:
+        """The model with the weights that validation scores and :func:`train` returns: the average, when one
+        is kept, in place of the trained weights for the duration of the block."""
+        if self.average is None:
+            yield self.model
+            return
+        with self.average.applied(self.model):
+            yield self.model
 
     def step(self) -> list[float]:
         """One optimizer step over ``cfg.grad_accum`` batches; return their losses, count into ``history``."""
@@ -464,7 +470,7 @@ class _Loop:
             group["lr"] = history.lr_last
         self.optimizer.step()
         if self.average is not None:
-            self.average.update_parameters(self.model)
+            self.average.update(self.model)
         history.n_steps += 1
         return losses
 
@@ -516,13 +522,43 @@ def _selection_score(metrics: Mapping[str, float], cfg: TrainConfig) -> float:
     return -metrics["loss"]
 
 
-def _weight_average(model: nn.Module, cfg: TrainConfig) -> AveragedModel | None:
-    """An EMA of ``model``'s weights (``weight_average="ema"``), started from its current weights."""
-    if cfg.weight_average == "none":
-        return None
-    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=False)
-    average.update_parameters(model)  # the first update copies: the average starts at the received weights
-    return average
+@dataclass
+class _WeightAverage:
+    """An exponential moving average of a model's parameters (``weight_average="ema"``)."""
+
+    decay: float
+    averaged: list[torch.Tensor]
+
+    @classmethod
+    def start(cls, model: nn.Module, cfg: TrainConfig) -> _WeightAverage | None:
+        """The average of ``model``'s parameters, started at their current values (None: not kept)."""
+        if cfg.weight_average == "none":
+            return None
+        return cls(cfg.ema_decay, [p.detach().clone() for p in model.parameters()])
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One step: ``average <- decay * average + (1 - decay) * weights``."""
+        for average, weight in zip(self.averaged, model.parameters(), strict=True):
+            average.lerp_(weight.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def load_into(self, model: nn.Module) -> None:
+        """Replace ``model``'s parameters by the average."""
+        for average, weight in zip(self.averaged, model.parameters(), strict=True):
+            weight.copy_(average)
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """``model`` holds the average inside the block and its own parameters again after it."""
+        trained = [p.detach().clone() for p in model.parameters()]
+        self.load_into(model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for weight, value in zip(model.parameters(), trained, strict=True):
+                    weight.copy_(value)
 
 
 def _finish(
@@ -537,7 +573,7 @@ def _finish(
     else:
         history.selected_epoch = loop.plan.n_epochs
         if loop.average is not None:
-            model.load_state_dict(loop.average.module.state_dict())
+            loop.average.load_into(model)
     if cfg.keep_optimizer_state:
         history.optimizer_state = optimizer_state_dict(loop.optimizer, cfg.optimizer)
 
@@ -592,12 +628,13 @@ def train(
     started = time.perf_counter()
     train_data.train()
     loop = _Loop(model, _batches(loader, train_data), optimizer, cfg, plan, device, anchors, history, strata)
-    loop.average = _weight_average(model, cfg)
+    loop.average = _WeightAverage.start(model, cfg)
     for epoch in range(plan.n_epochs):
         loop.epoch()
         message = f"{log_prefix}epoch {epoch + 1}/{plan.n_epochs} loss {history.loss:.4f}"
         if val_data is not None and cfg.select_on != "last" and (epoch + 1) % cfg.eval_every == 0:
-            metrics = _validation_metrics(loop.selected_model, val_data, train_data, device, cfg)
+            with loop.selected_weights() as scored:
+                metrics = _validation_metrics(scored, val_data, train_data, device, cfg)
             history.val_metrics.append(metrics)
             score = _selection_score(metrics, cfg)
             message += f" val c-index {metrics['c_index']:.3f}"
@@ -605,7 +642,8 @@ def train(
                 message += f" (within sources {metrics[WITHIN_SOURCES]:.3f})"
             if not math.isnan(score) and score > best_score:
                 best_score, history.selected_epoch = score, epoch + 1
-                best_state = {k: v.detach().clone() for k, v in loop.selected_model.state_dict().items()}
+                with loop.selected_weights() as selected:
+                    best_state = {k: v.detach().clone() for k, v in selected.state_dict().items()}
         if progress:
             log.info(message)
     _finish(loop, best_state)

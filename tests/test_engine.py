@@ -235,6 +235,46 @@ def test_weight_average_returns_the_ema_of_the_step_trajectory(two_cohorts):
         assert torch.equal(v, last.optimizer_state[k])
 
 
+def test_weight_average_is_what_validation_selects(two_cohorts):
+    """With a validation split the selected epoch's averaged weights are returned: the average as it stood
+    after that epoch (dropout off, so that validation's draws from the global RNG leave training alone)."""
+    _, cohorts, prep = two_cohorts
+    data = make_dataset(cohorts["c0"], cohorts["c0"].case_ids, prep, max_patches=8)
+    val = make_dataset(cohorts["c1"], cohorts["c1"].case_ids, prep, max_patches=8)
+    no_dropout = ["model=survpath", "model.dim=16", "model.dropout=0", "model.snn_dropout=0"]
+
+    def fresh():
+        torch.manual_seed(7)
+        return build_model(load_config("train", no_dropout).model, data, loss="nll")
+
+    plain = {"optimizer": "adam", "scheduler": "constant", "grad_accum": 4, "weight_average": "ema"}
+    selected = fresh()
+    history = train(selected, data, tiny_train_cfg(epochs=4, select_on="val_loss", **plain), val_data=val)
+    assert len(history.val_metrics) == 4
+    steps_per_epoch = math.ceil(len(data) / 4)
+    after_epoch = fresh()
+    train(after_epoch, data, tiny_train_cfg(local_steps=steps_per_epoch * history.selected_epoch, **plain))
+    for (key, value), expected in zip(
+        selected.state_dict().items(), after_epoch.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(value, expected, msg=key)
+
+
+def test_weight_average_leaves_cade_style_banks_to_the_model(two_cohorts):
+    """CADE's style banks are buffers sized at their first use: they fill during training and stay outside
+    the average (which holds parameters only)."""
+    _, cohorts, prep = two_cohorts
+    data = make_dataset(cohorts["c0"], cohorts["c0"].case_ids, prep, max_patches=8)
+    val = make_dataset(cohorts["c1"], cohorts["c1"].case_ids, prep, max_patches=8)
+    for position in ("encoded", "input"):
+        cfg = load_config("train", ["model.dim=16", "modules=cade", f"model.cade.position={position}"])
+        model = build_model(cfg.model, data, loss="nll")
+        config = tiny_train_cfg(epochs=2, select_on="val_c_index", weight_average="ema")
+        history = train(model, data, config, val_data=val)
+        assert history.selected_epoch in (1, 2)
+        assert model.cade.bank("strong")[0].shape[0] > 0 and model.cade.bank("weak")[0].shape[0] > 0
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [("weight_average", "swa", "weight_average='swa'"), ("ema_decay", 1.0, "ema_decay=1.0")],
