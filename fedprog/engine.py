@@ -633,17 +633,16 @@ def train(
         loop.epoch()
         message = f"{log_prefix}epoch {epoch + 1}/{plan.n_epochs} loss {history.loss:.4f}"
         if val_data is not None and cfg.select_on != "last" and (epoch + 1) % cfg.eval_every == 0:
-            with loop.selected_weights() as scored:
+            with loop.selected_weights() as scored:  # the average, when one is kept: scored and kept
                 metrics = _validation_metrics(scored, val_data, train_data, device, cfg)
+                score = _selection_score(metrics, cfg)
+                if not math.isnan(score) and score > best_score:
+                    best_score, history.selected_epoch = score, epoch + 1
+                    best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
             history.val_metrics.append(metrics)
-            score = _selection_score(metrics, cfg)
             message += f" val c-index {metrics['c_index']:.3f}"
             if WITHIN_SOURCES in metrics:
                 message += f" (within sources {metrics[WITHIN_SOURCES]:.3f})"
-            if not math.isnan(score) and score > best_score:
-                best_score, history.selected_epoch = score, epoch + 1
-                with loop.selected_weights() as selected:
-                    best_state = {k: v.detach().clone() for k, v in selected.state_dict().items()}
         if progress:
             log.info(message)
     _finish(loop, best_state)

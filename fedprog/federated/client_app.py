@@ -512,7 +512,7 @@ def train_site(
     )
     train_ds.set_epoch(0)
     model = _model(cfg, train_ds, arrays)
-    install_style_bank(cfg, model, style_bank, seed, train_ds.strong_dim)
+    install_style_bank(cfg, model, style_bank, seed, train_ds)
     anchors = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     store, kept = None, None
     if train_cfg.keep_optimizer_state:

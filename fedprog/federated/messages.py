@@ -341,6 +341,8 @@ def check_style_record(record: Mapping[str, Any], widths: Mapping[str, int]) -> 
         missing = [f for f in STYLE_FIELDS if f not in present]
         if missing:
             raise ReplyError(f"style summary of {modality!r} lacks {missing}")
+        if modality not in widths:
+            raise ReplyError(f"style summary of {modality!r} is not expected in this run")
         values: dict[str, Any] = {"count": count(record[f"{modality}.count"], f"{modality}.count")}
         if values["count"] < 1:
             raise ReplyError(f"style summary {modality}.count is 0")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -35,12 +34,8 @@ def check_model_settings(model_cfg: Any, strong_kind: str | None = None) -> None
     try:
         config = ModelConfig.from_cfg(OmegaConf.to_container(model_cfg, resolve=True))
         if strong_kind is not None:
-            quiet = logging.getLogger("fedprog.models.registry")
-            level, quiet.level = quiet.level, logging.WARNING  # no "created model" line for the placeholder
-            try:
-                create_model(config, group_index=[[0]], strong_kind=strong_kind, strong_dim=1, n_outputs=1)
-            finally:
-                quiet.setLevel(level)
+            placeholder = {"group_index": [[0]], "strong_dim": 1, "n_outputs": 1, "announce": False}
+            create_model(config, strong_kind=strong_kind, **placeholder)
             return
         if config.name not in list_models():
             raise ModelConfigError(f"unknown model.name={config.name!r}; registered models: {list_models()}")

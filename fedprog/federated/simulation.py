@@ -23,7 +23,7 @@ from fedprog.device import client_resources, simulation_device
 from fedprog.federated.checkpoint import CheckpointError, check_fresh_out, resume_config
 from fedprog.federated.errors import SettingsError
 from fedprog.federated.outputs import fmt_value
-from fedprog.federated.settings import check_run_settings
+from fedprog.federated.settings import check_model_settings, check_run_settings
 from fedprog.federated.strategy import BASELINES, FederationError
 from fedprog.report import save_run_config
 from fedprog.results import run_folder, save_versions
@@ -65,7 +65,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
     if cfg.get("audit") and cfg.audit.get("path"):
         cfg.audit.path = str(Path(str(cfg.audit.path)).resolve())
     layout = DatasetLayout.load(cfg.data)
-    check_run_settings(cfg, layout.strong_kind or "none")  # the model against the data's strong modality
+    check_model_settings(cfg.model, layout.strong_kind or "none")  # against the data's strong modality
     heldout = cfg.get("heldout")
     sites = build_sites(layout, cfg.federation, None if heldout is None else list(heldout))
     cfg.expected_sites = len(sites)

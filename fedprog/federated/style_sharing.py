@@ -37,6 +37,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from omegaconf import DictConfig
 from torch import nn
 
+from fedprog.data import SurvivalDataset
 from fedprog.federated.disclosure import DisclosurePolicy
 from fedprog.federated.messages import (
     STYLE_BANK_KEY,
@@ -74,11 +75,16 @@ def summaries_to_record(summaries: Mapping[str, StyleSummary]) -> ConfigRecord:
     return ConfigRecord(values)
 
 
+def styles_at_input(cfg: DictConfig) -> bool:
+    """True when CADE re-styles the WSI patch features (``model.cade.position=input``)."""
+    return str(cfg.model.cade.get("position", "encoded")) == "input"
+
+
 def style_widths(cfg: DictConfig, strong_dim: int | None) -> dict[str, int]:
     """Channels of each modality's style: ``model.dim``; with ``model.cade.position=input`` the strong
     modality's are its input features (``strong_dim``, the WSI feature width)."""
     dim = int(cfg.model.dim)
-    if str(cfg.model.cade.get("position", "encoded")) != "input":
+    if not styles_at_input(cfg):
         return {"strong": dim, "weak": dim}
     if strong_dim is None:
         raise ValueError("model.cade.position=input needs the WSI feature width (strong-dim) of the sites")
@@ -111,13 +117,15 @@ def site_style_record(
 
 
 def install_style_bank(
-    cfg: DictConfig, model: nn.Module, record: Mapping[str, Any] | None, seed: int, strong_dim: int | None
+    cfg: DictConfig, model: nn.Module, record: Mapping[str, Any] | None, seed: int, data: SurvivalDataset
 ) -> list[str]:
     """Sample and install the external CADE bank from the server's pooled summaries; the modalities set.
-    ``strong_dim``: the site's WSI feature width (the strong style's channels with ``position=input``)."""
+    ``data``: the site's training data, whose WSI feature width (read from a bag) is the strong style's
+    channels with ``position=input`` (read only then)."""
     cade = getattr(model, "cade", None)
     if record is None or not sharing_enabled(cfg) or not isinstance(cade, CADE):
         return []
+    strong_dim = data.strong_dim if styles_at_input(cfg) else None
     summaries = record_to_summaries(record, style_widths(cfg, strong_dim))
     generator = torch.Generator().manual_seed(int(seed))
     k = max(int(cfg.model.cade.bank_size), 1)

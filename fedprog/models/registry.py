@@ -224,6 +224,7 @@ def create_model(
     strong_dim: int,
     n_outputs: int,
     n_genes_per_group: Sequence[int] | None = None,
+    announce: bool = True,
 ) -> nn.Module:
     """Build the model named by ``model_cfg.name``.
 
@@ -243,6 +244,8 @@ def create_model(
         Number of time bins (NLL loss), or 1 for a log-risk output (Cox loss).
     n_genes_per_group : list of int, optional
         Checked against ``group_index`` when given (architecture.md signature).
+    announce : bool, default: True
+        Log the model's name and parameter count (off for a build that only checks a config).
 
     Returns
     -------
@@ -268,8 +271,13 @@ def create_model(
     model = _REGISTRY[cfg.name](
         cfg, group_index=groups, strong_kind=strong_kind, strong_dim=int(strong_dim), n_outputs=int(n_outputs)
     )
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "created model %s (%s strong, %d outputs): %d parameters", cfg.name, strong_kind, n_outputs, n_params
-    )
+    if announce:
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info(
+            "created model %s (%s strong, %d outputs): %d parameters",
+            cfg.name,
+            strong_kind,
+            n_outputs,
+            n_params,
+        )
     return model
