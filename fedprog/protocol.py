@@ -12,16 +12,27 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from fedprog.data import Cohort, DatasetLayout, load_cohorts
-from fedprog.engine import EvalResult, TrainConfig, evaluate, resolve_device, seed_everything, train
-from fedprog.pipeline import PooledDataset, build_model, fit_preprocessing, make_dataset
+from fedprog.data import Cohort, DatasetLayout, SurvivalDataset, load_cohorts
+from fedprog.engine import (
+    EvalResult,
+    TrainConfig,
+    TrainHistory,
+    evaluate,
+    resolve_device,
+    seed_everything,
+    train,
+)
+from fedprog.pipeline import PooledDataset, Preprocessing, build_model, fit_preprocessing, make_dataset
 from fedprog.report import ReportBuilder, environment_info, plot_km
 from fedprog.results import start_run, write_results
 from fedprog.survival.metrics import harrell_cindex
@@ -78,6 +89,66 @@ def _sources(cfg: DictConfig, cohorts: Sequence[str]) -> list[list[str]]:
     return sources
 
 
+@dataclass
+class SourceFit:
+    """A seeded model trained on source cases, with the preprocessing fitted on those cases."""
+
+    model: nn.Module
+    prep: Preprocessing
+    train_data: PooledDataset
+    val_data: PooledDataset | None
+    train_cfg: TrainConfig
+    history: TrainHistory
+    device: torch.device
+    cohorts: Mapping[str, Cohort]
+    max_patches: int | None
+    seed: int
+
+    def dataset(self, name: str, ids: Sequence[str]) -> SurvivalDataset:
+        """Cases ``ids`` of cohort ``name`` with this fit's preprocessing."""
+        return make_dataset(self.cohorts[name], ids, self.prep, max_patches=self.max_patches, seed=self.seed)
+
+    def evaluate(self, data: SurvivalDataset) -> EvalResult:
+        """The trained model on ``data`` (IPCW metrics censoring-weighted by the training cases)."""
+        return evaluate(
+            self.model,
+            data,
+            bins=self.prep.bins,
+            device=self.device,
+            loss_cfg=self.train_cfg,
+            train_times=self.train_data.times,
+            train_censorship=self.train_data.censorship,
+        )
+
+
+def fit_source(
+    cfg: DictConfig,
+    layout: DatasetLayout,
+    cohorts: Mapping[str, Cohort],
+    train_cases: Mapping[str, Sequence[str]],
+    seed: int,
+    label: str = "",
+    val_cases: Mapping[str, Sequence[str]] | None = None,
+    **training: Any,
+) -> SourceFit:
+    """Fit the preprocessing on ``train_cases`` (cohort -> case ids) and train a fresh model, seeded by
+    ``seed`` alone, on them; the epoch is chosen on ``val_cases`` when any (``training`` overrides keys of
+    ``cfg.training``)."""
+    prep = fit_preprocessing(layout, cohorts, train_cases, n_bins=cfg.n_bins)
+    train_cfg = TrainConfig.from_cfg(cfg.training, seed=seed, **training)
+    device = resolve_device(cfg.training.device)
+    parts = {"prep": prep, "max_patches": cfg.training.max_patches, "seed": seed}
+    train_data = PooledDataset([make_dataset(cohorts[n], ids, **parts) for n, ids in train_cases.items()])
+    val_parts = [make_dataset(cohorts[n], ids, **parts) for n, ids in (val_cases or {}).items() if ids]
+    val_data = PooledDataset(val_parts) if val_parts else None  # val_fraction=0: every source case trains
+    seed_everything(seed)  # the initial weights depend on the seed only, not on what ran before
+    model = build_model(cfg.model, train_data, loss=train_cfg.loss)
+    history = train(model, train_data, train_cfg, val_data=val_data, device=device, log_prefix=label)
+    return SourceFit(
+        model, prep, train_data, val_data, train_cfg, history, device, cohorts, cfg.training.max_patches, seed
+    )
+
+
 def run_source(
     cfg: DictConfig,
     layout: DatasetLayout,
@@ -95,38 +166,43 @@ def run_source(
     to it (:func:`prediction_frame`).
     """
     splits = {name: split_cases(cohorts[name], cfg.val_fraction, seed) for name in source}
-    prep = fit_preprocessing(layout, cohorts, {n: s[0] for n, s in splits.items()}, n_bins=cfg.n_bins)
-    train_cfg = TrainConfig.from_cfg(cfg.training, seed=seed)
-
-    def dataset(name: str, ids: Sequence[str]):
-        return make_dataset(cohorts[name], ids, prep, max_patches=cfg.training.max_patches, seed=seed)
-
-    train_data = PooledDataset([dataset(n, s[0]) for n, s in splits.items()])
-    val_parts = [dataset(n, s[1]) for n, s in splits.items() if s[1]]
-    val_data = PooledDataset(val_parts) if val_parts else None  # val_fraction=0: every source case trains
-    device = resolve_device(cfg.training.device)
-    seed_everything(seed)  # the initial weights depend on the seed only, not on what ran before
-    model = build_model(cfg.model, train_data, loss=train_cfg.loss)
     label = f"{'+'.join(source)} seed {seed}: "
-    history = train(model, train_data, train_cfg, val_data=val_data, device=device, log_prefix=label)
+    fit = fit_source(
+        cfg,
+        layout,
+        cohorts,
+        {n: s[0] for n, s in splits.items()},
+        seed,
+        label,
+        {n: s[1] for n, s in splits.items()},
+    )
+    selected, seconds = fit.history.selected_epoch, fit.history.seconds
+    in_domain = fit.evaluate(fit.val_data) if fit.val_data is not None else None  # the selected model
+    if cfg.refit:  # check_split: the epoch was chosen on a validation split
+        every_case = {n: sorted([*s[0], *s[1]]) for n, s in splits.items()}
+        fit = fit_source(
+            cfg, layout, cohorts, every_case, seed, label + "refit: ", epochs=selected, select_on="last"
+        )
+        seconds += fit.history.seconds
 
     base = {
         "source": "+".join(source),
         "backbone": cfg.model.name,
         "modules": modules_label(cfg.model),
         "seed": seed,
-        "selected_epoch": history.selected_epoch,
-        "train_seconds": round(history.seconds, 2),
+        "selected_epoch": selected,
+        "refit": bool(cfg.refit),
+        "train_seconds": round(seconds, 2),
     }
-    reference = {"train_times": train_data.times, "train_censorship": train_data.censorship}
-    evaluations = [("+".join(source), "in-domain (val)", val_data, None)] if val_data is not None else []
+    evaluations = [("+".join(source), "in-domain (val)", in_domain, None)] if in_domain is not None else []
     if targets is None:
         targets = cfg.targets if cfg.targets is not None else [c for c in cohorts if c not in source]
     for target in targets:
-        evaluations.append((target, "target", dataset(target, cohorts[target].case_ids), target))
+        evaluations.append(
+            (target, "target", fit.evaluate(fit.dataset(target, cohorts[target].case_ids)), target)
+        )
     records = []
-    for name, kind, data, cohort in evaluations:
-        result = evaluate(model, data, bins=prep.bins, device=device, loss_cfg=train_cfg, **reference)
+    for name, kind, result, cohort in evaluations:
         record = {**base, "target": name, "split": kind, **{k: result.metrics.get(k) for k in METRICS}}
         record["oracle_c_index"] = oracle_cindex(layout, cohort, result) if cohort else math.nan
         record["transfer_c_index"] = (
@@ -280,15 +356,23 @@ def _split_sentence(cfg: DictConfig) -> str:
             f"Every source case trains (val_fraction=0); the model of the last of {cfg.training.epochs} "
             "epochs is kept (training.select_on=last)."
         )
-    return (
+    sentence = (
         f"Each source is split {1 - cfg.val_fraction:.0%}/{cfg.val_fraction:.0%} into train/validation "
         f"(model selection, training.select_on={cfg.training.select_on}, on the source validation split "
         "only)."
     )
+    if cfg.refit:
+        sentence += (
+            " Then a model is trained again from the same initial weights on every source case for the "
+            "chosen number of epochs (refit=true); the targets score that model, the in-domain row the "
+            "selected one."
+        )
+    return sentence
 
 
 def check_split(cfg: DictConfig) -> None:
-    """``val_fraction`` in [0, 1), and 0 only with ``training.select_on=last`` (one-line ValueError)."""
+    """``val_fraction`` in [0, 1), and 0 only with ``training.select_on=last``; ``refit`` only with an epoch
+    chosen on a validation split (one-line ValueError)."""
     from fedprog.data.sites import checked_val_fraction
 
     if not checked_val_fraction(cfg.val_fraction, None, "val_fraction") and cfg.training.select_on != "last":
@@ -296,6 +380,17 @@ def check_split(cfg: DictConfig) -> None:
             "val_fraction=0 leaves no source validation split for "
             f"training.select_on={cfg.training.select_on}; set training.select_on=last (keep the last epoch) "
             "or a val_fraction in (0, 1)"
+        )
+    if cfg.refit and (not cfg.val_fraction or cfg.training.select_on == "last"):
+        raise ValueError(
+            "refit=true trains again for the epoch chosen on the validation split, but "
+            f"val_fraction={cfg.val_fraction} with training.select_on={cfg.training.select_on} chooses none; "
+            "set val_fraction in (0, 1) and training.select_on=val_c_index (or val_loss), or refit=false"
+        )
+    if cfg.refit and cfg.training.local_steps:
+        raise ValueError(
+            f"refit=true counts epochs but training.local_steps={cfg.training.local_steps} fixes the steps; "
+            "set training.local_steps=null or refit=false"
         )
 
 

@@ -6,7 +6,7 @@ from data_factory import write_cohort
 
 from fedprog.config import load_config
 from fedprog.data import DatasetLayout, load_cohorts
-from fedprog.protocol import main, modules_label, split_cases, summarize
+from fedprog.protocol import fit_source, main, modules_label, split_cases, summarize
 
 
 @pytest.fixture()
@@ -80,6 +80,31 @@ def test_val_fraction_zero_trains_on_every_source_case_and_keeps_the_last_epoch(
     assert "Every source case trains (val_fraction=0)" in (tmp_path / "runs" / "report.md").read_text()
 
 
+def test_refit_scores_targets_with_the_chosen_epochs_trained_on_every_source_case(dataset, tmp_path):
+    keys = ("seeds=[0]", "training.epochs=3", "sources=[c0]", "km_plots=false")
+    assert main(protocol_cfg(dataset, tmp_path / "plain", *keys)) == 0
+    cfg = protocol_cfg(dataset, tmp_path / "refit", *keys, "refit=true")
+    assert main(cfg) == 0
+    plain, refit = (
+        {r["split"]: r for r in json.loads((tmp_path / run / "results.json").read_text())["records"]}
+        for run in ("plain", "refit")
+    )
+    # the in-domain row scores the model the validation split chose, as without refit
+    assert refit["in-domain (val)"]["c_index"] == plain["in-domain (val)"]["c_index"]
+    assert refit["target"]["selected_epoch"] == plain["target"]["selected_epoch"]
+    assert refit["target"]["refit"] and not plain["target"]["refit"]
+    # the target row scores a fresh model (same seed) trained on all 24 source cases for that many epochs
+    layout = DatasetLayout.load(dataset)
+    cohorts = load_cohorts(layout)
+    every_case = {"c0": sorted(cohorts["c0"].case_ids)}
+    epochs = plain["target"]["selected_epoch"]
+    fit = fit_source(cfg, layout, cohorts, every_case, 0, epochs=epochs, select_on="last")
+    assert len(fit.train_data) == 24 and fit.history.selected_epoch == epochs
+    expected = fit.evaluate(fit.dataset("c1", cohorts["c1"].case_ids)).metrics["c_index"]
+    assert refit["target"]["c_index"] == pytest.approx(expected, abs=1e-12)
+    assert "refit=true" in (tmp_path / "refit" / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -88,6 +113,8 @@ def test_val_fraction_zero_trains_on_every_source_case_and_keeps_the_last_epoch(
             "val_fraction=0 leaves no source validation split for training.select_on=val_c_index",
         ),
         (["val_fraction=1.0", "training.select_on=last"], "val_fraction=1.0: choose a share"),
+        (["refit=true", "training.select_on=last"], "refit=true trains again for the epoch chosen"),
+        (["refit=true", "training.local_steps=5"], "refit=true counts epochs but training.local_steps=5"),
     ],
 )
 def test_train_refuses_a_split_it_cannot_select_on(dataset, tmp_path, extra, message):
