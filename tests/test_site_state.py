@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fedprog.federated.site_state import SIMULATION_SUBDIR, SiteStateStore, site_state_store
+from fedprog.federated.site_state import (
+    SIMULATION_SUBDIR,
+    SiteStateStore,
+    pack_state,
+    site_state_store,
+    unpack_state,
+)
 
 
 def _state(value: float) -> dict[str, torch.Tensor]:
@@ -23,6 +30,37 @@ def test_load_before_returns_the_newest_earlier_round(tmp_path: Path) -> None:
     assert float(store.load_before(3)["state.0.step"]) == 2.0  # a resumed round 3 continues from round 2
     assert float(store.load_before(9)["state.0.step"]) == 4.0
     torch.testing.assert_close(store.load_before(2)["state.0.exp_avg"], torch.full((3,), 1.0))
+
+
+def test_packed_state_round_trips_every_tensor_dtype_and_shape(tmp_path: Path) -> None:
+    state = {
+        "adam/0/exp_avg": torch.randn(4, 3),
+        "adam/0/exp_avg_sq": torch.rand(4, 3),
+        "adam/0/step": torch.tensor(7.0),
+        "adam/1/exp_avg": torch.randn(5),
+        "count": torch.tensor([1, 2, 3], dtype=torch.int64),
+        "empty": torch.zeros(0, 2),
+    }
+    packed = pack_state(state)
+    assert sorted(packed) == ["__layout__", "packed_<f4", "packed_<i8"]  # one buffer per dtype
+    store = SiteStateStore(tmp_path, "run1")
+    store.save(1, state)
+    loaded = store.load_before(2)
+    assert list(loaded) == list(state)
+    for name, tensor in state.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
+        torch.testing.assert_close(loaded[name], tensor)
+    loaded["adam/0/exp_avg"].add_(1.0)  # writable, and a view of no other entry
+    torch.testing.assert_close(loaded["adam/0/exp_avg_sq"], state["adam/0/exp_avg_sq"])
+
+
+def test_a_state_file_of_the_earlier_format_is_still_read(tmp_path: Path) -> None:
+    store = SiteStateStore(tmp_path, "run1")
+    store.folder.mkdir(parents=True)
+    np.savez(store.folder / "round-0001.npz", **{k: v.numpy() for k, v in _state(3.0).items()})
+    loaded = store.load_before(2)
+    torch.testing.assert_close(loaded["state.0.exp_avg"], torch.full((3,), 3.0))
+    assert unpack_state({"x": np.ones(2, dtype=np.float32)})["x"].tolist() == [1.0, 1.0]
 
 
 def test_keep_prunes_old_rounds_and_runs_stay_apart(tmp_path: Path) -> None:

@@ -9,11 +9,15 @@ a resume restarts its moments).
 
 The state folder is the site's own: in deployment the node config's ``state-dir`` (``fedprog site start``
 passes ``<state_dir>/optimizer``); in ``fedprog simulate`` ``<out>/site_state/<site>``. Files are plain
-``.npz`` arrays, read without pickle.
+``.npz`` arrays, read without pickle: the tensors of one dtype packed into one buffer, beside a JSON
+layout (name, dtype, shape, offset), because a file of one array per tensor (hundreds for an Adam state) costs
+several times more to write and read on every training message (``simulations/message_cost.py``). Files of the
+earlier one-array-per-tensor format are still read.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -30,6 +34,37 @@ log = logging.getLogger(__name__)
 STATE_NODE_KEY = "state-dir"  # node config: the site's own folder for state kept between rounds
 SIMULATION_SUBDIR = "site_state"
 _ROUND_FILE = re.compile(r"round-(\d{4,})\.npz")
+_LAYOUT = "__layout__"  # the packed format's JSON layout: [[name, dtype, shape, offset], ...]
+
+
+def pack_state(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """``state`` as one flat array per dtype (``packed_<dtype>``) and its layout (``__layout__``)."""
+    buffers: dict[str, list[np.ndarray]] = {}
+    layout, offsets = [], {}
+    for name, tensor in state.items():
+        array = tensor.detach().cpu().numpy()
+        dtype = array.dtype.str
+        layout.append([name, dtype, list(array.shape), offsets.get(dtype, 0)])
+        offsets[dtype] = offsets.get(dtype, 0) + array.size
+        buffers.setdefault(dtype, []).append(array.ravel())
+    packed = {f"packed_{dtype}": np.concatenate(parts) for dtype, parts in buffers.items()}
+    return {**packed, _LAYOUT: np.array(json.dumps(layout))}
+
+
+def unpack_state(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The tensors of :func:`pack_state` (or of a file with one array per tensor, the earlier format)."""
+    import torch
+
+    if _LAYOUT not in arrays:
+        return {key: torch.from_numpy(np.array(arrays[key])) for key in arrays}
+    buffers: dict[str, np.ndarray] = {}
+    out = {}
+    for name, dtype, shape, offset in json.loads(str(arrays[_LAYOUT])):
+        if dtype not in buffers:
+            buffers[dtype] = np.array(arrays[f"packed_{dtype}"])  # one writable copy per dtype
+        size = int(np.prod(shape, dtype=np.int64))
+        out[name] = torch.from_numpy(buffers[dtype][offset : offset + size].reshape(shape))
+    return out
 
 
 class SiteStateStore:
@@ -46,7 +81,7 @@ class SiteStateStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"round-{server_round:04d}.npz"
         partial = path.with_suffix(".partial.npz")
-        np.savez(partial, **{key: value.detach().cpu().numpy() for key, value in state.items()})
+        np.savez(partial, **pack_state(state))
         partial.replace(path)
         if self.keep > 0:
             for old in self.rounds()[: -self.keep]:
@@ -66,10 +101,8 @@ class SiteStateStore:
         if not earlier:
             return None
         path = self.folder / f"round-{earlier[-1]:04d}.npz"
-        import torch
-
         with np.load(path, allow_pickle=False) as arrays:
-            return {key: torch.from_numpy(arrays[key].copy()) for key in arrays.files}
+            return unpack_state({key: arrays[key] for key in arrays.files})
 
 
 def site_state_store(cfg: Any, node_config: Mapping[str, Any], site: str) -> SiteStateStore | None:
