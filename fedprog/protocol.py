@@ -127,6 +127,7 @@ def fit_source(
     cohorts: Mapping[str, Cohort],
     train_cases: Mapping[str, Sequence[str]],
     seed: int,
+    *,
     label: str = "",
     val_cases: Mapping[str, Sequence[str]] | None = None,
     **training: Any,
@@ -167,21 +168,14 @@ def run_source(
     """
     splits = {name: split_cases(cohorts[name], cfg.val_fraction, seed) for name in source}
     label = f"{'+'.join(source)} seed {seed}: "
-    fit = fit_source(
-        cfg,
-        layout,
-        cohorts,
-        {n: s[0] for n, s in splits.items()},
-        seed,
-        label,
-        {n: s[1] for n, s in splits.items()},
-    )
+    train_cases, val_cases = ({n: s[i] for n, s in splits.items()} for i in (0, 1))
+    fit = fit_source(cfg, layout, cohorts, train_cases, seed, label=label, val_cases=val_cases)
     selected, seconds = fit.history.selected_epoch, fit.history.seconds
     in_domain = fit.evaluate(fit.val_data) if fit.val_data is not None else None  # the selected model
     if cfg.refit:  # check_split: the epoch was chosen on a validation split
         every_case = {n: sorted([*s[0], *s[1]]) for n, s in splits.items()}
         fit = fit_source(
-            cfg, layout, cohorts, every_case, seed, label + "refit: ", epochs=selected, select_on="last"
+            cfg, layout, cohorts, every_case, seed, label=label + "refit: ", epochs=selected, select_on="last"
         )
         seconds += fit.history.seconds
 
