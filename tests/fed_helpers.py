@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -41,25 +42,39 @@ class DirectGrid:
         }
         self.faults = faults or {}
         self.sent: list[tuple[str, int]] = []
+        self.pending: dict[str, Message] = {}  # message id -> its reply, until pulled
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Answer each message at once; its reply waits for :meth:`pull_messages` under the message's id."""
+        ids = []
         for msg in messages:
-            node = msg.metadata.dst_node_id
-            partition = self.node_ids.index(node)
-            kind = msg.metadata.message_type.split(".")[0]
-            self.sent.append((kind, partition))
-            try:
-                reply = HANDLERS[kind](msg, self.contexts[node])
-            except Exception as error:  # noqa: BLE001 - Flower turns handler exceptions into error replies
-                reply = Message(Error(code=1, reason=f"{type(error).__name__}: {error}"), reply_to=msg)
-            if partition in self.faults and kind == "train":
-                reply = self.faults[partition](msg, reply)
-            replies.append(reply)
-        return replies
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's InMemoryGrid does
+            self.pending[msg.metadata.message_id] = self.answer(msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def answer(self, msg: Message) -> Message:
+        """The ClientApp handler's reply to ``msg`` (an error reply when it raises; ``faults`` applied)."""
+        node = msg.metadata.dst_node_id
+        partition = self.node_ids.index(node)
+        kind = msg.metadata.message_type.split(".")[0]
+        self.sent.append((kind, partition))
+        try:
+            reply = HANDLERS[kind](msg, self.contexts[node])
+        except Exception as error:  # noqa: BLE001 - Flower turns handler exceptions into error replies
+            reply = Message(Error(code=1, reason=f"{type(error).__name__}: {error}"), reply_to=msg)
+        if partition in self.faults and kind == "train":
+            reply = self.faults[partition](msg, reply)
+        return reply
 
 
 TINY_DATA = (  # generated data of two cancers, two hospitals each (also for `fedprog train`)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +44,10 @@ class FaultyGrid(DirectGrid):
         super().__init__(n_nodes)
         self.any_faults = faults
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            reply = super().send_and_receive([msg], timeout=timeout)[0]
-            key = (msg.metadata.message_type.split(".")[0], self.node_ids.index(msg.metadata.dst_node_id))
-            replies.append(self.any_faults[key](msg, reply) if key in self.any_faults else reply)
-        return replies
+    def answer(self, msg: Message) -> Message:
+        reply = super().answer(msg)
+        key = (msg.metadata.message_type.split(".")[0], self.node_ids.index(msg.metadata.dst_node_id))
+        return self.any_faults[key](msg, reply) if key in self.any_faults else reply
 
 
 @pytest.fixture(scope="module")

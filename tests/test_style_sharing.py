@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +39,10 @@ class RecordingGrid(DirectGrid):
         super().__init__(*args, **kwargs)
         self.log: list[tuple[Message, Message]] = []
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        replies = super().send_and_receive(messages, timeout=timeout)
-        self.log.extend(zip(messages, replies, strict=True))
-        return replies
+    def answer(self, msg: Message) -> Message:
+        reply = super().answer(msg)
+        self.log.append((msg, reply))
+        return reply
 
     def trains(self, server_round: int) -> list[tuple[str, Message, Message]]:
         """(site, message, reply) of one round's train messages."""

@@ -242,6 +242,7 @@ RESUME_OVERRIDABLE = (
     "out",
     "allow_partial",
     "round_timeout",
+    "reply_poll_s",
     "node_wait_timeout",
     "node_settle_s",
     "expected_sites",

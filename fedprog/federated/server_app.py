@@ -45,6 +45,7 @@ from fedprog.federated.checkpoint import (
     resume_config,
 )
 from fedprog.federated.federation import FitError
+from fedprog.federated.grid import PollingGrid
 from fedprog.federated.rounds import FederationRounds, build_rounds, privacy_mode
 from fedprog.federated.run_record import RunRecord
 from fedprog.federated.strategy import FederationError, RunFailed, TooFewSitesError
@@ -100,6 +101,8 @@ def run_federation(grid: Grid, cfg: DictConfig, context: Context | None = None) 
         ``allow_partial`` is false); results.json and report.md are written first and say why.
     """
     cfg, checkpoint = resolve_start(cfg)
+    if cfg.get("reply_poll_s") is not None:
+        grid = PollingGrid(grid, float(cfg.reply_poll_s))
     run = RunRecord(cfg)
     try:
         rounds = start_run(grid, run, checkpoint)

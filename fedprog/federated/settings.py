@@ -14,14 +14,19 @@ from fedprog.federated.errors import SettingsError
 def check_run_settings(cfg: Any, strong_kind: str | None = None) -> None:
     """Raise :class:`SettingsError` (one line naming the key) for what would fail once the run has started:
     the training config every site validates before training or evaluating (e.g. ``training.loss=cox`` with
-    one case per batch), the model and its modules (:func:`check_model_settings`), and what
-    ``strategy=newton`` cannot do (:func:`newton.check_settings`)."""
+    one case per batch), the model and its modules (:func:`check_model_settings`), what
+    ``strategy=newton`` cannot do (:func:`newton.check_settings`), and the server's ``reply_poll_s``."""
     try:
         TrainConfig.from_cfg(OmegaConf.to_container(cfg.training, resolve=True))
     except ValueError as error:
         raise SettingsError(str(error)) from None
     check_model_settings(cfg.model, strong_kind)
     newton.check_settings(cfg)
+    poll = cfg.get("reply_poll_s")
+    if poll is not None and not float(poll) > 0:
+        raise SettingsError(
+            f"reply_poll_s={poll}: choose a positive number of seconds (null: Flower's own wait)"
+        )
 
 
 def check_model_settings(model_cfg: Any, strong_kind: str | None = None) -> None:
