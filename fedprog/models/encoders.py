@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -137,11 +138,11 @@ class GroupTokenizer(nn.Module):
         if not sizes or min(sizes) < 1:
             raise ModelConfigError("group_index needs at least one group and one gene per group")
         n_groups, max_n = len(sizes), max(sizes)
-        index = torch.zeros(n_groups, max_n, dtype=torch.long)
-        mask = torch.zeros(n_groups, max_n, dtype=torch.bool)
+        index_rows = np.zeros((n_groups, max_n), dtype=np.int64)  # numpy: a client rebuilds this per message
         for g, genes in enumerate(group_index):
-            index[g, : len(genes)] = torch.as_tensor(list(genes), dtype=torch.long)
-            mask[g, : len(genes)] = True
+            index_rows[g, : len(genes)] = genes
+        index = torch.from_numpy(index_rows)
+        mask = torch.arange(max_n)[None, :] < torch.tensor(sizes)[:, None]
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("gene_mask", mask, persistent=False)
         self.n_required = int(index.max()) + 1
