@@ -40,24 +40,13 @@ def model_sized_arrays(n_params: int, n_tensors: int):
     return ArrayRecord({f"w{i}": torch.randn(int(n), generator=generator) for i, n in enumerate(sizes)})
 
 
-def poll_replies(grid, messages, interval: float):
-    """Push ``messages`` and pull their replies every ``interval`` seconds until all are in."""
-    waiting = set(grid.push_messages(messages))
-    replies = []
-    while waiting:
-        for reply in grid.pull_messages(waiting):
-            replies.append(reply)
-            waiting.discard(reply.metadata.reply_to_message_id)
-        if waiting:
-            time.sleep(interval)
-    return replies
-
-
 def build_apps():
     """The echoing ClientApp and the timing ServerApp."""
     from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
+
+    from fedprog.federated.grid import PollingGrid
 
     client = ClientApp()
 
@@ -71,16 +60,15 @@ def build_apps():
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         arrays = model_sized_arrays(int(SETTINGS["params"]), int(SETTINGS["tensors"]))
+        poll = SETTINGS["poll_ms"] / 1e3
+        waiting_grid = PollingGrid(grid, poll, poll) if poll else grid  # fedprog's server wait or Flower's
         while len(node_ids := list(grid.get_node_ids())) < SETTINGS["nodes"]:
             time.sleep(0.1)
         for server_round in range(1, int(SETTINGS["rounds"]) + 1):
             content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
             messages = [Message(content, dst_node_id=node, message_type="train") for node in node_ids]
             started = time.perf_counter()
-            if SETTINGS["poll_ms"]:
-                replies = list(poll_replies(grid, messages, SETTINGS["poll_ms"] / 1e3))
-            else:
-                replies = list(grid.send_and_receive(messages))  # Flower's own wait
+            replies = list(waiting_grid.send_and_receive(messages))
             ROUND_SECONDS.append(time.perf_counter() - started)
             failed = [r for r in replies if r.has_error()]
             if len(replies) != len(node_ids) or failed:

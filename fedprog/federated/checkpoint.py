@@ -243,6 +243,7 @@ RESUME_OVERRIDABLE = (
     "allow_partial",
     "round_timeout",
     "reply_poll_s",
+    "reply_poll_max_s",
     "node_wait_timeout",
     "node_settle_s",
     "expected_sites",

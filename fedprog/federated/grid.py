@@ -4,7 +4,10 @@ Flower 1.42's ``send_and_receive`` sleeps a fixed interval between two pulls for
 simulation engine and 3 s against a SuperLink. Every wait for a round's replies, a query or an evaluation
 therefore ends up to that long after the last reply arrived. :class:`PollingGrid` wraps the grid Flower hands
 the ServerApp and waits with ``reply_poll_s`` instead (``python simulations/flower_floor.py --poll-ms``
-measures the difference); everything else is the wrapped grid's.
+measures the difference); everything else is the wrapped grid's. A long wait (a deployed round takes minutes)
+is polled more slowly as it goes on, so the server never asks more often than every ``LATENESS`` of the time
+waited so far, capped at ``reply_poll_max_s``: a reply is collected at most that late, and a ten-minute round
+costs hundreds of pulls, not tens of thousands.
 """
 
 from __future__ import annotations
@@ -17,15 +20,22 @@ from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+#: The pull interval grows to this share of the time waited so far (within ``interval`` .. ``max_interval``).
+LATENESS = 0.02
+
 
 class PollingGrid(Grid):
-    """``grid`` whose :meth:`send_and_receive` pulls replies every ``interval`` seconds."""
+    """``grid`` whose :meth:`send_and_receive` pulls replies every ``interval`` seconds, or every ``LATENESS``
+    of the time waited so far when that is longer, at most every ``max_interval`` seconds."""
 
-    def __init__(self, grid: Grid, interval: float) -> None:  # noqa: D107 - documented above
+    def __init__(self, grid: Grid, interval: float, max_interval: float) -> None:  # noqa: D107 - above
         if not interval > 0:
             raise ValueError(f"reply_poll_s={interval}: choose a positive number of seconds")
+        if not max_interval >= interval:
+            raise ValueError(f"reply_poll_max_s={max_interval}: choose at least reply_poll_s={interval}")
         self.grid = grid
         self.interval = float(interval)
+        self.max_interval = float(max_interval)
 
     def set_run(self, run: Run) -> None:  # noqa: D102 - Grid's
         self.grid.set_run(run)
@@ -55,7 +65,8 @@ class PollingGrid(Grid):
         """Push ``messages``, then pull their replies every ``interval`` seconds until all have arrived or
         ``timeout`` seconds have passed (None: no limit), as Flower's own method does."""
         waiting = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         replies: list[Message] = []
         while waiting:
             for reply in self.pull_messages(waiting):
@@ -65,6 +76,7 @@ class PollingGrid(Grid):
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            left = self.interval if deadline is None else max(deadline - time.monotonic(), 0.0)
-            time.sleep(min(self.interval, left))
+            now = time.monotonic()
+            interval = min(max(self.interval, LATENESS * (now - started)), self.max_interval)
+            time.sleep(interval if deadline is None else min(interval, max(deadline - now, 0.0)))
         return replies

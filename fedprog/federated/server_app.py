@@ -102,7 +102,7 @@ def run_federation(grid: Grid, cfg: DictConfig, context: Context | None = None) 
     """
     cfg, checkpoint = resolve_start(cfg)
     if cfg.get("reply_poll_s") is not None:
-        grid = PollingGrid(grid, float(cfg.reply_poll_s))
+        grid = PollingGrid(grid, float(cfg.reply_poll_s), float(cfg.reply_poll_max_s))
     run = RunRecord(cfg)
     try:
         rounds = start_run(grid, run, checkpoint)

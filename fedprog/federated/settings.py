@@ -27,6 +27,8 @@ def check_run_settings(cfg: Any, strong_kind: str | None = None) -> None:
         raise SettingsError(
             f"reply_poll_s={poll}: choose a positive number of seconds (null: Flower's own wait)"
         )
+    if poll is not None and not float(cfg.reply_poll_max_s) >= float(poll):
+        raise SettingsError(f"reply_poll_max_s={cfg.reply_poll_max_s}: choose at least reply_poll_s={poll}")
 
 
 def check_model_settings(model_cfg: Any, strong_kind: str | None = None) -> None:
